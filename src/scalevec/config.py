@@ -1,0 +1,233 @@
+"""Run configuration: one dataclass per section, TOML files, `--set section.field=value` overrides.
+
+Every problem is reported as a `ConfigError` with a one-line message naming the key and the fix;
+the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .scales import PARAMETERIZATIONS
+from .strategy import PROJECTIONS, SCALE_DECAY_POLICIES, Strategy, UnknownPreset, preset_values
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message is one line naming the key and the fix."""
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    # CPU ladder: trains on 2 cores; vocab matches the bundled-corpus tokenizer
+    "cpu-1m": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "cpu-3m": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512),
+    "cpu-7m": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704),
+    # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head)
+    "gpu-0.12b": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                      d_ff=2048, max_seq_len=2048, tie_embeddings=False),
+    "gpu-0.5b": dict(vocab_size=32768, d_model=1280, n_layers=24, n_heads=20, n_kv_heads=4,
+                     d_ff=3584, max_seq_len=2048, tie_embeddings=False),
+    "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                   d_ff=5632, max_seq_len=2048, tie_embeddings=False),
+    "gpu-2b": dict(vocab_size=32768, d_model=2560, n_layers=24, n_heads=32, n_kv_heads=8,
+                   d_ff=6912, max_seq_len=2048, tie_embeddings=False),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the dense Pre-Norm decoder."""
+
+    preset: str = "cpu-1m"
+    """Size preset these fields started from (see MODEL_PRESETS); fields set beside it override it."""
+    vocab_size: int = 8192
+    """Embedding rows; must cover the tokenizer's vocabulary."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads; d_model must be divisible by it."""
+    n_kv_heads: int = 2
+    """Key/value heads (GQA); n_heads must be divisible by it."""
+    d_ff: int = 384
+    """SwiGLU hidden width."""
+    max_seq_len: int = 256
+    """Longest sequence (RoPE table size)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm: str = "rms"
+    """Parameter-free normalization: `rms` (RMSNorm) or `layer` (LayerNorm without bias)."""
+    norm_eps: float = 1e-6
+    """Epsilon inside every norm."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    init_std: float = 0.02
+    """Std of matrix and embedding init; o and down projections use init_std/sqrt(2·n_layers)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: Strategy = field(default_factory=Strategy)
+    seed: int = 0
+    """Seed of initialization (and, in a run, of data order)."""
+
+
+# section name -> (preset table lookup) for sections whose `preset` key fills the other fields
+def _preset_values(section: str, name: str) -> dict:
+    if section == "model":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset: unknown size preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
+        return {"preset": name, **MODEL_PRESETS[name]}
+    try:
+        return preset_values(name)
+    except UnknownPreset as err:
+        raise ConfigError(f"strategy.preset: {err}") from None
+
+
+def _coerce(key: str, value, hint):
+    """Check `value` against the field's type hint; accept the obvious conversions."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings like \"q,k\" or [\"q\", \"k\"], got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config field type {hint} for {key}")
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, raw: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"unknown key {key}; valid keys{' of ' + path if path else ''}: {', '.join(names)}")
+    values = {}
+    section = path.split(".")[-1]
+    if "preset" in raw and section in ("model", "strategy"):
+        values.update(_preset_values(section, _coerce(f"{path}.preset", raw["preset"], str)))
+    for name, value in raw.items():
+        key = f"{path}.{name}" if path else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (table), got {value!r}")
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _coerce(key, value, hint)
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`section.field=value` -> (path, value); the value is read as TOML if it parses, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. --set model.d_model=256")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: empty key part; write section.field=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def _merge(raw: dict, path: list[str], value) -> None:
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part} is a value, not a section")
+    node[path[-1]] = value
+
+
+def load_config(source: str | Path | dict | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """A validated Config from a TOML file (or a dict, or defaults) plus `--set` overrides."""
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing .toml file or a model preset name")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid TOML ({err}); fix the file's syntax") from None
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        _merge(raw, *parse_override(text))
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    m, s = config.model, config.strategy
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    _check(m.d_model % m.n_heads == 0,
+           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose d_model a multiple of n_heads")
+    _check(m.n_heads % m.n_kv_heads == 0,
+           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; choose n_kv_heads dividing n_heads")
+    _check(m.head_dim % 2 == 0,
+           f"model head_dim = d_model/n_heads = {m.head_dim} is odd; RoPE needs an even head_dim, change d_model or n_heads")
+    _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
+    _check(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
+           "model.norm_eps, model.init_std and model.rope_theta must be positive")
+    _check(s.scale in PARAMETERIZATIONS, f"strategy.scale={s.scale!r}; choose from {', '.join(PARAMETERIZATIONS)}")
+    for name in ("dp", "dnp"):
+        bad = [p for p in getattr(s, name) if p not in PROJECTIONS]
+        _check(not bad, f"strategy.{name} has unknown projection {bad[0] if bad else ''!r}; choose from {', '.join(PROJECTIONS)}")
+    both = sorted(set(s.dp) & set(s.dnp))
+    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dp and dnp; keep it in one")
+    _check(s.qk_scale_shape in ("head", "full"), f"strategy.qk_scale_shape={s.qk_scale_shape!r}; choose head or full")
+    _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose input or output")
+    _check(s.scale_decay in SCALE_DECAY_POLICIES,
+           f"strategy.scale_decay={s.scale_decay!r}; choose from {', '.join(SCALE_DECAY_POLICIES)}")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config; `load_config` of this text gives back an equal Config."""
+    return tomli_w.dumps(to_dict(config))

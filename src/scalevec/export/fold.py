@@ -1,0 +1,59 @@
+"""Fold every foldable scale vector into the adjacent weights (PAPER.md section 2).
+
+`W (γ ⊙ x̂) = (W diag γ) x̂`: an input-side scale is a column scaling of the next weight, and DP's
+output-side scale a row scaling. After folding, those scales are exactly 1 and the logits are
+unchanged. Scales behind a norm (DNP outputs, QK-norm, post-branch norms) stay: no weight absorbs
+them. Written independently of `Projection.effective_weight`, so a bug in one shows against the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import Decoder
+from ..projection import Projection
+
+
+@torch.no_grad()
+def _fold_projection(proj: Projection) -> None:
+    start = 0
+    for branch in proj.branches:
+        rows = slice(start, start + branch.out_features)
+        start += branch.out_features
+        column_scale = proj.shared_scale if proj.shared_scale is not None else proj.in_scales[branch.name] \
+            if branch.name in proj.in_scales else None
+        if column_scale is not None:
+            proj.weight[rows] *= column_scale()[None, :]
+        if proj.placements[proj.branches.index(branch)] == "dp" and branch.name in proj.out_scales:
+            proj.weight[rows] *= proj.out_scales[branch.name]()[:, None]
+            proj.out_scales[branch.name].reset_to_identity()
+    if proj.shared_scale is not None:
+        proj.shared_scale.reset_to_identity()
+    for scale in proj.in_scales.values():
+        scale.reset_to_identity()
+
+
+@torch.no_grad()
+def fold_scales(model: Decoder, untie: bool = False) -> Decoder:
+    """Fold input-side and DP output-side scales into the weights, in place; returns `model`.
+
+    With a tied head the final norm's γ stays as the norm's weight (folding it would rescale the
+    input embedding too), unless `untie=True`, which gives the model its own folded head.
+    """
+    for module in model.modules():
+        if isinstance(module, Projection):
+            _fold_projection(module)
+    if model.final_scale is None:
+        return model
+    gamma = model.final_scale()
+    if model.head is None:
+        if not untie:
+            return model
+        model.head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+        model.head.to(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
+        model.head.weight.copy_(model.tok_emb.weight)
+        model.config.tie_embeddings = False
+    model.head.weight *= gamma[None, :]
+    model.final_scale.reset_to_identity()
+    return model

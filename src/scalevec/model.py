@@ -1,0 +1,171 @@
+"""Dense Pre-Norm decoder with every scale-vector strategy of the paper as configuration.
+
+    x = embed(tokens)
+    for each block:
+        x̂ = Norm(x)                                 (computed once, no weight)
+        q, k, v = Projection_qkv(x̂)                  (scales per the strategy; DNP on q,k = QK-norm)
+        x += [post-norm] o(SDPA(RoPE(q), RoPE(k), v))
+        x̂ = Norm(x)
+        gate, up = Projection_gate_up(x̂)
+        x += [post-norm] down(silu(gate) ⊙ up)
+    logits = head(γ_final ⊙ Norm(x))
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .projection import Branch, Projection, normalize
+from .scales import Kind, ParamInfo, Role, make_scale, scale_param_info
+from .strategy import Strategy
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, head_dim), HF Llama's rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, m: ModelConfig, s: Strategy):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.head_dim
+        hd, q_out, kv_out = m.head_dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        shape = lambda out: hd if s.qk_scale_shape == "head" else out  # noqa: E731
+        self.qkv = Projection(m.d_model, [Branch("q", q_out, hd, shape(q_out)), Branch("k", kv_out, hd, shape(kv_out)),
+                                          Branch("v", kv_out, hd, shape(kv_out))], s, True, m.norm, m.norm_eps)
+        self.o = Projection(q_out, [Branch("o", m.d_model, m.d_model, m.d_model)], s, False, m.norm, m.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))[0]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate) ⊙ up)."""
+
+    def __init__(self, m: ModelConfig, s: Strategy):
+        super().__init__()
+        ff = m.d_ff
+        self.gate_up = Projection(m.d_model, [Branch("gate", ff, ff, ff), Branch("up", ff, ff, ff)], s, True,
+                                  m.norm, m.norm_eps)
+        self.down = Projection(ff, [Branch("down", m.d_model, m.d_model, m.d_model)], s, False, m.norm, m.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)[0]
+
+
+class Block(nn.Module):
+    def __init__(self, m: ModelConfig, s: Strategy):
+        super().__init__()
+        self.norm, self.eps = m.norm, m.norm_eps
+        self.attn = Attention(m, s)
+        self.ffn = FeedForward(m, s)
+        # Gemma-style sandwich norms: Output-Norms on each branch's output
+        self.post_norms = s.post_norms
+        param = s.scale if s.post_norms else "fixed"
+        self.attn_post_scale = make_scale(m.d_model, param, Role.OUTPUT)
+        self.ffn_post_scale = make_scale(m.d_model, param, Role.OUTPUT)
+
+    def _post(self, y: torch.Tensor, scale) -> torch.Tensor:
+        if not self.post_norms:
+            return y
+        return normalize(y, y.shape[-1], self.norm, self.eps, None if scale is None else scale())
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self._post(self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin), self.attn_post_scale)
+        return x + self._post(self.ffn(normalize(x, x.shape[-1], self.norm, self.eps)), self.ffn_post_scale)
+
+    def param_info(self, prefix: str) -> dict[str, ParamInfo]:
+        infos = self.attn.qkv.param_info(f"{prefix}.attn.qkv") | self.attn.o.param_info(f"{prefix}.attn.o")
+        infos |= self.ffn.gate_up.param_info(f"{prefix}.ffn.gate_up") | self.ffn.down.param_info(f"{prefix}.ffn.down")
+        for name in ("attn_post_scale", "ffn_post_scale"):
+            if getattr(self, name) is not None:
+                infos |= scale_param_info(f"{prefix}.{name}", getattr(self, name))
+        return infos
+
+
+class Decoder(nn.Module):
+    def __init__(self, model: ModelConfig, strategy: Strategy):
+        super().__init__()
+        self.config, self.strategy = model, strategy
+        self.tok_emb = nn.Embedding(model.vocab_size, model.d_model)
+        self.blocks = nn.ModuleList(Block(model, strategy) for _ in range(model.n_layers))
+        # the final norm feeds the head, a linear map: an Input-Norm (PAPER.md section 3)
+        self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
+        self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
+        cos, sin = rope_tables(model.head_dim, model.max_seq_len, model.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.head is None else self.head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Matrices and embeddings from a generator seeded by (seed, parameter name), so every
+        strategy gets bit-identical matrices from the same seed; scales start at effective γ = 1."""
+        std, out_std = self.config.init_std, self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        for name, info in self.param_info().items():
+            if info.kind.is_scale:
+                continue
+            param = self.get_parameter(name)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            sigma = out_std if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
+            param.copy_(torch.randn(param.shape, generator=gen) * sigma)
+        for module in self.modules():
+            if hasattr(module, "reset_to_identity"):
+                module.reset_to_identity()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        gamma = None if self.final_scale is None else self.final_scale()
+        x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
+        return F.linear(x, self.head_weight)
+
+    def param_info(self) -> dict[str, ParamInfo]:
+        """Role and kind of every parameter, by name (the optimizer table's keys)."""
+        infos = {"tok_emb.weight": ParamInfo(Role.NONE, Kind.EMBEDDING)}
+        head = "tok_emb.weight" if self.head is None else "head.weight"
+        if self.head is not None:
+            infos["head.weight"] = ParamInfo(Role.NONE, Kind.HEAD)
+        if self.final_scale is not None:
+            infos |= scale_param_info("final_scale", self.final_scale, ((head, 0, self.config.vocab_size),))
+        for i, block in enumerate(self.blocks):
+            infos |= block.param_info(f"blocks.{i}")
+        return infos
+
+
+def build_model(model: ModelConfig, strategy: Strategy, seed: int = 0) -> Decoder:
+    decoder = Decoder(model, strategy)
+    decoder.init_weights(seed)
+    return decoder

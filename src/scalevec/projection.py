@@ -1,0 +1,135 @@
+"""The unit between a normalized input and the branches that read it.
+
+    x̂ ─► per-branch input scale γb ─► linear W ─► [DP: row scale γa] or [DNP: Norm, then γa] ─► branch
+
+Several branches (q, k, v or gate, up) share one fused weight. Input-side scales and DP's output
+scale are applied to the weight, not to activations: `diag(γa) W diag(γb)` costs O(weights) per
+step where scaling activations costs O(tokens·width) per branch, and it lets the branches share
+one matmul. DNP's norm sits between W and γa, so γa acts on activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scales import Kind, ParamInfo, Role, Scale, make_scale, scale_param_info
+from .strategy import Strategy
+
+
+def normalize(x: torch.Tensor, group: int, kind: str, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Parameter-free RMSNorm/LayerNorm over trailing groups of `group` features, times `weight`."""
+    if group != x.shape[-1]:
+        shape = x.shape
+        x = x.unflatten(-1, (-1, group))
+        return normalize(x, group, kind, eps, weight).reshape(shape)
+    if kind == "rms":
+        return F.rms_norm(x, (group,), weight, eps)
+    return F.layer_norm(x, (group,), weight, None, eps)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One logical linear map inside a fused projection."""
+
+    name: str  # q, k, v, o, gate, up or down
+    out_features: int
+    norm_group: int  # DNP normalizes over groups of this many outputs (head_dim for q, k, v)
+    out_scale_size: int  # size of DNP's output scale: head_dim (`head` shape) or out_features
+
+
+class Projection(nn.Module):
+    """Fused linear maps reading one input, with the strategy's scale vectors around them.
+
+    `reads_norm`: the input is a block norm's output, so an input-side scale always exists
+    (shared across branches, or one per branch under HG); otherwise only DP/DNP branches get one.
+    """
+
+    def __init__(self, d_in: int, branches: list[Branch], strategy: Strategy, reads_norm: bool,
+                 norm: str, eps: float):
+        super().__init__()
+        self.branches = branches
+        self.sizes = [b.out_features for b in branches]
+        self.placements = [strategy.placement(b.name) for b in branches]
+        self.norm, self.eps = norm, eps
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), d_in))
+
+        param = strategy.scale
+        self.shared_scale: Scale | None = None
+        self.in_scales = nn.ModuleDict()
+        if reads_norm and not strategy.heterogeneous:
+            all_dnp = all(p == "dnp" for p in self.placements)
+            self.shared_scale = make_scale(d_in, param, Role.INPUT, strategy.magnitude_on_dnp_inputs or not all_dnp)
+        else:
+            for b, placement in zip(branches, self.placements):
+                if reads_norm or placement != "standard":
+                    is_dnp = placement == "dnp"
+                    scale = make_scale(d_in, param, Role.INPUT, strategy.magnitude_on_dnp_inputs or not is_dnp)
+                    if scale is not None:
+                        self.in_scales[b.name] = scale
+        dp_role = Role(strategy.dp_output_role)
+        self.out_scales = nn.ModuleDict()
+        for b, placement in zip(branches, self.placements):
+            if placement == "dp":
+                scale = make_scale(b.out_features, param, dp_role)
+            elif placement == "dnp":
+                scale = make_scale(b.out_scale_size, param, Role.OUTPUT)
+            else:
+                continue
+            if scale is not None:
+                self.out_scales[b.name] = scale
+        # magnitudes behind a DNP norm exist only on request, and then the loss ignores them
+        self._invariant_inputs = strategy.magnitude_on_dnp_inputs
+
+    def in_scale(self, branch: str) -> Scale | None:
+        return self.shared_scale if self.shared_scale is not None else self.in_scales[branch] if branch in self.in_scales else None
+
+    def effective_weight(self) -> torch.Tensor:
+        """diag(γa) W diag(γb), per branch, as one fused matrix."""
+        if self.shared_scale is not None and not any(p == "dp" for p in self.placements):
+            return self.weight * self.shared_scale()
+        if not self.in_scales and not any(p == "dp" for p in self.placements):
+            return self.weight
+        pieces = []
+        for b, placement, w in zip(self.branches, self.placements, self.weight.split(self.sizes)):
+            scale = self.in_scale(b.name)
+            if scale is not None:
+                w = w * scale()
+            if placement == "dp" and b.name in self.out_scales:
+                w = w * self.out_scales[b.name]().unsqueeze(1)
+            pieces.append(w)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = F.linear(x, self.effective_weight())
+        outputs = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+        for i, (b, placement) in enumerate(zip(self.branches, self.placements)):
+            if placement != "dnp":
+                continue
+            scale = self.out_scales[b.name]() if b.name in self.out_scales else None
+            if scale is not None and scale.shape[0] != b.norm_group:  # a `full` scale over several groups
+                outputs[i] = normalize(outputs[i], b.norm_group, self.norm, self.eps) * scale
+            else:
+                outputs[i] = normalize(outputs[i], b.norm_group, self.norm, self.eps, scale)
+        return outputs
+
+    def param_info(self, prefix: str) -> dict[str, ParamInfo]:
+        infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX)}
+        rows, start = {}, 0
+        for b in self.branches:
+            rows[b.name] = (f"{prefix}.weight", start, start + b.out_features)
+            start += b.out_features
+        if self.shared_scale is not None:
+            all_dnp = all(p == "dnp" for p in self.placements)
+            infos |= scale_param_info(f"{prefix}.shared_scale", self.shared_scale, tuple(rows.values()),
+                                      invariant_magnitude=all_dnp and self._invariant_inputs)
+        for name, scale in self.in_scales.items():
+            is_dnp = self.placements[[b.name for b in self.branches].index(name)] == "dnp"
+            infos |= scale_param_info(f"{prefix}.in_scales.{name}", scale, (rows[name],),
+                                      invariant_magnitude=is_dnp and self._invariant_inputs)
+        for name, scale in self.out_scales.items():
+            infos |= scale_param_info(f"{prefix}.out_scales.{name}", scale)
+        return infos

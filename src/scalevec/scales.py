@@ -1,0 +1,130 @@
+"""Scale vectors: the learnable gains that follow a normalization, and their parameterizations.
+
+A scale vector γ multiplies a normalized activation elementwise. Every parameterization below
+starts at effective γ = 1 and exposes its parameters with a `Kind`, so the optimizer can treat a
+magnitude differently from a direction. Where γ sits decides its `Role` (PAPER.md section 3):
+an Input-Norm scale is read by a linear map and could be folded into it; an Output-Norm scale
+sets a scale nothing downstream can absorb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+PARAMETERIZATIONS = ("fixed", "plain", "or", "er")
+
+
+class Role(str, Enum):
+    INPUT = "input"  # a scale followed by a linear map (foldable into it)
+    OUTPUT = "output"  # a scale not followed by a linear map (QK-norm, post-branch, DNP output)
+    NONE = "none"  # not a scale vector
+
+
+class Kind(str, Enum):
+    MATRIX = "matrix"
+    EMBEDDING = "embedding"
+    HEAD = "head"
+    ROUTER = "router"
+    GAIN = "gain"  # plain γ
+    OR_MAGNITUDE = "or_magnitude"  # β of γ = β·α/RMS(α)
+    OR_DIRECTION = "or_direction"  # α of γ = β·α/RMS(α)
+    ER_MAGNITUDE = "er_magnitude"  # β of γ = exp(β)·exp(α - mean α)
+    ER_DIRECTION = "er_direction"  # α of γ = exp(β)·exp(α - mean α)
+
+    @property
+    def is_scale(self) -> bool:
+        return self not in (Kind.MATRIX, Kind.EMBEDDING, Kind.HEAD, Kind.ROUTER)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a parameter is, for the optimizer table, diagnostics and export."""
+
+    role: Role
+    kind: Kind
+    # rows [start, stop) of the named matrices whose columns this scale multiplies (Input-Norm only)
+    feeds: tuple[tuple[str, int, int], ...] = ()
+    # the loss does not depend on this parameter (a magnitude behind a DNP norm); never decayed
+    invariant: bool = False
+
+
+class Scale(nn.Module):
+    """A scale vector of `size` entries (or a broadcastable shape) in one parameterization.
+
+    `with_magnitude=False` drops OR's and ER's scalar β: used where a following norm makes the
+    overall size of γ irrelevant, so β would only random-walk (PAPER.md section 4).
+    """
+
+    def __init__(self, size: int, parameterization: str, role: Role, with_magnitude: bool = True):
+        super().__init__()
+        if parameterization not in ("plain", "or", "er"):
+            raise ValueError(f"no scale parameters for parameterization {parameterization!r}")
+        self.parameterization = parameterization
+        self.role = role
+        if parameterization == "plain":
+            self.weight = nn.Parameter(torch.ones(size))
+            return
+        start = 1.0 if parameterization == "or" else 0.0
+        self.direction = nn.Parameter(torch.full((size,), start))
+        self.magnitude = nn.Parameter(torch.tensor(start)) if with_magnitude else None
+
+    def forward(self) -> torch.Tensor:
+        """The effective γ."""
+        if self.parameterization == "plain":
+            return self.weight
+        if self.parameterization == "or":
+            gamma = self.direction * torch.rsqrt(self.direction.pow(2).mean())
+            return gamma if self.magnitude is None else self.magnitude * gamma
+        log_gamma = self.direction - self.direction.mean()
+        if self.magnitude is not None:
+            log_gamma = log_gamma + self.magnitude
+        return log_gamma.exp()
+
+    def kinds(self) -> dict[str, Kind]:
+        """Local parameter name -> kind."""
+        if self.parameterization == "plain":
+            return {"weight": Kind.GAIN}
+        magnitude, direction = (
+            (Kind.OR_MAGNITUDE, Kind.OR_DIRECTION)
+            if self.parameterization == "or"
+            else (Kind.ER_MAGNITUDE, Kind.ER_DIRECTION)
+        )
+        kinds = {"direction": direction}
+        if self.magnitude is not None:
+            kinds["magnitude"] = magnitude
+        return kinds
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Set effective γ to exactly 1 (after its value was folded elsewhere)."""
+        if self.parameterization == "plain":
+            self.weight.fill_(1.0)
+            return
+        start = 1.0 if self.parameterization == "or" else 0.0
+        self.direction.fill_(start)
+        if self.magnitude is not None:
+            self.magnitude.fill_(start)
+
+
+def make_scale(size: int, parameterization: str, role: Role, with_magnitude: bool = True) -> Scale | None:
+    """A `Scale`, or None when the parameterization is `fixed` (no scale vector at all)."""
+    if parameterization == "fixed":
+        return None
+    return Scale(size, parameterization, role, with_magnitude)
+
+
+def scale_param_info(prefix: str, scale: Scale, feeds=(), invariant_magnitude: bool = False) -> dict[str, ParamInfo]:
+    """ParamInfo for each parameter of `scale`, named `prefix.local`."""
+    return {
+        f"{prefix}.{local}": ParamInfo(
+            scale.role,
+            kind,
+            feeds if scale.role is Role.INPUT else (),
+            invariant=invariant_magnitude and kind in (Kind.OR_MAGNITUDE, Kind.ER_MAGNITUDE),
+        )
+        for local, kind in scale.kinds().items()
+    }

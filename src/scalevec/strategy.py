@@ -1,0 +1,91 @@
+"""Scale-vector strategies: where the scale vectors sit and how they are parameterized.
+
+A strategy is data. Each named preset is a small, documented difference from `standard`
+(a Llama-style model with one shared plain γ per norm), and presets compose left to right:
+`hg+dnp+or+iwd` applies HG, then DNP, then OR, then IWD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+READS_NORM = ("q", "k", "v", "gate", "up")  # projections fed by a block norm
+SCALE_DECAY_POLICIES = ("iwd", "all", "none")
+
+
+@dataclass
+class Strategy:
+    """Scale-vector design of a model (PAPER.md sections 3-4)."""
+
+    preset: str = "standard"
+    """Preset name these fields started from (`a+b` composes); fields set beside it override it."""
+    scale: str = "plain"
+    """Parameterization of every scale vector: `fixed` (none), `plain` γ, `or` β·α/RMS(α), `er` exp(β)·exp(α-mean α)."""
+    heterogeneous: bool = False
+    """HG: one input-side scale per branch (q, k, v; gate, up) instead of one shared per norm."""
+    dp: list[str] = field(default_factory=list)
+    """Projections with dual placement γa ⊙ (W (γb ⊙ x)); any of q k v o gate up down."""
+    dnp: list[str] = field(default_factory=list)
+    """Projections with dual normalized placement γa ⊙ Norm(W (γb ⊙ x)); DNP on q,k is QK-norm."""
+    post_norms: bool = False
+    """Gemma-style sandwich norms: x += γ ⊙ Norm(branch output), an Output-Norm per branch."""
+    qk_scale_shape: str = "head"
+    """Output-side scale of DNP on q/k/v: `head` (head_dim, shared by heads: Qwen3/Gemma3) or `full`."""
+    magnitude_on_dnp_inputs: bool = False
+    """Give OR/ER magnitude β to input-side scales that only feed DNP branches (its gradient is ~0)."""
+    dp_output_role: str = "input"
+    """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
+    scale_decay: str = "none"
+    """Weight decay of scale vectors: `iwd` (Input-Norm only), `all`, `none`."""
+
+    def placement(self, projection: str) -> str:
+        if projection in self.dp:
+            return "dp"
+        if projection in self.dnp:
+            return "dnp"
+        return "standard"
+
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    "standard": ("Llama-style: one shared plain γ per norm, no QK-norm, scales not decayed.", {}),
+    "none": ("No scale vectors: parameter-free norms only (the removal experiment).", {"scale": "fixed"}),
+    "qknorm": ("QK-norm: DNP on q and k with the shared input γ (control for DNP).", {"dnp": ["q", "k"]}),
+    "gemma": (
+        "Gemma-style: QK-norm of head shape and post-branch sandwich norms, plain γ (no 1+γ).",
+        {"dnp": ["q", "k"], "post_norms": True},
+    ),
+    "hg": ("Branch-specific input scales for q, k, v and gate, up.", {"heterogeneous": True}),
+    "dp": ("Dual placement on q, k, gate, up.", {"dp": ["q", "k", "gate", "up"]}),
+    "dnp": ("Dual normalized placement on q, k, gate, up.", {"dnp": ["q", "k", "gate", "up"]}),
+    "or": ("Every scale as β·α/RMS(α).", {"scale": "or"}),
+    "er": ("Every scale as exp(β)·exp(α - mean α).", {"scale": "er"}),
+    "iwd": ("Decay Input-Norm scales, never Output-Norm scales.", {"scale_decay": "iwd"}),
+    "wd-all": ("Decay every scale vector.", {"scale_decay": "all"}),
+    "unified": (
+        "The paper's strategy: HG + DNP on q, k, gate, up + OR + IWD.",
+        {"heterogeneous": True, "dnp": ["q", "k", "gate", "up"], "scale": "or", "scale_decay": "iwd"},
+    ),
+}
+
+
+class UnknownPreset(ValueError):
+    pass
+
+
+def preset_values(name: str) -> dict:
+    """Field values of a (possibly composed) preset name, e.g. `dnp+or`."""
+    values: dict = {"preset": name}
+    for part in name.split("+"):
+        if part not in PRESETS:
+            raise UnknownPreset(f"unknown strategy preset {part!r}; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[part][1])
+    return values
+
+
+def strategy(name: str, **overrides) -> Strategy:
+    """The Strategy of preset `name` with fields overridden."""
+    return replace(Strategy(**preset_values(name)), **overrides)
+
+
+STRATEGY_FIELDS = tuple(f.name for f in fields(Strategy))

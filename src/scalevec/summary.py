@@ -1,0 +1,44 @@
+"""What a model is made of: parameter counts by role and kind, scale-vector fraction, FLOPs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .model import Decoder
+from .scales import Kind
+
+
+def flops_per_token(model: Decoder) -> int:
+    """Training FLOPs per token: 6 per matrix weight (head included, embedding lookup not) plus
+    attention's 12·layers·d_model·seq_len (PaLM's accounting)."""
+    c = model.config
+    matmul = sum(p.numel() for name, p in model.named_parameters()
+                 if model.param_info()[name].kind in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER))
+    if model.head is None:
+        matmul += model.tok_emb.weight.numel()
+    return 6 * matmul + 12 * c.n_layers * c.d_model * c.max_seq_len
+
+
+def summarize(model: Decoder) -> dict:
+    infos = model.param_info()
+    params = dict(model.named_parameters())
+    by_role, by_kind = Counter(), Counter()
+    for name, info in infos.items():
+        by_role[info.role.value] += params[name].numel()
+        by_kind[info.kind.value] += params[name].numel()
+    total = sum(p.numel() for p in params.values())
+    scale_total = sum(params[n].numel() for n, i in infos.items() if i.kind.is_scale)
+    scales = [
+        {"name": name, "role": info.role.value, "kind": info.kind.value, "shape": list(params[name].shape),
+         "invariant": info.invariant}
+        for name, info in infos.items() if info.kind.is_scale
+    ]
+    return {
+        "parameters": total,
+        "non_embedding_parameters": total - by_kind.get(Kind.EMBEDDING.value, 0),
+        "by_role": dict(by_role),
+        "by_kind": dict(by_kind),
+        "scale_fraction": scale_total / total,
+        "flops_per_token": flops_per_token(model),
+        "scales": scales,
+    }

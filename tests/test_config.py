@@ -1,0 +1,88 @@
+"""Issue "Foundation": config files, overrides, validation, and the CLI's one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from scalevec.cli import main
+from scalevec.config import ConfigError, load_config, to_toml
+
+
+def test_presets_fill_fields_and_explicit_fields_override(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('seed = 5\n[model]\npreset = "cpu-3m"\nd_ff = 640\n[strategy]\npreset = "dnp+or"\nqk_scale_shape = "full"\n')
+    config = load_config(path, ["model.n_layers=3", "strategy.dnp=q,k"])
+    assert (config.model.d_model, config.model.d_ff, config.model.n_layers) == (192, 640, 3)
+    assert (config.strategy.scale, config.strategy.dnp, config.strategy.qk_scale_shape) == ("or", ["q", "k"], "full")
+    assert config.seed == 5
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    config = load_config(None, ["strategy.preset=unified", "model.preset=cpu-7m", "model.tie_embeddings=false"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=256"], "unknown key model.d_modle"),
+    (["modle.d_model=256"], "unknown key modle"),
+    (["model.d_model=abc"], "model.d_model: expected int"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings: expected bool"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model=100 is not divisible by model.n_heads=3"),
+    (["model.n_kv_heads=3"], "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+    (["model.d_model=36", "model.n_heads=4"], "RoPE needs an even head_dim"),
+    (["strategy.preset=unifed"], "unknown strategy preset 'unifed'"),
+    (["model.preset=cpu-9m"], "unknown size preset 'cpu-9m'"),
+    (["strategy.dnp=q,x"], "unknown projection 'x'"),
+    (["strategy.dp=q", "strategy.dnp=q"], "'q' is in both dp and dnp"),
+    (["strategy.scale=exp"], "strategy.scale='exp'"),
+    (["model.d_model"], "expected section.field=value"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_bad_toml_file_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "cpu-1m", "--set", "model.widht=3"], "unknown key model.widht"),
+    (["info", "cpu-1m", "--set", "model.d_model=x"], "model.d_model: expected int"),
+    (["info", "cpu-1m", "--set", "model.d_model=100", "--set", "model.n_heads=3"], "not divisible"),
+    (["info", "nonsense"], "neither a config file nor a model preset"),
+])
+def test_cli_config_errors_are_one_line_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("scalevec: error: ")
+
+
+def test_cli_entry_point_exit_code():
+    result = subprocess.run([sys.executable, "-m", "scalevec", "info", "cpu-1m", "--set", "model.bogus=1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "scalevec: error: unknown key model.bogus; valid keys of model: preset, vocab_size, d_model, n_layers, "
+        "n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm, norm_eps, tie_embeddings, init_std"]
+
+
+def test_info_reports_counts(capsys):
+    import json
+    assert main(["info", "cpu-1m", "--json", "--set", "strategy.preset=unified"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    by_kind = summary["by_kind"]
+    assert summary["parameters"] == sum(by_kind.values()) == sum(summary["by_role"].values())
+    assert by_kind["embedding"] == 8192 * 128
+    assert 0 < summary["scale_fraction"] < 0.01
+    # d=128, 4 layers: q,k,v,o = 128*(128+64+64) + 128*128; ffn 3*128*384; head tied 8192*128
+    matmul = 4 * (128 * 256 + 128 * 128 + 3 * 128 * 384) + 8192 * 128
+    assert summary["flops_per_token"] == 6 * matmul + 12 * 4 * 128 * 256

@@ -1,0 +1,177 @@
+"""Issue "Foundation": every strategy against a naive reference, seeds, folding, QK-norm, roles."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import reference_logits
+from scalevec import ModelConfig, build_model, fold_scales, strategy
+from scalevec.config import MODEL_PRESETS
+from scalevec.model import Decoder
+from scalevec.scales import Kind
+from scalevec.strategy import PRESETS
+
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16)
+
+STRATEGIES = [
+    *[strategy(name) for name in PRESETS],
+    strategy("dnp+or"),
+    strategy("hg+dp+er", dp=["q", "k", "v", "o", "gate", "up", "down"]),
+    strategy("hg+or", dnp=["q", "k", "v", "o", "gate", "up", "down"], qk_scale_shape="full"),
+    strategy("unified", magnitude_on_dnp_inputs=True),
+    strategy("gemma+er", qk_scale_shape="full"),
+    strategy("dnp+none"),
+]
+MODELS = [TINY, replace(TINY, tie_embeddings=False, norm="layer")]
+
+
+def ids(value):
+    return value.preset if hasattr(value, "preset") and hasattr(value, "scale") else f"{value.norm}-tied{value.tie_embeddings}"
+
+
+@torch.no_grad()
+def randomize_scales(model: Decoder, seed: int = 1) -> None:
+    """Non-unit scales, so that a scale applied in the wrong place shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, info in model.param_info().items():
+        if info.kind.is_scale:
+            p = model.get_parameter(name)
+            noise = torch.randn(p.shape, generator=gen)
+            if info.kind in (Kind.GAIN, Kind.OR_DIRECTION):
+                p.copy_(1 + 0.3 * noise)
+            elif info.kind is Kind.OR_MAGNITUDE:
+                p.copy_(1.5 + 0.2 * noise)
+            else:
+                p.copy_(0.3 * noise)
+
+
+def loss_of(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("cfg", MODELS, ids=ids)
+@pytest.mark.parametrize("strat", STRATEGIES, ids=ids)
+def test_logits_and_gradients_match_naive_reference(cfg, strat):
+    model = build_model(cfg, strat, seed=3)
+    randomize_scales(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    logits = model(tokens)
+    loss_of(logits, tokens).backward()
+
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    ref = reference_logits(params, cfg, strat, tokens)
+    loss_of(ref, tokens).backward()
+
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    infos = model.param_info()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        if infos[name].kind.is_scale:
+            size = p.grad.abs().max().item()
+            if infos[name].invariant:
+                assert size < 1e-5, f"{name} is documented invariant but has gradient {size}"
+            else:
+                assert size > 1e-7, f"{name} got no gradient"
+
+
+def test_invariant_magnitudes_exist_only_on_request():
+    default = build_model(TINY, strategy("unified"))
+    requested = build_model(TINY, strategy("unified", magnitude_on_dnp_inputs=True))
+    assert not any(i.invariant for i in default.param_info().values())
+    invariant = [n for n, i in requested.param_info().items() if i.invariant]
+    # q, k, gate, up feed DNP; v does not, so its magnitude is not invariant
+    assert sorted(n.split(".", 2)[2] for n in invariant if n.startswith("blocks.0.")) == [
+        "attn.qkv.in_scales.k.magnitude", "attn.qkv.in_scales.q.magnitude",
+        "ffn.gate_up.in_scales.gate.magnitude", "ffn.gate_up.in_scales.up.magnitude"]
+    assert "blocks.0.attn.qkv.in_scales.v.magnitude" in requested.param_info()
+    assert "blocks.0.attn.qkv.in_scales.q.magnitude" not in default.param_info()
+
+
+def test_same_seed_same_matrices_for_every_strategy():
+    base = build_model(TINY, strategy("standard"), seed=7)
+    matrices = {n: p for n, p in base.named_parameters() if not base.param_info()[n].kind.is_scale}
+    for strat in STRATEGIES:
+        model = build_model(TINY, strat, seed=7)
+        for name, p in model.named_parameters():
+            if not model.param_info()[name].kind.is_scale:
+                assert torch.equal(p, matrices[name]), (strat.preset, name)
+    other = build_model(TINY, strategy("standard"), seed=8)
+    assert not torch.equal(other.tok_emb.weight, base.tok_emb.weight)
+
+
+def test_every_scale_starts_at_one():
+    for strat in STRATEGIES:
+        model = build_model(TINY, strat)
+        for module in model.modules():
+            if hasattr(module, "reset_to_identity"):
+                assert torch.allclose(module(), torch.ones(())), strat.preset
+
+
+@pytest.mark.parametrize("cfg", MODELS, ids=ids)
+@pytest.mark.parametrize("strat", STRATEGIES, ids=ids)
+@pytest.mark.parametrize("untie", [False, True])
+def test_fold_scales_reproduces_logits(cfg, strat, untie):
+    model = build_model(cfg, strat, seed=2)
+    randomize_scales(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = model(tokens)
+        embedding = model.tok_emb.weight.clone()
+        fold_scales(model, untie=untie)
+        after = model(tokens)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.tok_emb.weight, embedding), "folding must never rescale the input embedding"
+    # every input-side and DP output-side scale is now exactly the identity
+    for module in model.modules():
+        for name in ("shared_scale",):
+            scale = getattr(module, name, None)
+            if scale is not None:
+                assert torch.allclose(scale(), torch.ones(())), name
+        for scale in getattr(module, "in_scales", {}).values():
+            assert torch.allclose(scale(), torch.ones(()))
+    folded_final = model.final_scale is None or torch.allclose(model.final_scale(), torch.ones(()))
+    kept_for_tied_head = cfg.tie_embeddings and not untie
+    if strat.scale != "fixed":
+        assert folded_final != kept_for_tied_head
+
+
+def explicit_qk_norm(y, n_heads, head_dim, gamma, eps):
+    """Qwen3's q_norm/k_norm (head shape) or a full-width variant: RMS over head_dim, then γ."""
+    y = y.reshape(*y.shape[:-1], n_heads, head_dim)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    if gamma.numel() == head_dim:
+        return (y * gamma).flatten(-2)
+    return y.flatten(-2) * gamma
+
+
+@pytest.mark.parametrize("shape", ["head", "full"])
+def test_dnp_on_qk_is_qk_norm(shape):
+    model = build_model(TINY, strategy("dnp", qk_scale_shape=shape))
+    randomize_scales(model)
+    qkv = model.blocks[0].attn.qkv
+    x = torch.randn(2, 5, TINY.d_model)
+    q, k, _ = qkv(x)
+    gamma_in = qkv.shared_scale()
+    H, Hkv, hd = TINY.n_heads, TINY.n_kv_heads, TINY.head_dim
+    W = qkv.weight.detach()
+    q_ref = explicit_qk_norm((x * gamma_in) @ W[: H * hd].t(), H, hd, qkv.out_scales["q"](), TINY.norm_eps)
+    k_ref = explicit_qk_norm((x * gamma_in) @ W[H * hd: (H + Hkv) * hd].t(), Hkv, hd, qkv.out_scales["k"](),
+                             TINY.norm_eps)
+    expected_size = hd if shape == "head" else H * hd
+    assert qkv.out_scales["q"]().shape == (expected_size,)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", list(MODEL_PRESETS))
+@pytest.mark.parametrize("strat", ["standard", "none", "unified", "gemma+iwd", "hg+dp+er"])
+def test_every_parameter_has_exactly_one_role_and_kind(preset, strat):
+    cfg = replace(ModelConfig(), **MODEL_PRESETS[preset])
+    with torch.device("meta"):
+        model = Decoder(cfg, strategy(strat))
+    infos = model.param_info()
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names))
+    assert sorted(infos) == sorted(names)
