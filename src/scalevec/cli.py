@@ -7,11 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from .config import MODEL_PRESETS, ConfigError, load_config, to_dict
+from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
+from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _config_from(source: str, overrides: list[str]):
@@ -51,6 +56,22 @@ def cmd_info(args) -> None:
             print(f"  {row['name']:<45} {row['role']:<6} {row['kind']:<13} {row['shape']}{note}")
 
 
+def cmd_data_prepare(args) -> None:
+    from .data.prepare import prepare
+
+    config = _config_from(args.config, args.set) if args.config else load_config(None, args.set)
+    data = config.data
+    for flag, name in (("sources", "sources"), ("input", "inputs"), ("vocab", "vocab_size"), ("out", "dir"),
+                       ("tokenizer", "tokenizer"), ("field", "jsonl_field"), ("column", "parquet_column")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(data, name, value)
+    if args.input is not None and args.sources is None:
+        data.sources = []  # user data alone unless bundled sources are named too
+    validate(config)
+    prepare(data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="train or load a tokenizer and write token shards (no-op when up to date)")
+    prep.add_argument("--config", help="a .toml config whose [data] section to start from")
+    prep.add_argument("--sources", type=_csv, help=f"bundled sources, comma-separated (default: the prose ones; "
+                      f"also {', '.join(s for s in BUNDLED_SOURCES if s not in PROSE_SOURCES)})")
+    prep.add_argument("--input", action="append", help="user file, directory or glob of .txt/.jsonl/.parquet "
+                      "(repeatable; replaces the bundled sources unless --sources is given)")
+    prep.add_argument("--field", help="text field of .jsonl records (default text)")
+    prep.add_argument("--column", help="text column of .parquet files (default text)")
+    prep.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    prep.add_argument("--vocab", type=int, help="vocabulary size of the trained tokenizer (default 8192)")
+    prep.add_argument("--out", help="output directory (default data/bundled)")
+    prep.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    prep.set_defaults(func=cmd_data_prepare)
     return parser
 
 
@@ -68,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, UsageError) as err:
+    except (ConfigError, DataError, UsageError) as err:
         print(f"scalevec: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tomli_w
 
+from .data.sources import PROSE_SOURCES
 from .scales import PARAMETERIZATIONS
 from .strategy import PROJECTIONS, SCALE_DECAY_POLICIES, Strategy, UnknownPreset, preset_values
 
@@ -76,11 +77,40 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Token shards a run reads, and how `scalevec data prepare` builds them."""
+
+    dir: str = "data/bundled"
+    """Directory of prepared shards; a run prepares it first if it is missing or stale."""
+    sources: list[str] = field(default_factory=lambda: list(PROSE_SOURCES))
+    """Bundled sources: the natural-prose ones by default; `python_docs` is optional."""
+    inputs: list[str] = field(default_factory=list)
+    """User files, directories or globs of .txt (one document each), .jsonl or .parquet."""
+    jsonl_field: str = "text"
+    """Text field of user .jsonl records."""
+    parquet_column: str = "text"
+    """Text column of user .parquet files."""
+    tokenizer: str = ""
+    """A tokenizer.json to use instead of training a byte-level BPE; a run checks its shards match it."""
+    vocab_size: int = 8192
+    """Vocabulary of the trained tokenizer."""
+    val_fraction: float = 0.02
+    """Share of the text (whole documents) held out for validation."""
+    split_seed: int = 0
+    """Seed of the train/validation document split (fixed, independent of the run seed)."""
+    shard_tokens: int = 1 << 26
+    """Tokens per shard file."""
+    val_tokens: int = 65536
+    """Fixed validation budget: the first windows of the validation split adding up to this many tokens."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: Strategy = field(default_factory=Strategy)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     """Seed of initialization (and, in a run, of data order)."""
 
@@ -222,6 +252,10 @@ def validate(config: Config) -> None:
     _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose input or output")
     _check(s.scale_decay in SCALE_DECAY_POLICIES,
            f"strategy.scale_decay={s.scale_decay!r}; choose from {', '.join(SCALE_DECAY_POLICIES)}")
+    d = config.data
+    _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,
+           "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
 
 
 def to_dict(config: Config) -> dict:

@@ -1,0 +1,1 @@
+"""Training data: bundled corpus, tokenizer, token shards, resumable loader."""

@@ -1,0 +1,118 @@
+"""Reading token shards: contiguous windows of seq_len+1 tokens, in a seeded order, per rank.
+
+A loader's whole state is its position in an endless stream of epochs, each a fresh seeded
+permutation of the windows; rank r of w takes every w-th window of it, so ranks never overlap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .sources import DataError
+
+
+class TokenWindows:
+    """The windows of one split (`train` or `val`) of a prepared data directory."""
+
+    def __init__(self, directory: str | Path, split: str, seq_len: int):
+        self.directory = directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{directory} holds no prepared data (no meta.json); run `scalevec data prepare --out {directory}`")
+        self.meta = json.loads(meta_path.read_text())
+        self.window = seq_len + 1
+        self.shards, self.starts, total = [], [], 0
+        for shard in self.meta[split]["shards"]:
+            tokens = np.memmap(directory / shard["file"], dtype=self.meta["dtype"], mode="r")
+            count = len(tokens) // self.window
+            if count:
+                self.shards.append(tokens)
+                self.starts.append(total)
+                total += count
+        self.count = total
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> np.ndarray:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        offset = (index - self.starts[shard]) * self.window
+        return self.shards[shard][offset:offset + self.window]
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of shape (len(indices), seq_len)."""
+        tokens = torch.from_numpy(np.stack([self.get(int(i)) for i in indices]).astype(np.int64))
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def check_compatible(windows: TokenWindows, tokenizer: str, model_vocab: int) -> None:
+    """Refuse shards built with another tokenizer than the run's, or a vocabulary the model cannot embed."""
+    if tokenizer:
+        from .prepare import file_sha256
+
+        if file_sha256(Path(tokenizer)) != windows.meta["tokenizer_sha256"]:
+            raise DataError(f"the shards in {windows.directory} were built with another tokenizer than {tokenizer}; "
+                            "re-run `scalevec data prepare` with this tokenizer or point data.dir elsewhere")
+    if windows.meta["vocab_size"] > model_vocab:
+        raise DataError(f"the tokenizer's vocabulary ({windows.meta['vocab_size']}) is larger than "
+                        f"model.vocab_size={model_vocab}; set model.vocab_size >= {windows.meta['vocab_size']}")
+
+
+class Loader:
+    """Training batches for one data-parallel rank; `state_dict()` is its exact position."""
+
+    def __init__(self, windows: TokenWindows, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = len(windows) // world_size
+        if self.per_rank < batch_size:
+            raise DataError(f"{len(windows)} training windows are too few for batch_size={batch_size} on "
+                            f"{world_size} rank(s); use more data, a smaller batch or a shorter seq_len")
+        self.position = 0
+        self._epoch, self._order = -1, None
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.windows), generator=gen)
+        return self._order
+
+    def window_index(self, position: int) -> int:
+        epoch, i = divmod(position, self.per_rank)
+        return int(self.epoch_order(epoch)[i * self.world_size + self.rank])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = [self.window_index(p) for p in range(self.position, self.position + self.batch_size)]
+        self.position += self.batch_size
+        return self.windows.batch(indices)
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.per_rank
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "windows": len(self.windows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = self.state_dict()
+        for key in ("seed", "world_size", "windows"):
+            if state[key] != expected[key]:
+                raise DataError(f"the checkpoint's data loader had {key}={state[key]}, this run has {expected[key]}; "
+                                "resume with the same data, seed and world size")
+        self.position = state["position"]
+
+
+def validation_batches(windows: TokenWindows, batch_size: int, budget_tokens: int, rank: int = 0,
+                       world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation budget: the first windows of the split, rank r taking every w-th."""
+    count = min(len(windows), budget_tokens // windows.window)
+    mine = list(range(rank, count - count % world_size, world_size))
+    for start in range(0, len(mine), batch_size):
+        yield windows.batch(mine[start:start + batch_size])
