@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
@@ -31,11 +32,19 @@ def _config_from(source: str, overrides: list[str]):
 
 def cmd_info(args) -> None:
     from .model import build_model
+    from .optim import param_groups
     from .summary import summarize
 
     config = _config_from(args.config, args.set)
     model = build_model(config.model, config.strategy, config.seed)
     summary = summarize(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = [{"optimizer": g["optimizer"], "lr_mult": g["lr_mult"], "weight_decay": g["weight_decay"],
+                   "tensors": len(g["names"]), "parameters": sum(p.numel() for p in g["params"]), "names": g["names"]}
+                  for g in param_groups(model, config.optim, config.strategy.scale_decay)]
+    summary["optimizer_groups"] = groups
+    summary["warnings"] = [str(w.message) for w in caught]
     if args.json:
         print(json.dumps({"config": to_dict(config), **summary}, indent=2))
         return
@@ -49,6 +58,15 @@ def cmd_info(args) -> None:
     print(f"training FLOPs per token: {summary['flops_per_token']:,}")
     print("by role: " + ", ".join(f"{k}={v:,}" for k, v in summary["by_role"].items()))
     print("by kind: " + ", ".join(f"{k}={v:,}" for k, v in summary["by_kind"].items()))
+    print(f"optimizer groups (optim.name={config.optim.name}, strategy.scale_decay={s.scale_decay}):")
+    for g in groups:
+        example = ", ".join(n for n in g["names"] if not n.startswith("blocks.") or n.startswith("blocks.0."))
+        print(f"  {g['optimizer']:<5} lr x{g['lr_mult']:g} wd {g['weight_decay']:g}: {g['tensors']} tensors, "
+              f"{g['parameters']:,} parameters ({_shorten(example)})")
+    for message in summary["warnings"]:
+        print(f"warning: {message}")
+    print("input-side scales that only feed DNP branches have no magnitude β "
+          f"(strategy.magnitude_on_dnp_inputs={str(s.magnitude_on_dnp_inputs).lower()})")
     print("scale vectors of block 0 and the final norm (role, kind, shape):")
     for row in summary["scales"]:
         if row["name"].startswith("blocks.0.") or row["name"].startswith("final_scale"):
@@ -72,6 +90,22 @@ def cmd_data_prepare(args) -> None:
     prepare(data)
 
 
+def _shorten(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_schedule(args) -> None:
+    from .schedule import lr_factor, plot_schedule
+
+    config = load_config(args.config, args.set) if args.config else load_config(None, args.set)
+    if args.steps <= 0:
+        raise UsageError(f"--steps {args.steps} must be positive")
+    plot_schedule(config.schedule, args.steps, args.out)
+    marks = sorted({0, config.schedule.warmup_steps, args.steps // 2, args.steps - 1})
+    print(", ".join(f"step {m}: {lr_factor(config.schedule, m, args.steps):.4f}" for m in marks if m < args.steps))
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
+    sched.add_argument("--config", help="a .toml config (its [schedule] section)")
+    sched.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
+    sched.add_argument("--out", default="schedule.png", help="PNG to write")
+    sched.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    sched.set_defaults(func=cmd_schedule)
 
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="train or load a tokenizer and write token shards (no-op when up to date)")

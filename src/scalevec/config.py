@@ -105,12 +105,76 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """Optimizers and the per-parameter table (which tensors decay, at what rate; see optim/policy.py)."""
+
+    name: str = "adamw"
+    """`adamw` for everything, or `muon`: matrices on Muon, everything else on AdamW."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (scales, embeddings, head, and matrices unless Muon)."""
+    muon_lr: float = 0.02
+    """Peak Muon learning rate (matrices, `muon` runs only)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.95
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices (AdamW or Muon)."""
+    scale_weight_decay: float = 0.1
+    """Decay of the scale vectors that strategy.scale_decay decays (its own coefficient, AdamW)."""
+    embedding_weight_decay: float = 0.0
+    """Decay of the token embedding (tied head included)."""
+    head_weight_decay: float = 0.1
+    """Decay of an untied output head."""
+    scale_lr_mult: float = 1.0
+    """Scale vectors' learning rate as a multiple of `lr`."""
+    embedding_lr_mult: float = 1.0
+    """Embedding learning rate as a multiple of `lr`."""
+    head_lr_mult: float = 1.0
+    """Untied head learning rate as a multiple of `lr`."""
+    decay_or_direction: bool = False
+    """Also decay OR's direction α (scale-invariant: decay only keeps its effective learning rate up)."""
+    muon_momentum: float = 0.95
+    """Muon momentum μ."""
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations."""
+    muon_ns_dtype: str = "float32"
+    """Newton-Schulz dtype: `float32` (CPU) or `bfloat16` (GPU)."""
+    muon_update_scale: str = "original"
+    """Update scaling: `original` sqrt(max(1, rows/cols)) or `match_rms_adamw` 0.2·sqrt(max(rows, cols))."""
+    fused: bool = True
+    """Use torch's fused AdamW where the parameters allow it."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then `cosine`, `wsd` or `constant`."""
+
+    name: str = "cosine"
+    """`cosine` (to min_lr_ratio), `wsd` (warmup-stable-decay) or `constant`."""
+    warmup_steps: int = 50
+    """Linear warmup steps; the factor reaches 1 at the last warmup step."""
+    min_lr_ratio: float = 0.1
+    """Final factor of cosine and WSD."""
+    decay_fraction: float = 0.2
+    """WSD: final fraction of the steps spent decaying."""
+    decay_shape: str = "linear"
+    """WSD decay shape: `linear`, `cosine` or `1-sqrt`."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: Strategy = field(default_factory=Strategy)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
     """Seed of initialization (and, in a run, of data order)."""
 
@@ -252,6 +316,21 @@ def validate(config: Config) -> None:
     _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose input or output")
     _check(s.scale_decay in SCALE_DECAY_POLICIES,
            f"strategy.scale_decay={s.scale_decay!r}; choose from {', '.join(SCALE_DECAY_POLICIES)}")
+    o, sch = config.optim, config.schedule
+    _check(o.name in ("adamw", "muon"), f"optim.name={o.name!r}; choose adamw or muon")
+    _check(o.muon_ns_dtype in ("float32", "bfloat16"), f"optim.muon_ns_dtype={o.muon_ns_dtype!r}; choose float32 or bfloat16")
+    _check(o.muon_update_scale in ("original", "match_rms_adamw"),
+           f"optim.muon_update_scale={o.muon_update_scale!r}; choose original or match_rms_adamw")
+    _check(o.lr > 0 and o.muon_lr > 0, "optim.lr and optim.muon_lr must be positive")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1 and 0 <= o.muon_momentum < 1,
+           "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
+    for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay"):
+        _check(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must be >= 0")
+    _check(sch.name in ("cosine", "wsd", "constant"), f"schedule.name={sch.name!r}; choose cosine, wsd or constant")
+    _check(sch.decay_shape in ("linear", "cosine", "1-sqrt"),
+           f"schedule.decay_shape={sch.decay_shape!r}; choose linear, cosine or 1-sqrt")
+    _check(sch.warmup_steps >= 0 and 0 <= sch.min_lr_ratio <= 1 and 0 <= sch.decay_fraction <= 1,
+           "schedule.warmup_steps must be >= 0, schedule.min_lr_ratio and schedule.decay_fraction in [0, 1]")
     d = config.data
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,

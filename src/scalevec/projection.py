@@ -117,7 +117,7 @@ class Projection(nn.Module):
         return outputs
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
-        infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX)}
+        infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX, blocks=tuple(self.sizes))}
         rows, start = {}, 0
         for b in self.branches:
             rows[b.name] = (f"{prefix}.weight", start, start + b.out_features)

@@ -50,6 +50,8 @@ class ParamInfo:
     feeds: tuple[tuple[str, int, int], ...] = ()
     # the loss does not depend on this parameter (a magnitude behind a DNP norm); never decayed
     invariant: bool = False
+    # row counts of the logical matrices stored fused in this matrix (q, k, v; gate, up); () = one
+    blocks: tuple[int, ...] = ()
 
 
 class Scale(nn.Module):

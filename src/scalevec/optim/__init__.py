@@ -1,0 +1,7 @@
+"""Role-aware optimizer groups (one table), AdamW and Muon."""
+
+from .muon import Muon, orthogonalize
+from .optimizers import Optimizers
+from .policy import PolicyError, param_groups, policy_table
+
+__all__ = ["Muon", "Optimizers", "PolicyError", "orthogonalize", "param_groups", "policy_table"]

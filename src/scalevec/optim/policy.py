@@ -1,0 +1,110 @@
+"""Which optimizer, learning-rate multiplier and weight decay each parameter gets: one table.
+
+The table is keyed on (role, kind) of `ParamInfo`, never on module names. What "decay a scale"
+means per parameterization (decoupled decay pulls the *parameter* toward 0):
+
+| parameterization | decayed parameters under a decaying policy | effect on effective γ |
+|---|---|---|
+| plain γ | γ | toward 0 |
+| OR β·α/RMS(α) | β (α only with optim.decay_or_direction) | magnitude toward 0; α's decay only keeps its norm, and so its effective learning rate, in check |
+| ER exp(β)·exp(α − mean α) | β and α | toward 1 (not 0) |
+
+Scale decay policies (strategy.scale_decay): `iwd` decays Input-Norm scales only (the paper's
+rule), `all` every scale, `none` no scale. DP's output-side scale is an Input scale by default
+(strategy.dp_output_role). A parameter the loss does not depend on (`ParamInfo.invariant`) is never decayed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from ..config import OptimConfig
+from ..scales import Kind, ParamInfo, Role
+
+DECAYED_ROLES = {"iwd": {Role.INPUT}, "all": {Role.INPUT, Role.OUTPUT}, "none": set()}
+
+
+@dataclass(frozen=True)
+class Rule:
+    optimizer: str  # adamw or muon
+    lr_mult: float
+    weight_decay: float
+
+
+def policy_table(optim: OptimConfig, scale_decay: str) -> dict[tuple[Role, Kind], Rule]:
+    matrix_optimizer = "muon" if optim.name == "muon" else "adamw"
+    table = {
+        (Role.NONE, Kind.MATRIX): Rule(matrix_optimizer, 1.0, optim.weight_decay),
+        (Role.NONE, Kind.EMBEDDING): Rule("adamw", optim.embedding_lr_mult, optim.embedding_weight_decay),
+        (Role.NONE, Kind.HEAD): Rule("adamw", optim.head_lr_mult, optim.head_weight_decay),
+        (Role.NONE, Kind.ROUTER): Rule("adamw", 1.0, 0.0),
+    }
+    for role in (Role.INPUT, Role.OUTPUT):
+        decays = role in DECAYED_ROLES[scale_decay]
+        for kind, decayed in ((Kind.GAIN, decays), (Kind.OR_MAGNITUDE, decays),
+                              (Kind.OR_DIRECTION, decays and optim.decay_or_direction),
+                              (Kind.ER_MAGNITUDE, decays), (Kind.ER_DIRECTION, decays)):
+            table[(role, kind)] = Rule("adamw", optim.scale_lr_mult, optim.scale_weight_decay if decayed else 0.0)
+    return table
+
+
+class PolicyError(ValueError):
+    """A parameter matched no rule or more than one."""
+
+
+def assign(infos: dict[str, ParamInfo], model: nn.Module, optim: OptimConfig, scale_decay: str) -> dict[str, Rule]:
+    """The rule of every parameter of `model`; an unmatched or doubly matched parameter is an error."""
+    table = policy_table(optim, scale_decay)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    unmatched = sorted(set(named) - set(infos))
+    if unmatched:
+        raise PolicyError(f"parameter {unmatched[0]} has no role and kind; declare it in its module's param_info")
+    extra = sorted(set(infos) - set(named))
+    if extra:
+        raise PolicyError(f"param_info names {extra[0]}, which is not a parameter of the model")
+    seen: dict[int, str] = {}
+    rules = {}
+    for name, info in infos.items():
+        if id(named[name]) in seen:
+            raise PolicyError(f"parameter {name} is the same tensor as {seen[id(named[name])]}; it would be "
+                              "assigned twice")
+        seen[id(named[name])] = name
+        if (info.role, info.kind) not in table:
+            raise PolicyError(f"parameter {name} ({info.role.value}, {info.kind.value}) matches no rule of the table")
+        rule = table[(info.role, info.kind)]
+        rules[name] = replace(rule, weight_decay=0.0) if info.invariant else rule
+    _warn_unbalanced(infos, rules)
+    return rules
+
+
+def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> None:
+    """IWD's balance argument (γ² vs ||w||²) needs the matrices a decayed Input scale feeds to decay too."""
+    pairs = sorted({(name.rsplit(".", 1)[0], matrix) for name, info in infos.items()
+                    if info.role is Role.INPUT and rules[name].weight_decay > 0
+                    for matrix, _, _ in info.feeds if rules[matrix].weight_decay == 0})
+    if pairs:
+        scale, matrix = pairs[0]
+        warnings.warn(f"decayed Input scale {scale} feeds undecayed {matrix}"
+                      f"{f' (and {len(pairs) - 1} more)' if len(pairs) > 1 else ''}: the paper's balance argument "
+                      "for decaying it does not hold; decay the matrix (e.g. optim.embedding_weight_decay for a tied "
+                      "head) or untie the head", stacklevel=3)
+
+
+def param_groups(model: nn.Module, optim: OptimConfig, scale_decay: str, infos: dict[str, ParamInfo] | None = None
+                 ) -> list[dict]:
+    """Optimizer parameter groups, one per distinct rule, each with `names`, `optimizer`, `lr_mult`,
+    `weight_decay` and, for Muon, each matrix's logical `blocks`."""
+    infos = model.param_info() if infos is None else infos
+    rules = assign(infos, model, optim, scale_decay)
+    named = dict(model.named_parameters())
+    groups: dict[Rule, dict] = {}
+    for name, rule in rules.items():
+        group = groups.setdefault(rule, {"params": [], "names": [], "blocks": [], "optimizer": rule.optimizer,
+                                         "lr_mult": rule.lr_mult, "weight_decay": rule.weight_decay})
+        group["params"].append(named[name])
+        group["names"].append(name)
+        group["blocks"].append(infos[name].blocks)
+    return list(groups.values())

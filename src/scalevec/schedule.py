@@ -1,0 +1,43 @@
+"""Learning-rate schedules as a factor of the peak rate: linear warmup, then cosine, WSD or constant."""
+
+from __future__ import annotations
+
+import math
+
+from .config import ScheduleConfig
+
+
+def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
+    """Factor at optimizer step `step` (0-based) of a run of `total_steps`."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    floor = schedule.min_lr_ratio
+    if schedule.name == "constant":
+        return 1.0
+    if schedule.name == "cosine":
+        progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = max(schedule.warmup_steps, total_steps - round(schedule.decay_fraction * total_steps))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    if schedule.decay_shape == "linear":
+        return 1 - (1 - floor) * progress
+    if schedule.decay_shape == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - (1 - floor) * math.sqrt(progress)
+
+
+def plot_schedule(schedule: ScheduleConfig, total_steps: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(total_steps + 1)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(steps, [lr_factor(schedule, s, total_steps) for s in steps])
+    ax.set(xlabel="step", ylabel="lr factor", title=f"{schedule.name} schedule", ylim=(0, 1.05))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
