@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scalevec info cpu-1m --set strategy.preset=unified
+	$(BIN)/scalevec compare --preset demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,11 +20,6 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return prepare(DataConfig(dir=str(tmp_path_factory.mktemp("data") / "small"), **SMALL), progress=False, log=quiet)
-
-
 def test_same_inputs_give_byte_identical_output(small_data, tmp_path):
     again = prepare(DataConfig(dir=str(tmp_path / "again"), **SMALL), progress=False, log=quiet)
     files = sorted(p.name for p in small_data.iterdir())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
 from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
+from .train.trainer import RunDirError, TrainError
 
 
 class UsageError(Exception):
@@ -106,6 +107,39 @@ def cmd_schedule(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_train(args) -> None:
+    from .train.trainer import Trainer
+
+    if args.config is None:
+        if not (args.resume and args.out):
+            raise UsageError("give a CONFIG, or --resume --out RUN_DIR to continue a run with its saved config")
+        config = load_config(Path(args.out) / "config.toml", args.set)
+    else:
+        config = _config_from(args.config, args.set)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    result = Trainer(config, out, resume=args.resume, overwrite=args.overwrite).run()
+    if result:
+        print(f"step {result['step']}: train_loss {result['train_loss']:.4f}"
+              + (f", val_loss {result['val_loss']:.4f}" if "val_loss" in result else "") + f"; run in {out}")
+    else:
+        print(f"run in {out} is already complete")
+
+
+def cmd_compare(args) -> None:
+    from .experiments.compare import preset_path, run_comparison, table
+
+    source = Path(args.config) if args.config else preset_path(args.preset)
+    strategies = _csv(args.strategies)
+    if len(strategies) < 2:
+        raise UsageError(f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
+    origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
+    command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
+                        *[f"--set {o}" for o in args.set]])
+    summary = run_comparison(source, strategies, Path(args.out), args.set, command)
+    print(table(summary))
+    print(f"wrote {args.out}/report.md, summary.json, loss.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train one model; one run = one directory")
+    train.add_argument("config", nargs="?", help="a .toml config or a model preset name (omit with --resume)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="the main job: baseline vs unified, same seed/data/budget, report")
+    compare.add_argument("--preset", default="demo", help="a shipped comparison config (default demo)")
+    compare.add_argument("--config", help="a .toml config instead of the preset")
+    compare.add_argument("--strategies", default="standard,unified", help="comma-separated; the first is the baseline")
+    compare.add_argument("--out", default="runs/demo", help="output directory (one run directory per strategy)")
+    compare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    compare.set_defaults(func=cmd_compare)
 
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")
@@ -141,13 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"scalevec: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, UsageError) as err:
+    except (ConfigError, DataError, UsageError, RunDirError) as err:
         print(f"scalevec: error: {err}", file=sys.stderr)
         return 2
+    except TrainError as err:
+        print(f"scalevec: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

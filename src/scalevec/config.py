@@ -167,6 +167,44 @@ class ScheduleConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch (per data-parallel rank)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 256
+    """Tokens per sequence (at most model.max_seq_len)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss mean(logsumexp(logits)²) added to the objective."""
+    eval_every: int = 100
+    """Evaluate on the fixed validation budget every this many steps (and at the start and end)."""
+    eval_batch_size: int = 16
+    """Sequences per validation batch."""
+    log_every: int = 10
+    """Write a metrics.jsonl record every this many steps."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    nonfinite: str = "stop"
+    """On a non-finite loss or gradient: `stop` with an error, or `skip` the update (counted in metrics)."""
+    compile: bool = False
+    """torch.compile the model."""
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs `pip install 'scalevec[tensorboard]'`)."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -175,6 +213,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     """Seed of initialization (and, in a run, of data order)."""
 
@@ -331,6 +370,15 @@ def validate(config: Config) -> None:
            f"schedule.decay_shape={sch.decay_shape!r}; choose linear, cosine or 1-sqrt")
     _check(sch.warmup_steps >= 0 and 0 <= sch.min_lr_ratio <= 1 and 0 <= sch.decay_fraction <= 1,
            "schedule.warmup_steps must be >= 0, schedule.min_lr_ratio and schedule.decay_fraction in [0, 1]")
+    t = config.train
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batch_size", "log_every",
+                 "checkpoint_every", "keep_checkpoints"):
+        _check(getattr(t, name) > 0, f"train.{name}={getattr(t, name)} must be positive")
+    _check(t.seq_len <= m.max_seq_len,
+           f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
+    _check(t.grad_clip >= 0 and t.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
+    _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
     d = config.data
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,

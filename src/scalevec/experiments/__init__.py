@@ -1,0 +1,1 @@
+"""Experiments: the main job (`compare`), and the paper's suites."""

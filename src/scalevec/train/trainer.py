@@ -1,0 +1,255 @@
+"""The training loop: one run = one directory.
+
+    RUN_DIR/config.toml      the resolved config
+    RUN_DIR/metrics.jsonl    one record per logged step; val_loss and scale diagnostics at eval steps
+    RUN_DIR/checkpoints/     atomic checkpoints (see checkpoint.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import __version__
+from ..config import Config, ConfigError, load_config, to_dict, to_toml
+from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
+from ..data.prepare import prepare
+from ..model import build_model
+from ..optim import Optimizers
+from ..schedule import lr_factor
+from .checkpoint import load_newest_valid, save_checkpoint
+from .diagnostics import scale_diagnostics
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on (non-finite loss, failed checkpoint write); one line, the last good checkpoint kept."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; one line naming the fix."""
+
+
+def _first_difference(a: dict, b: dict, path: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            found = _first_difference(a[key], b[key], f"{path}{key}.")
+            if found:
+                return found
+        elif a.get(key) != b.get(key):
+            return f"{path}{key}"
+    return None
+
+
+def open_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """Create the run directory, or check that resuming it is consistent; never overwrite silently."""
+    saved = run_dir / "config.toml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            if saved.is_file():
+                difference = _first_difference(to_dict(load_config(saved)), to_dict(config))
+                if difference:
+                    raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
+                                      "(omit CONFIG to use the saved one) or start a new --out")
+            return
+        if not overwrite:
+            raise RunDirError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(to_toml(config))
+    tmp.rename(saved)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                 progress: bool | None = None, log=print):
+        self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
+        t = config.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = _device(t.device)
+        data_dir = prepare(config.data, progress=progress, log=log)
+        self.windows = TokenWindows(data_dir, "train", t.seq_len)
+        self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
+        check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
+        open_run_dir(self.run_dir, config, resume, overwrite)
+
+        self.model = build_model(config.model, config.strategy, config.seed).to(self.device)
+        self.infos = self.model.param_info()
+        self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
+        self.loader = Loader(self.windows, t.batch_size, config.seed)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.step, self.skipped = 0, 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tensorboard = self._tensorboard() if t.tensorboard else None
+        if resume:
+            self._restore()
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard=true needs tensorboard; pip install 'scalevec[tensorboard]'") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        trainer_state = {"optimizers": self.optimizers.state_dict(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        state = {
+            "version": __version__,
+            "config": to_dict(self.config),
+            "loader": self.loader.state_dict(),
+            "skipped": self.skipped,
+            "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
+            "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        }
+        try:
+            save_checkpoint(self.run_dir / "checkpoints", self.step, self.model.state_dict(), trainer_state, state,
+                            self.config.train.keep_checkpoints)
+        except OSError as err:
+            raise TrainError(f"writing the checkpoint of step {self.step} failed ({err.strerror or err}); "
+                             "earlier checkpoints are intact, free space and resume with --resume") from None
+
+    def _restore(self) -> None:
+        found = load_newest_valid(self.run_dir / "checkpoints")
+        if found is None:
+            self.log("no usable checkpoint; starting from step 0")
+            self._truncate_metrics(-1)
+            return
+        model_state, trainer_state, state = found
+        self.model.load_state_dict(model_state)
+        self.optimizers.load_state_dict(trainer_state["optimizers"])
+        torch.set_rng_state(trainer_state["torch_rng"])
+        if "cuda_rng" in trainer_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = state["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self._truncate_metrics(self.step)
+        self.log(f"resumed from step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records written after the checkpoint we resume from; they will be written again."""
+        if not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, cross-entropy)."""
+        with self.autocast:
+            logits = self.forward(inputs)
+        logits = logits.float().flatten(0, 1)
+        ce = F.cross_entropy(logits, targets.flatten())
+        if self.config.train.z_loss:
+            return ce + self.config.train.z_loss * torch.logsumexp(logits, -1).pow(2).mean(), ce
+        return ce, ce
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        t = self.config.train
+        for inputs, targets in validation_batches(self.val_windows, t.eval_batch_size, self.config.data.val_tokens):
+            _, ce = self._loss(inputs.to(self.device), targets.to(self.device))
+            total += ce.item() * len(inputs)
+            count += len(inputs)
+        self.model.train()
+        return total / count if count else float("nan")
+
+    def _train_step(self) -> dict:
+        t = self.config.train
+        lr = lr_factor(self.config.schedule, self.step, t.steps)
+        self.optimizers.set_lr_factor(lr)
+        ce_sum = 0.0
+        for _ in range(t.grad_accum):
+            inputs, targets = self.loader.next_batch()
+            objective, ce = self._loss(inputs.to(self.device), targets.to(self.device))
+            (objective / t.grad_accum).backward()
+            ce_sum += ce.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf).item()
+        loss = ce_sum / t.grad_accum
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if t.nonfinite == "stop":
+                raise TrainError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
+                                 f"{self.step + 1}; the last good checkpoint is kept (train.nonfinite=skip skips such steps)")
+            self.skipped += 1
+        else:
+            self.optimizers.step()
+        self.optimizers.zero_grad()
+        self.step += 1
+        return {"lr": lr * self.config.optim.lr, "train_loss": loss, "grad_norm": grad_norm}
+
+    def _write(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def _eval_record(self) -> dict:
+        return {"val_loss": self.evaluate(), "scales": scale_diagnostics(self.model, self.infos)}
+
+    def run(self) -> dict:
+        t = self.config.train
+        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        if self.step == 0:
+            self._write({"step": 0, "tokens": 0, **self._eval_record()})
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=None if self.progress is None else not self.progress)
+        window_start, window_steps, last = time.perf_counter(), 0, {}
+        try:
+            while self.step < t.steps:
+                last = self._train_step()
+                window_steps += 1
+                done = self.step == t.steps
+                evaluate = self.step % t.eval_every == 0 or done
+                if self.step % t.log_every == 0 or evaluate:
+                    # throughput of the training steps since the last record, evaluation and saving excluded
+                    elapsed = time.perf_counter() - window_start
+                    last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
+                            "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped}
+                    if evaluate:
+                        last |= self._eval_record()
+                    self._write(last)
+                    bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if self.step % t.checkpoint_every == 0 or done:
+                    self._save()
+                if "tokens_per_s" in last and last["step"] == self.step:
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+        finally:
+            bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        return last
