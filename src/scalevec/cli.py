@@ -140,6 +140,16 @@ def cmd_compare(args) -> None:
     print(f"wrote {args.out}/report.md, summary.json, loss.png")
 
 
+def cmd_theory(args) -> None:
+    from .theory import EXPERIMENTS
+
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    for name in names:
+        summary = EXPERIMENTS[name](Path(args.out), fast=args.fast)
+        verdict = "holds" if summary.get("holds", True) else "does NOT hold here (see the summary)"
+        print(f"{name}: {summary['claim']}: {verdict}; wrote {args.out}/{name}.png and {name}.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/demo", help="output directory (one run directory per strategy)")
     compare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     compare.set_defaults(func=cmd_compare)
+
+    theory = sub.add_parser("theory", help="check the paper's theorems numerically (plain GD)")
+    theory.add_argument("name", choices=["fold", "preconditioning", "weight-decay", "dual-placement", "reparam", "all"])
+    theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
+    theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")
+    theory.set_defaults(func=cmd_theory)
 
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")

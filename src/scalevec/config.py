@@ -33,9 +33,9 @@ MODEL_PRESETS: dict[str, dict] = {
                       d_ff=2048, max_seq_len=2048, tie_embeddings=False),
     "gpu-0.5b": dict(vocab_size=32768, d_model=1280, n_layers=24, n_heads=20, n_kv_heads=4,
                      d_ff=3584, max_seq_len=2048, tie_embeddings=False),
-    "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+    "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8,
                    d_ff=5632, max_seq_len=2048, tie_embeddings=False),
-    "gpu-2b": dict(vocab_size=32768, d_model=2560, n_layers=24, n_heads=32, n_kv_heads=8,
+    "gpu-2b": dict(vocab_size=32768, d_model=2560, n_layers=26, n_heads=32, n_kv_heads=8,
                    d_ff=6912, max_seq_len=2048, tie_embeddings=False),
 }
 
