@@ -173,3 +173,18 @@ def test_user_jsonl_field_and_directory(tmp_path):
     meta = json.loads((prepare(data, progress=False, log=quiet) / "meta.json").read_text())
     assert [s["documents"] for s in meta["sources"]] == [6, 1]
     assert meta["train"]["documents"] + meta["val"]["documents"] == 7 and meta["val"]["documents"] >= 1
+
+
+def test_parquet_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [f"parquet row {i} " * 30 for i in range(8)], "n": list(range(8))}),
+                   tmp_path / "t.parquet")
+    data = DataConfig(dir=str(tmp_path / "out"), sources=[], inputs=[str(tmp_path / "t.parquet")],
+                      parquet_column="body", vocab_size=300)
+    meta = json.loads((prepare(data, progress=False, log=quiet) / "meta.json").read_text())
+    assert meta["sources"][0]["documents"] == 8
+    with pytest.raises(DataError, match="no column 'text'"):
+        prepare(DataConfig(dir=str(tmp_path / "o2"), sources=[], inputs=[str(tmp_path / "t.parquet")], vocab_size=300),
+                progress=False, log=quiet)

@@ -150,6 +150,22 @@ def cmd_theory(args) -> None:
         print(f"{name}: {summary['claim']}: {verdict}; wrote {args.out}/{name}.png and {name}.json")
 
 
+def cmd_bench(args) -> None:
+    from .bench import format_bench, run_bench
+
+    config = _config_from(args.config, args.set)
+    strategies = _csv(args.strategies)
+    if not strategies:
+        raise UsageError("--strategies is empty; name at least one, e.g. standard,unified")
+    modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.mode]
+    reports = [run_bench(config, strategies, args.repeats, args.warmup, compile, args.hf, args.activation_checkpointing)
+               for compile in modes]
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
+    else:
+        print("\n\n".join(format_bench(r) for r in reports))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
     theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")
     theory.set_defaults(func=cmd_theory)
+
+    bench = sub.add_parser("bench", help="training tokens/s and memory per strategy, side by side (ABAB)")
+    bench.add_argument("--config", default="cpu-7m", help="a .toml config or a model preset (default cpu-7m)")
+    bench.add_argument("--strategies", default="standard,unified", help="comma-separated; ratios are to the first")
+    bench.add_argument("--mode", choices=["eager", "compiled", "both"], default="eager")
+    bench.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM at the same shape")
+    bench.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    bench.add_argument("--repeats", type=int, default=10, help="timed steps per arm")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    bench.set_defaults(func=cmd_bench)
 
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")

@@ -196,6 +196,8 @@ class TrainConfig:
     """On a non-finite loss or gradient: `stop` with an error, or `skip` the update (counted in metrics)."""
     compile: bool = False
     """torch.compile the model."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, about one more forward of compute)."""
     device: str = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
     threads: int = 0

@@ -19,6 +19,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .projection import Branch, Projection, normalize
@@ -118,6 +119,7 @@ class Decoder(nn.Module):
         # the final norm feeds the head, a linear map: an Input-Norm (PAPER.md section 3)
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # activation checkpointing: recompute each block in backward
         cos, sin = rope_tables(model.head_dim, model.max_seq_len, model.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -147,7 +149,10 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         gamma = None if self.final_scale is None else self.final_scale()
         x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
         return F.linear(x, self.head_weight)

@@ -94,6 +94,7 @@ class Trainer:
         open_run_dir(self.run_dir, config, resume, overwrite)
 
         self.model = build_model(config.model, config.strategy, config.seed).to(self.device)
+        self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         self.loader = Loader(self.windows, t.batch_size, config.seed)

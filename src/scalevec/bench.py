@@ -1,0 +1,151 @@
+"""`scalevec bench`: training-step throughput and memory per strategy, measured side by side.
+
+Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) are timed in
+alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
+of them alike; medians and ratios to the first strategy are reported.
+
+Memory: on CUDA the allocator's peak; on CPU, where torch keeps no allocator statistics, the bytes
+of parameters, gradients and optimizer state plus the activations saved for backward in one step
+(counted by storage through saved-tensor hooks), which is what differs between strategies.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .model import build_model
+from .optim import Optimizers
+from .strategy import strategy as make_strategy
+
+
+@dataclass
+class Arm:
+    name: str
+    model: torch.nn.Module
+    forward: object
+    optimizer: object
+    logits: object  # output -> logits tensor
+
+
+def _saved_activation_bytes(arm: Arm, tokens: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(arm, tokens)
+    loss.backward()
+    arm.optimizer.zero_grad()
+    params = {p.untyped_storage().data_ptr() for p in arm.model.parameters()}
+    return sum(size for ptr, size in storages.items() if ptr not in params)
+
+
+def _state_bytes(arm: Arm) -> int:
+    params = sum(p.numel() * p.element_size() for p in arm.model.parameters())
+    return 4 * params  # weights, gradients and AdamW's two moments
+
+
+def _loss(arm: Arm, tokens: torch.Tensor) -> torch.Tensor:
+    logits = arm.logits(arm.forward(tokens[:, :-1]))
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _step(arm: Arm, tokens: torch.Tensor, device: torch.device, autocast) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with autocast():
+        loss = _loss(arm, tokens)
+    loss.backward()
+    arm.optimizer.step()
+    arm.optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _hf_arm(config: Config, device) -> Arm:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise SystemExit("scalevec: error: --hf needs transformers; pip install 'scalevec[hf]'") from None
+    m = config.model
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
+        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attn_implementation="sdpa",
+        use_cache=False)).to(device)
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+                                  fused=config.optim.fused)
+    return Arm("transformers-llama", hf, hf, optimizer, lambda out: out.logits)
+
+
+def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: int = 3, compile: bool = False,
+              hf: bool = False, activation_checkpointing: bool = False) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
+    bf16 = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+
+    arms = []
+    for name in strategies:
+        model = build_model(config.model, make_strategy(name), config.seed).to(device)
+        model.checkpoint_blocks = activation_checkpointing
+        strat = make_strategy(name)
+        optimizer = Optimizers(model, config.optim, strat.scale_decay)
+        arms.append(Arm(name, model, torch.compile(model) if compile else model, optimizer, lambda out: out))
+    if hf:
+        arm = _hf_arm(config, device)
+        arms.append(Arm(arm.name, arm.model, torch.compile(arm.model) if compile else arm.model, arm.optimizer,
+                        arm.logits))
+    t = config.train
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=gen).to(device)
+    times: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    for _ in range(warmup):
+        for arm in arms:
+            _step(arm, tokens, device, autocast)
+    for _ in range(repeats):
+        for arm in arms:
+            times[arm.name].append(_step(arm, tokens, device, autocast))
+    tokens_per_step = t.batch_size * t.seq_len
+    results = {}
+    for arm in arms:
+        median = statistics.median(times[arm.name])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            _step(arm, tokens, device, autocast)
+            memory = torch.cuda.max_memory_allocated()
+        else:
+            memory = _state_bytes(arm) + _saved_activation_bytes(arm, tokens)
+        results[arm.name] = {"step_s": median, "tokens_per_s": tokens_per_step / median, "memory_bytes": memory,
+                             "parameters": sum(p.numel() for p in arm.model.parameters())}
+    base = results[strategies[0]]
+    for row in results.values():
+        row["step_ratio"] = row["step_s"] / base["step_s"]
+        row["memory_ratio"] = row["memory_bytes"] / base["memory_bytes"]
+    return {"device": str(device), "threads": torch.get_num_threads(), "compile": compile,
+            "activation_checkpointing": activation_checkpointing, "model": config.model.preset,
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "repeats": repeats, "results": results}
+
+
+def format_bench(report: dict) -> str:
+    lines = [f"{report['model']} on {report['device']} ({report['threads']} threads), batch {report['batch_size']}x"
+             f"{report['seq_len']}, {'compiled' if report['compile'] else 'eager'}"
+             f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of {report['repeats']}",
+             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio |", "|---|---|---|---|---|---|"]
+    for name, row in report["results"].items():
+        lines.append(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {row['step_ratio']:.3f} | "
+                     f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Issue "Performance": the bench's bookkeeping, activation checkpointing, one compile smoke test."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalevec import build_model, strategy
+from scalevec.bench import format_bench, run_bench
+from scalevec.config import load_config
+
+TINY = {"model": {"vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+                  "max_seq_len": 32},
+        "train": {"batch_size": 2, "seq_len": 32}}
+
+
+def test_bench_reports_ratios_to_first_arm():
+    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=2, warmup=1)
+    results = report["results"]
+    assert list(results) == ["standard", "unified"]
+    assert results["standard"]["step_ratio"] == 1.0 and results["standard"]["memory_ratio"] == 1.0
+    assert results["unified"]["step_ratio"] == pytest.approx(results["unified"]["step_s"] / results["standard"]["step_s"])
+    assert results["unified"]["tokens_per_s"] == pytest.approx(2 * 32 / results["unified"]["step_s"])
+    assert results["unified"]["parameters"] > results["standard"]["parameters"]
+    assert "| unified |" in format_bench(report)
+
+
+def test_bench_against_transformers():
+    pytest.importorskip("transformers")
+    report = run_bench(load_config(TINY), ["standard"], repeats=1, warmup=1, hf=True)
+    ours, theirs = report["results"]["standard"], report["results"]["transformers-llama"]
+    assert ours["parameters"] == theirs["parameters"]  # the same shape
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
+    config = load_config(TINY)
+    tokens = torch.randint(0, 128, (2, 33))
+    grads = []
+    for flag in (False, True):
+        model = build_model(config.model, strategy("unified"), seed=1)
+        model.checkpoint_blocks = flag
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    plain = run_bench(config, ["unified"], repeats=1, warmup=1)["results"]["unified"]["memory_bytes"]
+    saved = run_bench(config, ["unified"], repeats=1, warmup=1, activation_checkpointing=True)
+    assert saved["results"]["unified"]["memory_bytes"] < plain
+
+
+def test_compile_smoke():
+    """The only torch.compile test: compiling costs tens of seconds on 2 cores."""
+    config = load_config(TINY)
+    model = build_model(config.model, strategy("unified"), seed=1)
+    tokens = torch.randint(0, 128, (2, 16))
+    torch.testing.assert_close(torch.compile(model)(tokens), model(tokens), rtol=1e-4, atol=1e-5)
