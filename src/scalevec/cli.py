@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
 from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
+from .export.hf import ExportError
 from .train.trainer import RunDirError, TrainError
 
 
@@ -166,6 +167,49 @@ def cmd_bench(args) -> None:
         print("\n\n".join(format_bench(r) for r in reports))
 
 
+def cmd_export(args) -> None:
+    from .export.hf import export_run
+
+    export_run(Path(args.run_dir), Path(args.to))
+
+
+def cmd_import(args) -> None:
+    from .export.hf import import_hf
+
+    import_hf(Path(args.hf_dir), args.strategy, Path(args.out), args.warm_start)
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    from .export.hf import convert_from_hf, load_run_model, read_hf_dir, run_tokenizer
+    from .generate import generate
+
+    source = Path(args.source)
+    if (source / "config.toml").is_file():
+        config, model = load_run_model(source)
+        tokenizer_path = run_tokenizer(config)
+    elif (source / "config.json").is_file():
+        hf, state = read_hf_dir(source)
+        _, model, _ = convert_from_hf(hf, state, "standard", warm_start=False)
+        tokenizer_path = source / "tokenizer.json"
+    else:
+        raise UsageError(f"{source} is neither a run directory (config.toml) nor an export (config.json)")
+    if tokenizer_path is None or not tokenizer_path.is_file():
+        raise UsageError(f"no tokenizer.json found for {source}; generation needs the model's tokenizer")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise UsageError("--prompt is empty; give some text to continue")
+    room = model.config.max_seq_len - len(ids)
+    if room <= 0:
+        raise UsageError(f"the prompt has {len(ids)} tokens, at least max_seq_len={model.config.max_seq_len}; shorten it")
+    out = generate(model, torch.tensor([ids]), min(args.max_new_tokens, room), args.temperature, args.top_k,
+                   args.top_p, seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>"))
+    print(tokenizer.decode(out[0].tolist()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     bench.set_defaults(func=cmd_bench)
 
+    export = sub.add_parser("export", help="fold scales and write a transformers-loadable Llama/Qwen3 checkpoint")
+    export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
+    export.add_argument("--to", required=True, help="output directory")
+    export.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", help="convert a Llama/Qwen3 safetensors checkpoint to a strategy (a run directory)")
+    imp.add_argument("hf_dir", help="a Hugging Face model directory (config.json, model.safetensors)")
+    imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
+    imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
+    imp.add_argument("--warm-start", action="store_true", help="allow strategies that change the function (DNP...)")
+    imp.set_defaults(func=cmd_import)
+
+    gen = sub.add_parser("generate", help="sample text from a run directory or an export")
+    gen.add_argument("source", help="run directory or exported model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")
     sched.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
@@ -244,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, UsageError, RunDirError) as err:
+    except (ConfigError, DataError, UsageError, RunDirError, ExportError) as err:
         print(f"scalevec: error: {err}", file=sys.stderr)
         return 2
     except TrainError as err:

@@ -45,7 +45,7 @@ class ModelConfig:
     """Shape of the dense Pre-Norm decoder."""
 
     preset: str = "cpu-1m"
-    """Size preset these fields started from (see MODEL_PRESETS); fields set beside it override it."""
+    """Size preset these fields started from (see MODEL_PRESETS; empty = custom); fields beside it override it."""
     vocab_size: int = 8192
     """Embedding rows; must cover the tokenizer's vocabulary."""
     d_model: int = 128
@@ -202,6 +202,8 @@ class TrainConfig:
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    init_from: str = ""
+    """Safetensors weights to start from instead of a random init (e.g. written by `scalevec import`)."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs `pip install 'scalevec[tensorboard]'`)."""
 
@@ -220,8 +222,10 @@ class Config:
     """Seed of initialization (and, in a run, of data order)."""
 
 
-# section name -> (preset table lookup) for sections whose `preset` key fills the other fields
 def _preset_values(section: str, name: str) -> dict:
+    """Field values a section's `preset` key stands for; an empty name is a custom section."""
+    if not name:
+        return {"preset": ""}
     if section == "model":
         if name not in MODEL_PRESETS:
             raise ConfigError(f"model.preset: unknown size preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")

@@ -54,14 +54,20 @@ class Attention(nn.Module):
                                           Branch("v", kv_out, hd, shape(kv_out))], s, True, m.norm, m.norm_eps)
         self.o = Projection(q_out, [Branch("o", m.d_model, m.d_model, m.d_model)], s, False, m.norm, m.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+        """`kv`: this layer's cache [keys, values] (empty before the prompt), extended in place."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        if kv is not None:
+            if kv:
+                k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+            kv[:] = [k, v]
+        # a cached step attends to every earlier position; SDPA's causal mask is only right for q_len == k_len
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))[0]
 
 
@@ -97,8 +103,8 @@ class Block(nn.Module):
             return y
         return normalize(y, y.shape[-1], self.norm, self.eps, None if scale is None else scale())
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self._post(self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin), self.attn_post_scale)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+        x = x + self._post(self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin, kv), self.attn_post_scale)
         return x + self._post(self.ffn(normalize(x, x.shape[-1], self.norm, self.eps)), self.ffn_post_scale)
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
@@ -144,18 +150,26 @@ class Decoder(nn.Module):
             if hasattr(module, "reset_to_identity"):
                 module.reset_to_identity()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: list[list] | None = None) -> torch.Tensor:
+        """Logits. `cache` (one list per layer, from `new_cache()`) enables incremental decoding:
+        the prompt first, then one token per call."""
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = cache[0][0].shape[2] if cache and cache[0] else 0
+        if cache is not None and start and T > 1:
+            raise ValueError("with a filled cache, feed one token at a time")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.tok_emb(tokens)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, None if cache is None else cache[i])
         gamma = None if self.final_scale is None else self.final_scale()
         x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
         return F.linear(x, self.head_weight)
+
+    def new_cache(self) -> list[list]:
+        return [[] for _ in self.blocks]
 
     def param_info(self) -> dict[str, ParamInfo]:
         """Role and kind of every parameter, by name (the optimizer table's keys)."""

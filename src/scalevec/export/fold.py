@@ -16,35 +16,38 @@ from ..projection import Projection
 
 
 @torch.no_grad()
-def _fold_projection(proj: Projection) -> None:
+def _fold_projection(proj: Projection, keep_shared: bool) -> None:
     start = 0
     for branch in proj.branches:
         rows = slice(start, start + branch.out_features)
         start += branch.out_features
-        column_scale = proj.shared_scale if proj.shared_scale is not None else proj.in_scales[branch.name] \
-            if branch.name in proj.in_scales else None
+        column_scale = None if keep_shared else proj.shared_scale
+        if branch.name in proj.in_scales:
+            column_scale = proj.in_scales[branch.name]
         if column_scale is not None:
             proj.weight[rows] *= column_scale()[None, :]
         if proj.placements[proj.branches.index(branch)] == "dp" and branch.name in proj.out_scales:
             proj.weight[rows] *= proj.out_scales[branch.name]()[:, None]
             proj.out_scales[branch.name].reset_to_identity()
-    if proj.shared_scale is not None:
+    if proj.shared_scale is not None and not keep_shared:
         proj.shared_scale.reset_to_identity()
     for scale in proj.in_scales.values():
         scale.reset_to_identity()
 
 
 @torch.no_grad()
-def fold_scales(model: Decoder, untie: bool = False) -> Decoder:
+def fold_scales(model: Decoder, untie: bool = False, keep_norm_weights: bool = False) -> Decoder:
     """Fold input-side and DP output-side scales into the weights, in place; returns `model`.
 
     With a tied head the final norm's γ stays as the norm's weight (folding it would rescale the
     input embedding too), unless `untie=True`, which gives the model its own folded head.
+    `keep_norm_weights=True` leaves the scales a standard checkpoint stores as norm weights (one
+    shared scale per block norm, the final norm's) and folds only the rest (HG, DP).
     """
     for module in model.modules():
         if isinstance(module, Projection):
-            _fold_projection(module)
-    if model.final_scale is None:
+            _fold_projection(module, keep_norm_weights)
+    if model.final_scale is None or keep_norm_weights:
         return model
     gamma = model.final_scale()
     if model.head is None:

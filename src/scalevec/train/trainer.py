@@ -106,6 +106,20 @@ class Trainer:
         self.tensorboard = self._tensorboard() if t.tensorboard else None
         if resume:
             self._restore()
+        if self.step == 0 and t.init_from:
+            self._load_init(Path(t.init_from))
+
+    def _load_init(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise ConfigError(f"train.init_from {path} not found; give the safetensors file of `scalevec import`")
+        state = load_file(path)
+        missing = sorted(set(self.model.state_dict()) ^ set(state))
+        if missing:
+            raise ConfigError(f"train.init_from {path} does not fit this model (tensor {missing[0]}); "
+                              "use weights written for this config")
+        self.model.load_state_dict(state)
 
     def _tensorboard(self):
         try:

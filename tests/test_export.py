@@ -1,0 +1,197 @@
+"""Issue "Export and import": transformers parity, exact imports, refusals, generation."""
+
+import json
+
+import pytest
+import torch
+
+from scalevec import ModelConfig, build_model, strategy
+from scalevec.cli import main
+from scalevec.config import Config, DataConfig, TrainConfig, to_toml
+from scalevec.export.hf import ExportError, export_run, import_hf
+from scalevec.generate import generate
+from scalevec.train.checkpoint import save_checkpoint
+from test_model import randomize_scales
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = ModelConfig(preset="", vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64)
+
+
+def quiet(*_):
+    pass
+
+
+def make_run(run_dir, small_data, strat, tie=True):
+    config = Config(model=ModelConfig(**{**SHAPE.__dict__, "tie_embeddings": tie}), strategy=strat,
+                    data=DataConfig(dir=str(small_data)), train=TrainConfig(seq_len=64))
+    model = build_model(config.model, strat, seed=4)
+    randomize_scales(model)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(to_toml(config))
+    save_checkpoint(run_dir / "checkpoints", 1, model.state_dict(), {}, {}, keep=1)
+    return model
+
+
+def hf_logits(path, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+EXACT = ["standard", "hg", "dp", "or", "er", "hg+dp+er", "qknorm", "hg+qknorm+or", "none"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_loads_in_transformers_with_equal_logits(small_data, tmp_path, name, tie):
+    model = make_run(tmp_path / "run", small_data, strategy(name), tie)
+    architecture = export_run(tmp_path / "run", tmp_path / "hf", log=quiet)
+    assert architecture == ("qwen3" if "qknorm" in name else "llama")
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-4, rtol=1e-4)
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= files
+
+
+def test_exported_tokenizer_loads_offline(small_data, tmp_path):
+    make_run(tmp_path / "run", small_data, strategy("standard"))
+    export_run(tmp_path / "run", tmp_path / "hf", log=quiet)
+    from tokenizers import Tokenizer
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = Tokenizer.from_file(str(small_data / "tokenizer.json"))
+    text = "Call me Ishmael. Some years ago"
+    assert hf_tok(text)["input_ids"] == ours.encode(text).ids
+    assert hf_tok.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", ["unified", "dnp", "gemma", "qknorm"])
+def test_export_refuses_what_llama_cannot_express(small_data, tmp_path, name, capsys):
+    strat = strategy(name, qk_scale_shape="full") if name == "qknorm" else strategy(name)
+    make_run(tmp_path / "run", small_data, strat)
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Llama/Qwen3 form" in err and "scalevec generate" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def random_hf(tmp_path, architecture="llama", tie=False):
+    cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
+                       else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie,
+                        rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    path = tmp_path / f"hf-{architecture}"
+    model.save_pretrained(path)
+    return path
+
+
+def test_import_export_round_trips_identical_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    source = random_hf(tmp_path)
+    import_hf(source, "standard", tmp_path / "run", warm_start=False, log=quiet)
+    export_run(tmp_path / "run", tmp_path / "again", log=quiet)
+    before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er"])
+def test_exact_imports_keep_logits(tmp_path, architecture, name):
+    source = random_hf(tmp_path, architecture, tie=name == "hg+or")
+    difference = import_hf(source, name, tmp_path / "run", warm_start=False, log=quiet)
+    assert difference < 1e-4
+    from scalevec.export.hf import load_run_model
+
+    _, model = load_run_model(tmp_path / "run")
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_logits(source, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_function_changing_import_needs_warm_start(tmp_path, capsys):
+    source = random_hf(tmp_path)
+    capsys.readouterr()
+    assert main(["import", str(source), "--strategy", "unified", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "changes the model's function" in err and "--warm-start" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    assert main(["import", str(source), "--strategy", "unified", "--out", str(tmp_path / "run"), "--warm-start"]) == 0
+    assert "max |Δ logit|" in capsys.readouterr().out
+    from scalevec.config import load_config
+
+    config = load_config(tmp_path / "run" / "config.toml")
+    assert config.strategy.dnp == ["q", "k", "gate", "up"] and config.train.init_from.endswith("model.safetensors")
+
+
+def test_import_checks_names_shapes_and_er_sign(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = random_hf(tmp_path)
+    state = load_file(source / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :16].contiguous()
+    save_file(state, source / "model.safetensors")
+    with pytest.raises(ExportError, match=r"tensor model.layers.1.mlp.up_proj.weight has shape \(48, 16\), expected \(48, 32\)"):
+        import_hf(source, "standard", tmp_path / "a", warm_start=False, log=quiet)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, source / "model.safetensors")
+    with pytest.raises(ExportError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
+        import_hf(source, "standard", tmp_path / "b", warm_start=False, log=quiet)
+    negative = random_hf(tmp_path / "neg")
+    state = load_file(negative / "model.safetensors")
+    state["model.norm.weight"][0] = -0.5
+    save_file(state, negative / "model.safetensors")
+    with pytest.raises(ExportError, match="ER needs every γ > 0"):
+        import_hf(negative, "er", tmp_path / "c", warm_start=False, log=quiet)
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ExportError, match="pickled .bin checkpoints are not read"):
+        import_hf(tmp_path / "pickle", "standard", tmp_path / "d", warm_start=False, log=quiet)
+
+
+def test_imported_run_trains_from_its_weights(tmp_path, small_data):
+    from safetensors.torch import load_file
+
+    from scalevec.config import load_config
+    from scalevec.train.trainer import Trainer
+
+    source = random_hf(tmp_path)
+    import_hf(source, "hg+or", tmp_path / "run", warm_start=False, log=quiet)
+    config = load_config(tmp_path / "run" / "config.toml",
+                         [f"data.dir={small_data}", "data.sources=moby_dick,milton", "data.vocab_size=512",
+                          "train.steps=1", "train.seq_len=32", "train.batch_size=2"])
+    trainer = Trainer(config, tmp_path / "fresh", progress=False, log=quiet)
+    init = load_file(tmp_path / "run" / "init" / "model.safetensors")
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in init.items())
+
+
+@pytest.mark.parametrize("name", ["standard", "unified", "gemma"])
+def test_generation_with_cache_equals_without(name):
+    model = build_model(SHAPE, strategy(name), seed=3)
+    prompt = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    with_cache = generate(model, prompt, 25, use_cache=True)
+    without = generate(model, prompt, 25, use_cache=False)
+    assert with_cache.shape == (2, 32) and torch.equal(with_cache, without)
+    sampled = [generate(model, prompt, 10, temperature=0.9, top_k=20, top_p=0.9, seed=5, use_cache=c) for c in (1, 0)]
+    assert torch.equal(*sampled)
+
+
+def test_generate_cli(small_data, tmp_path, capsys):
+    make_run(tmp_path / "run", small_data, strategy("unified"))
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Call me", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Call me")
