@@ -25,7 +25,7 @@ PRESET_NAMES = ["standard", "none", "gemma", "hg", "dp", "dnp", "or", "er", "uni
 def test_every_parameter_in_exactly_one_group(name, optimizer, size):
     with torch.device("meta"):
         model = Decoder(replace(ModelConfig(), **MODEL_PRESETS[size]), strategy(name))
-    groups = param_groups(model, OptimConfig(name=optimizer), strategy(name).scale_decay)
+    groups = param_groups(model, strategy(name).scale_decay, OptimConfig(name=optimizer))
     grouped = [n for g in groups for n in g["names"]]
     assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
     for g in groups:
@@ -38,13 +38,13 @@ def test_unmatched_and_doubly_matched_parameters_are_errors():
     model = build_model(TINY, strategy("standard"))
     model.stray = nn.Parameter(torch.zeros(3))
     with pytest.raises(PolicyError, match="stray has no role"):
-        param_groups(model, OptimConfig(), "iwd")
+        param_groups(model, "iwd", OptimConfig())
     model = build_model(TINY, strategy("standard"))
     infos = model.param_info()
     infos["blocks.1.attn.o.weight"] = infos["blocks.0.attn.o.weight"]
     model.blocks[1].attn.o.weight = model.blocks[0].attn.o.weight
     with pytest.raises(PolicyError, match="same tensor"):
-        param_groups(model, OptimConfig(), "iwd", infos=infos)
+        param_groups(model, "iwd", OptimConfig(), infos=infos)
 
 
 def expected_decay(info, policy: str, optim: OptimConfig) -> float:
@@ -118,10 +118,10 @@ class _no_warning:
 def test_warns_when_decayed_input_scale_feeds_undecayed_matrix():
     model = build_model(TINY, strategy("iwd"))
     with pytest.warns(UserWarning, match="final_scale feeds undecayed tok_emb.weight"):
-        param_groups(model, OptimConfig(), "iwd")
+        param_groups(model, "iwd", OptimConfig())
     with _no_warning():
-        param_groups(model, OptimConfig(embedding_weight_decay=0.1), "iwd")
-        param_groups(model, OptimConfig(), "none")
+        param_groups(model, "iwd", OptimConfig(embedding_weight_decay=0.1))
+        param_groups(model, "none", OptimConfig())
 
 
 def test_adamw_step_matches_closed_form():

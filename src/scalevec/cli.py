@@ -44,7 +44,7 @@ def cmd_info(args) -> None:
         warnings.simplefilter("always")
         groups = [{"optimizer": g["optimizer"], "lr_mult": g["lr_mult"], "weight_decay": g["weight_decay"],
                    "tensors": len(g["names"]), "parameters": sum(p.numel() for p in g["params"]), "names": g["names"]}
-                  for g in param_groups(model, config.optim, config.strategy.scale_decay)]
+                  for g in param_groups(model, config.strategy.scale_decay, config.optim)]
     summary["optimizer_groups"] = groups
     summary["warnings"] = [str(w.message) for w in caught]
     if args.json:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..config import Config, ModelConfig, load_config, to_toml
 from ..model import Decoder
 from ..scales import Scale
+from ..strategy import Strategy
 from ..strategy import strategy as make_strategy
 from .fold import fold_scales
 
@@ -253,12 +254,14 @@ def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
             scale.magnitude.fill_(log_gamma.mean().item())
 
 
-def convert_from_hf(hf: dict, state: dict, strategy_name: str, warm_start: bool) -> tuple[Config, Decoder, float]:
-    """Our model of strategy `strategy_name` from HF weights; returns (config, model, max |Δlogit| introduced)."""
+def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_start: bool
+                    ) -> tuple[Config, Decoder, float]:
+    """Our model of a strategy from HF weights; returns (config, model, max |Δlogit| introduced)."""
     model_config, architecture = model_config_from_hf(hf)
     check_hf_state(state, expected_hf_shapes(model_config, architecture))
     source_dnp = {"q", "k"} if architecture == "qwen3" else set()
-    target = make_strategy(strategy_name)
+    target = make_strategy(strategy_name) if isinstance(strategy_name, str) else strategy_name
+    strategy_name = target.preset
     if source_dnp - set(target.dnp):  # keep the source's QK-norm (which replaces DP on q, k)
         target = replace(target, dnp=sorted(set(target.dnp) | source_dnp), dp=[p for p in target.dp if p not in source_dnp],
                          preset=f"{strategy_name}+qknorm")

@@ -16,7 +16,7 @@ class Optimizers:
 
     def __init__(self, model: nn.Module, optim: OptimConfig, scale_decay: str,
                  infos: dict[str, ParamInfo] | None = None):
-        groups = param_groups(model, optim, scale_decay, infos)
+        groups = param_groups(model, scale_decay, optim, infos)
         for group in groups:
             group["base_lr"] = (optim.muon_lr if group["optimizer"] == "muon" else optim.lr) * group["lr_mult"]
             group["lr"] = group["base_lr"]

@@ -58,20 +58,21 @@ class PolicyError(ValueError):
 def assign(infos: dict[str, ParamInfo], model: nn.Module, optim: OptimConfig, scale_decay: str) -> dict[str, Rule]:
     """The rule of every parameter of `model`; an unmatched or doubly matched parameter is an error."""
     table = policy_table(optim, scale_decay)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    unmatched = sorted(set(named) - set(infos))
-    if unmatched:
-        raise PolicyError(f"parameter {unmatched[0]} has no role and kind; declare it in its module's param_info")
-    extra = sorted(set(infos) - set(named))
+    every_name = dict(model.named_parameters(remove_duplicate=False))  # a shared tensor under each of its names
+    extra = sorted(set(infos) - set(every_name))
     if extra:
         raise PolicyError(f"param_info names {extra[0]}, which is not a parameter of the model")
     seen: dict[int, str] = {}
+    for name in infos:
+        tensor = id(every_name[name])
+        if tensor in seen:
+            raise PolicyError(f"parameter {name} is the same tensor as {seen[tensor]}; it would be assigned twice")
+        seen[tensor] = name
+    unmatched = [name for name, p in model.named_parameters() if id(p) not in seen]
+    if unmatched:
+        raise PolicyError(f"parameter {unmatched[0]} has no role and kind; declare it in its module's param_info")
     rules = {}
     for name, info in infos.items():
-        if id(named[name]) in seen:
-            raise PolicyError(f"parameter {name} is the same tensor as {seen[id(named[name])]}; it would be "
-                              "assigned twice")
-        seen[id(named[name])] = name
         if (info.role, info.kind) not in table:
             raise PolicyError(f"parameter {name} ({info.role.value}, {info.kind.value}) matches no rule of the table")
         rule = table[(info.role, info.kind)]
@@ -93,13 +94,17 @@ def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> Non
                       "head) or untie the head", stacklevel=3)
 
 
-def param_groups(model: nn.Module, optim: OptimConfig, scale_decay: str, infos: dict[str, ParamInfo] | None = None
-                 ) -> list[dict]:
-    """Optimizer parameter groups, one per distinct rule, each with `names`, `optimizer`, `lr_mult`,
+def param_groups(model: nn.Module, policy: str = "iwd", optim: OptimConfig | None = None,
+                 infos: dict[str, ParamInfo] | None = None) -> list[dict]:
+    """Optimizer parameter groups of `model` (a scalevec Decoder or a model converted by `apply_strategy`)
+    under scale-decay `policy`, one per distinct rule, each with `names`, `optimizer`, `lr_mult`,
     `weight_decay` and, for Muon, each matrix's logical `blocks`."""
-    infos = model.param_info() if infos is None else infos
-    rules = assign(infos, model, optim, scale_decay)
-    named = dict(model.named_parameters())
+    from ..apply import param_info
+
+    optim = OptimConfig() if optim is None else optim
+    infos = param_info(model) if infos is None else infos
+    rules = assign(infos, model, optim, policy)
+    named = dict(model.named_parameters(remove_duplicate=False))
     groups: dict[Rule, dict] = {}
     for name, rule in rules.items():
         group = groups.setdefault(rule, {"params": [], "names": [], "blocks": [], "optimizer": rule.optimizer,

@@ -1,0 +1,154 @@
+"""The strategy on other people's models.
+
+`apply_strategy(model, strategy)` converts a `transformers` Llama/Qwen3 (or a scalevec Decoder)
+in place: block norms become parameter-free, their γ moves into the projections that read them
+(shared, or one per branch under HG), DP/DNP wrap the projections, the final norm keeps its scale.
+`param_info(model)` gives every parameter its role and kind, and `param_groups(model, policy)` the
+role-aware optimizer groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .export.hf import ExportError, convert_from_hf, hf_architecture, hf_config, hf_state, set_gamma
+from .model import Decoder
+from .projection import Branch, Projection, normalize
+from .scales import Kind, ParamInfo, Role, Scale, make_scale
+from .strategy import Strategy
+from .strategy import strategy as make_strategy
+
+
+class ParameterFreeNorm(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, x.shape[-1], "rms", self.eps)
+
+
+class ScaledNorm(nn.Module):
+    """RMSNorm whose gain is a scalevec Scale (the final norm, an Input-Norm feeding the head)."""
+
+    def __init__(self, scale: Scale | None, eps: float):
+        super().__init__()
+        self.scale, self.eps = scale, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, x.shape[-1], "rms", self.eps, None if self.scale is None else self.scale())
+
+
+class SingleProjection(nn.Module):
+    """A one-branch Projection in place of an nn.Linear (returns a tensor, not a list)."""
+
+    def __init__(self, projection: Projection):
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x)[0]
+
+
+def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool, eps: float) -> Projection:
+    if linear.bias is not None:
+        raise ExportError("projections with a bias are not supported; convert Llama/Qwen3 models without biases")
+    # each wrapper owns its input scale (HG form); a shared scale is then installed in all of them
+    proj = Projection(linear.in_features, [branch], replace(s, heterogeneous=True), reads_norm, "rms", eps)
+    proj.weight = linear.weight
+    return proj
+
+
+@torch.no_grad()
+def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
+    c = model.config
+    if c.model_type not in ("llama", "qwen3"):
+        raise ExportError(f"apply_strategy supports Llama and Qwen3 models, not {c.model_type!r}")
+    if c.model_type == "qwen3":  # keep its QK-norm, as import does
+        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dp=[p for p in s.dp if p not in ("q", "k")])
+    eps, hd = c.rms_norm_eps, c.hidden_size // c.num_attention_heads
+    if getattr(c, "head_dim", None) not in (None, hd):
+        raise ExportError("apply_strategy needs head_dim == hidden_size / num_attention_heads")
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")), ("post_attention_layernorm", mlp,
+                                                                                    ("gate", "up"))):
+            gamma = getattr(layer, norm_name).weight.detach()
+            all_dnp = all(s.placement(n) == "dnp" for n in names)
+            shared = None if s.heterogeneous else make_scale(gamma.numel(), s.scale, Role.INPUT,
+                                                             s.magnitude_on_dnp_inputs or not all_dnp)
+            set_gamma(shared, gamma, norm_name)
+            for n in names:
+                linear = getattr(owner, f"{n}_proj")
+                group = hd if n in ("q", "k", "v") else linear.out_features
+                size = hd if n in ("q", "k", "v") and s.qk_scale_shape == "head" else linear.out_features
+                proj = _projection(linear, Branch(n, linear.out_features, group, size), s, True, eps)
+                if n in proj.in_scales:
+                    if shared is None:
+                        set_gamma(proj.in_scales[n], gamma, norm_name)
+                    else:
+                        proj.in_scales[n] = shared
+                if n in ("q", "k") and c.model_type == "qwen3" and n in proj.out_scales:
+                    set_gamma(proj.out_scales[n], getattr(attn, f"{n}_norm").weight.detach(), f"{n}_norm")
+                setattr(owner, f"{n}_proj", SingleProjection(proj))
+            setattr(layer, norm_name, ParameterFreeNorm(eps))
+        if c.model_type == "qwen3":
+            attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
+        for owner, n in ((attn, "o"), (mlp, "down")):
+            if s.placement(n) != "standard":
+                linear = getattr(owner, f"{n}_proj")
+                branch = Branch(n, linear.out_features, linear.out_features, linear.out_features)
+                setattr(owner, f"{n}_proj", SingleProjection(_projection(linear, branch, s, False, eps)))
+    final = make_scale(c.hidden_size, s.scale, Role.INPUT)
+    set_gamma(final, model.model.norm.weight.detach(), "model.norm")
+    model.model.norm = ScaledNorm(final, eps)
+    model.scalevec_strategy = s
+    return model
+
+
+def apply_strategy(model: nn.Module, strategy: str | Strategy) -> nn.Module:
+    """Convert `model` to `strategy` in place and return it. Exact strategies (standard, hg, dp, or, er and
+    compositions) keep its logits; ones that add norms (DNP, unified) change them."""
+    s = make_strategy(strategy) if isinstance(strategy, str) else strategy
+    if isinstance(model, Decoder):
+        from .config import Config
+
+        architecture = hf_architecture(Config(model=model.config, strategy=model.strategy))
+        hf = hf_config(model.config, architecture, None)
+        _, converted, _ = convert_from_hf(hf, hf_state(model, architecture), s, warm_start=True)
+        model.strategy = converted.strategy
+        for name in ("tok_emb", "blocks", "final_scale", "head"):
+            setattr(model, name, getattr(converted, name))
+        return model
+    return _apply_to_hf(model, s)
+
+
+def param_info(model: nn.Module) -> dict[str, ParamInfo]:
+    """Role and kind of every parameter of a scalevec Decoder or of a model converted by `apply_strategy`."""
+    if isinstance(model, Decoder):
+        return model.param_info()
+    named = dict(model.named_parameters())
+    canonical = {id(p): n for n, p in named.items()}  # a shared scale is listed once, under its first name
+    infos: dict[str, ParamInfo] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Projection):
+            for name, info in module.param_info(prefix).items():
+                key = canonical[id(model.get_parameter(name))]
+                if key in infos:
+                    info = replace(infos[key], feeds=infos[key].feeds + info.feeds)
+                infos[key] = info
+        elif isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
+            infos[canonical[id(module.weight)]] = ParamInfo(Role.NONE, Kind.MATRIX)  # o/down in standard placement
+        elif isinstance(module, ScaledNorm) and module.scale is not None:
+            head = canonical[id(model.get_output_embeddings().weight)]
+            for local, kind in module.scale.kinds().items():
+                infos[f"{prefix}.scale.{local}"] = ParamInfo(Role.INPUT, kind, ((head, 0, model.config.vocab_size),))
+    embedding = canonical[id(model.get_input_embeddings().weight)]
+    infos[embedding] = ParamInfo(Role.NONE, Kind.EMBEDDING)
+    head = canonical[id(model.get_output_embeddings().weight)]
+    if head != embedding:
+        infos[head] = ParamInfo(Role.NONE, Kind.HEAD)
+    return infos

@@ -1,0 +1,82 @@
+"""Issue "Export and import", library API: apply_strategy on transformers models, role-aware groups."""
+
+import pytest
+import torch
+
+from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param_groups, param_info, strategy
+from test_export import SHAPE
+from test_model import randomize_scales
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(architecture: str, tie: bool):
+    cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
+                       else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    config = config_cls(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                        tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er+iwd"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_apply_strategy_keeps_logits_and_covers_parameters(architecture, name, tie):
+    model = hf_model(architecture, tie)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = logits(model, tokens)
+    apply_strategy(model, name)
+    torch.testing.assert_close(logits(model, tokens), before, atol=1e-4, rtol=1e-4)
+    groups = param_groups(model, strategy(name).scale_decay)
+    grouped = [n for g in groups for n in g["names"]]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+    infos = param_info(model)
+    kinds = {info.kind for info in infos.values()}
+    expected_scale_kind = {"or": "or_direction", "er": "er_direction"}.get(strategy(name).scale, "gain")
+    assert any(k.value == expected_scale_kind for k in kinds)
+    if not strategy(name).heterogeneous:  # one shared scale feeds q, k and v
+        feeds = infos["model.layers.0.self_attn.q_proj.projection.in_scales.q." +
+                      ("weight" if strategy(name).scale == "plain" else "direction")].feeds
+        assert {f[0].split(".")[-3] for f in feeds} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_function_changing_strategy_applies_and_trains():
+    model = hf_model("llama", tie=False)
+    apply_strategy(model, "unified")
+    assert "dnp" in repr(model.scalevec_strategy)
+    opt = Optimizers(model, OptimConfig(lr=3e-3), "iwd")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (4, 33), generator=gen)
+    losses = []
+    for _ in range(15):
+        loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_apply_strategy_on_our_decoder():
+    model = build_model(SHAPE, strategy("standard"), seed=2)
+    randomize_scales(model)
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        before = model(tokens)
+    apply_strategy(model, "hg+er")
+    assert model.strategy.heterogeneous and model.strategy.scale == "er"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), before, atol=1e-4, rtol=1e-4)
+    assert sorted(param_info(model)) == sorted(n for n, _ in model.named_parameters())
