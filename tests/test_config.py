@@ -86,3 +86,11 @@ def test_info_reports_counts(capsys):
     # d=128, 4 layers: q,k,v,o = 128*(128+64+64) + 128*128; ffn 3*128*384; head tied 8192*128
     matmul = 4 * (128 * 256 + 128 * 128 + 3 * 128 * 384) + 8192 * 128
     assert summary["flops_per_token"] == 6 * matmul + 12 * 4 * 128 * 256
+
+
+def test_setting_a_preset_replaces_the_section_of_a_resolved_file(tmp_path):
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(load_config(None, ["strategy.preset=unified"])))
+    config = load_config(path, ["strategy.preset=hg", "strategy.scale=er"])
+    assert (config.strategy.preset, config.strategy.heterogeneous, config.strategy.dnp, config.strategy.scale) == \
+        ("hg", True, [], "er")

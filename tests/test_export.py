@@ -10,6 +10,8 @@ from scalevec.cli import main
 from scalevec.config import Config, DataConfig, TrainConfig, to_toml
 from scalevec.export.hf import ExportError, export_run, import_hf
 from scalevec.generate import generate
+from safetensors.torch import save_file
+
 from scalevec.train.checkpoint import save_checkpoint
 from test_model import randomize_scales
 
@@ -29,7 +31,8 @@ def make_run(run_dir, small_data, strat, tie=True):
     randomize_scales(model)
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(config))
-    save_checkpoint(run_dir / "checkpoints", 1, model.state_dict(), {}, {}, keep=1)
+    save_checkpoint(run_dir / "checkpoints", 1, lambda tmp: save_file(model.state_dict(), tmp / "model.safetensors"),
+                    {}, keep=1)
     return model
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from scalevec.cli import main
 from scalevec.config import load_config, to_toml
 from scalevec.train import checkpoint as checkpoint_module
-from scalevec.train.checkpoint import list_checkpoints, load_checkpoint
+from scalevec.train.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.train.trainer import Trainer, TrainError
 
 
@@ -98,7 +98,7 @@ def test_flipped_byte_is_detected(small_data, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (path / "trainer.pt").write_bytes(bytes(data))
     with pytest.raises(checkpoint_module.CheckpointError, match="SHA-256"):
-        load_checkpoint(path)
+        verify_checkpoint(path)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(small_data, tmp_path):
@@ -115,7 +115,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(small_data, tmp_
     message = str(caught.value)
     assert "\n" not in message and "non-finite loss at step" in message
     newest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    model_state, _, state = load_checkpoint(newest)
+    state, model_state = verify_checkpoint(newest), load_file(newest / "model.safetensors")
     assert state["step"] == 20 and all(torch.isfinite(t).all() for t in model_state.values())
 
 
@@ -147,13 +147,13 @@ def test_full_disk_keeps_previous_checkpoint(small_data, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(TrainError, match="step 20 failed \\(No space left on device\\)") as caught:
         trainer.run()
     assert "\n" not in str(caught.value)
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in root.iterdir()] == ["step_00000010"]
-    assert load_checkpoint(root / "step_00000010")[2]["step"] == 10
+    assert verify_checkpoint(root / "step_00000010")["step"] == 10
 
 
 def test_loss_decreases_on_bundled_corpus(small_data, tmp_path):

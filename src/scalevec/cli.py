@@ -118,7 +118,10 @@ def cmd_train(args) -> None:
     else:
         config = _config_from(args.config, args.set)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    result = Trainer(config, out, resume=args.resume, overwrite=args.overwrite).run()
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+    result = trainer.run()
+    if not trainer.world.main:
+        return
     if result:
         print(f"step {result['step']}: train_loss {result['train_loss']:.4f}"
               + (f", val_loss {result['val_loss']:.4f}" if "val_loss" in result else "") + f"; run in {out}")

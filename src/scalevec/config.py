@@ -209,6 +209,14 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallelism under torchrun (a single process ignores it)."""
+
+    mode: str = "ddp"
+    """`ddp` (replicated parameters) or `fsdp2` (parameters, gradients and optimizer state sharded)."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -218,6 +226,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     """Seed of initialization (and, in a run, of data order)."""
 
@@ -327,7 +336,10 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
             raise ConfigError(f"{path}: not valid TOML ({err}); fix the file's syntax") from None
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
-        _merge(raw, *parse_override(text))
+        path, value = parse_override(text)
+        if path[1:] == ["preset"] and path[0] in ("model", "strategy"):
+            raw[path[0]] = {}  # a new preset replaces the section; later overrides apply on top of it
+        _merge(raw, path, value)
     config = _build(Config, raw, "")
     validate(config)
     return config
@@ -385,6 +397,7 @@ def validate(config: Config) -> None:
     _check(t.grad_clip >= 0 and t.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
+    _check(config.dist.mode in ("ddp", "fsdp2"), f"dist.mode={config.dist.mode!r}; choose ddp or fsdp2")
     d = config.data
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,

@@ -72,7 +72,8 @@ class Scale(nn.Module):
             return
         start = 1.0 if parameterization == "or" else 0.0
         self.direction = nn.Parameter(torch.full((size,), start))
-        self.magnitude = nn.Parameter(torch.tensor(start)) if with_magnitude else None
+        # shape (1,), not a scalar: FSDP2 shards every parameter along dim 0
+        self.magnitude = nn.Parameter(torch.full((1,), start)) if with_magnitude else None
 
     def forward(self) -> torch.Tensor:
         """The effective γ."""

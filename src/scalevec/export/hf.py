@@ -98,11 +98,19 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None) -> dict:
 
 
 def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
-    from ..train.checkpoint import load_newest_valid
+    """The newest valid checkpoint's weights; an FSDP2 checkpoint's shards are gathered into full tensors."""
+    from ..train.checkpoint import newest_valid
 
-    found = load_newest_valid(run_dir / "checkpoints")
+    found = newest_valid(run_dir / "checkpoints")
     if found is not None:
-        return found[0]
+        path = found[0]
+        if not (path / "dcp").is_dir():
+            return _read_safetensors(path / "model.safetensors")
+        from torch.distributed.checkpoint import load
+
+        state = {"model": Decoder(config.model, config.strategy).state_dict()}
+        load(state, checkpoint_id=path / "dcp")
+        return state["model"]
     if config.train.init_from:
         return _read_safetensors(Path(config.train.init_from))
     raise ExportError(f"{run_dir} has no usable checkpoint; train it first (scalevec train --resume --out {run_dir})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic
 NS_EPS = 1e-7
@@ -78,6 +79,15 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])
                 sizes = list(blocks) or [p.shape[-2]]
+                if isinstance(p, DTensor):
+                    # FSDP2 shards rows: orthogonalize the gathered full matrices, keep this rank's rows
+                    full = update.full_tensor()
+                    step = torch.cat([orthogonalize(u, group["ns_steps"], dtype)
+                                      * update_scale(u.shape[-2], u.shape[-1], group["update_scale"])
+                                      for u in full.split(sizes, dim=-2)], dim=-2)
+                    local = distribute_tensor(step, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                    p.to_local().add_(local, alpha=-lr)
+                    continue
                 for p_block, u_block in zip(p.split(sizes, dim=-2), update.split(sizes, dim=-2)):
                     scale = update_scale(p_block.shape[-2], p_block.shape[-1], group["update_scale"])
                     p_block.add_(orthogonalize(u_block, group["ns_steps"], dtype), alpha=-lr * scale)

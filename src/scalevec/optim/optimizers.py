@@ -59,5 +59,8 @@ class Optimizers:
 
 
 def _fused_ok(groups: list[dict]) -> bool:
+    from torch.distributed.tensor import DTensor
+
     params = [p for g in groups for p in g["params"]]
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
+               for p in params)

@@ -1,13 +1,15 @@
 """Atomic, verifiable checkpoints that never execute code when loaded.
 
     checkpoints/step_00000100/
-        model.safetensors   model weights
-        trainer.pt          optimizer state and torch RNG states (loaded with weights_only=True)
+        model.safetensors   model weights                       (single process, DDP)
+        trainer.pt          optimizer state, torch RNG states   (loaded with weights_only=True)
+        dcp/                model and optimizer shards          (FSDP2: torch.distributed.checkpoint)
         state.json          step, loader position, Python/NumPy RNG, config, version, file hashes
 
 A checkpoint is written to a temporary directory, every file fsync'ed, then renamed into place,
-so a crash or a full disk leaves the previous checkpoints as they were. `state.json` records the
-other files' SHA-256, so a truncated or corrupted checkpoint is recognised and skipped.
+so a crash or a full disk leaves the previous checkpoints as they were. `state.json` is written
+last and records every other file's SHA-256, so a truncated or corrupted checkpoint is recognised
+and skipped.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
-import torch
-from safetensors.torch import load_file, save_file
+from ..dist import World, barrier
 
 PREFIX = "step_"
 
@@ -45,29 +47,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, model_state: dict, trainer_state: dict, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], state: dict, keep: int,
+                    world: World = World()) -> Path:
+    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep`.
+
+    Every rank calls this; `write_files(tmp_dir)` runs on every rank (a sharded save is collective),
+    the rest on rank 0.
+    """
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-        torch.save(trainer_state, tmp / "trainer.pt")
-        state = {**state, "step": step, "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "trainer.pt")}}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for name in ("model.safetensors", "trainer.pt", "state.json"):
-            _fsync(tmp / name)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(root)
-    except BaseException:
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(world)
+    try:
+        write_files(tmp)
+        barrier(world)
+        if world.main:
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            state = {**state, "step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            for path in [*files, tmp / "state.json"]:
+                _fsync(path)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(root)
+            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
     return final
 
 
@@ -78,25 +91,25 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """(model_state, trainer_state, state) of one checkpoint; CheckpointError if it is incomplete or corrupt."""
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state.json once every file it lists matches its hash; CheckpointError otherwise."""
     try:
         state = json.loads((path / "state.json").read_text())
         for name, digest in state["files"].items():
             if _sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} does not match its recorded SHA-256")
-        return load_file(path / "model.safetensors"), torch.load(path / "trainer.pt", weights_only=True), state
+        return state
     except CheckpointError:
         raise
-    except Exception as err:  # missing, truncated or unparsable file of any of the three kinds
+    except Exception as err:  # missing, truncated or unparsable file of any kind
         raise CheckpointError(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def load_newest_valid(root: Path) -> tuple[dict, dict, dict] | None:
-    """The newest checkpoint that loads and verifies, warning about each one skipped."""
+def newest_valid(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies (and its state), warning about each one skipped."""
     for path in reversed(list_checkpoints(root)):
         try:
-            return load_checkpoint(path)
+            return path, verify_checkpoint(path)
         except CheckpointError as err:
             warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
     return None

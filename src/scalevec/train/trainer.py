@@ -19,16 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import __version__
 from ..config import Config, ConfigError, load_config, to_dict, to_toml
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
 from ..data.prepare import prepare
-from ..model import build_model
+from ..dist import World, all_mean, all_sum, barrier, init_world, wrap
+from ..model import Decoder, build_model
 from ..optim import Optimizers
 from ..schedule import lr_factor
-from .checkpoint import load_newest_valid, save_checkpoint
+from .checkpoint import newest_valid, save_checkpoint
 from .diagnostics import scale_diagnostics
 
 
@@ -87,23 +89,33 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = _device(t.device)
-        data_dir = prepare(config.data, progress=progress, log=log)
+        self.world = world = init_world(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", world.local_rank)
+        if not world.main:
+            self.log, self.progress = (lambda *_: None), False
+        data_dir = prepare(config.data, progress=self.progress, log=self.log)
         self.windows = TokenWindows(data_dir, "train", t.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
         check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
-        open_run_dir(self.run_dir, config, resume, overwrite)
+        if world.main:
+            open_run_dir(self.run_dir, config, resume, overwrite)
+        barrier(world)
 
         self.model = build_model(config.model, config.strategy, config.seed).to(self.device)
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
+        self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
+        wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
+            if world.size > 1 else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
-        self.loader = Loader(self.windows, t.batch_size, config.seed)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
+        self.forward = torch.compile(wrapped) if t.compile else wrapped
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.step, self.skipped = 0, 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.tensorboard = self._tensorboard() if t.tensorboard else None
+        self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
         if resume:
             self._restore()
         if self.step == 0 and t.init_from:
@@ -130,9 +142,16 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------------------
     def _save(self) -> None:
-        trainer_state = {"optimizers": self.optimizers.state_dict(), "torch_rng": torch.get_rng_state()}
+        trainer_state = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.sharded:
+            from torch.distributed.checkpoint import save
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, list(self.optimizers.optimizers.values()))
+        else:
+            trainer_state["optimizers"] = self.optimizers.state_dict()
         numpy_state, python_state = np.random.get_state(), random.getstate()
         state = {
             "version": __version__,
@@ -142,22 +161,47 @@ class Trainer:
             "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         }
+
+        def write_files(tmp: Path) -> None:
+            if self.sharded:
+                save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
+            if self.world.main:
+                if not self.sharded:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
+                              tmp / "model.safetensors")
+                torch.save(trainer_state, tmp / "trainer.pt")
+
         try:
-            save_checkpoint(self.run_dir / "checkpoints", self.step, self.model.state_dict(), trainer_state, state,
-                            self.config.train.keep_checkpoints)
+            save_checkpoint(self.run_dir / "checkpoints", self.step, write_files, state,
+                            self.config.train.keep_checkpoints, self.world)
         except OSError as err:
             raise TrainError(f"writing the checkpoint of step {self.step} failed ({err.strerror or err}); "
                              "earlier checkpoints are intact, free space and resume with --resume") from None
 
     def _restore(self) -> None:
-        found = load_newest_valid(self.run_dir / "checkpoints")
+        found = newest_valid(self.run_dir / "checkpoints")
         if found is None:
             self.log("no usable checkpoint; starting from step 0")
-            self._truncate_metrics(-1)
+            if self.world.main:
+                self._truncate_metrics(-1)
             return
-        model_state, trainer_state, state = found
-        self.model.load_state_dict(model_state)
-        self.optimizers.load_state_dict(trainer_state["optimizers"])
+        path, state = found
+        trainer_state = torch.load(path / "trainer.pt", weights_only=True)
+        if (path / "dcp").is_dir() != self.sharded:
+            raise RunDirError(f"{path} was saved {'with' if (path / 'dcp').is_dir() else 'without'} FSDP2 sharding; "
+                              "resume with the same dist.mode and world size")
+        if self.sharded:
+            from torch.distributed.checkpoint import load
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            optimizers = list(self.optimizers.optimizers.values())
+            model_state, optim_state = get_state_dict(self.model, optimizers)
+            shards = {"model": model_state, "optim": optim_state}
+            load(shards, checkpoint_id=path / "dcp")
+            set_state_dict(self.model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
+        else:
+            self.model.load_state_dict(load_file(path / "model.safetensors"))
+            self.optimizers.load_state_dict(trainer_state["optimizers"])
         torch.set_rng_state(trainer_state["torch_rng"])
         if "cuda_rng" in trainer_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
@@ -167,7 +211,9 @@ class Trainer:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped = state["step"], state["skipped"]
-        self._truncate_metrics(self.step)
+        if self.world.main:
+            self._truncate_metrics(self.step)
+        barrier(self.world)
         self.log(f"resumed from step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -194,11 +240,13 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         t = self.config.train
-        for inputs, targets in validation_batches(self.val_windows, t.eval_batch_size, self.config.data.val_tokens):
+        for inputs, targets in validation_batches(self.val_windows, t.eval_batch_size, self.config.data.val_tokens,
+                                                  self.world.rank, self.world.size):
             _, ce = self._loss(inputs.to(self.device), targets.to(self.device))
             total += ce.item() * len(inputs)
             count += len(inputs)
         self.model.train()
+        total, count = all_sum([total, count], self.world)
         return total / count if count else float("nan")
 
     def _train_step(self) -> dict:
@@ -211,8 +259,9 @@ class Trainer:
             objective, ce = self._loss(inputs.to(self.device), targets.to(self.device))
             (objective / t.grad_accum).backward()
             ce_sum += ce.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf).item()
-        loss = ce_sum / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        loss = all_mean(ce_sum / t.grad_accum, self.world)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if t.nonfinite == "stop":
                 raise TrainError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
@@ -225,6 +274,8 @@ class Trainer:
         return {"lr": lr * self.config.optim.lr, "train_loss": loss, "grad_norm": grad_norm}
 
     def _write(self, record: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -233,11 +284,25 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def _eval_record(self) -> dict:
-        return {"val_loss": self.evaluate(), "scales": scale_diagnostics(self.model, self.infos)}
+        val_loss, model = self.evaluate(), self._full_model()
+        return {"val_loss": val_loss, "scales": scale_diagnostics(model, self.infos) if model is not None else {}}
+
+    def _full_model(self) -> Decoder | None:
+        """The model with plain tensors: under FSDP2 an unsharded copy on rank 0 (None elsewhere; a collective)."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.main:
+            return None
+        copy = Decoder(self.config.model, self.config.strategy)
+        copy.load_state_dict(state)
+        return copy
 
     def run(self) -> dict:
         t = self.config.train
-        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * self.world.size
         if self.step == 0:
             self._write({"step": 0, "tokens": 0, **self._eval_record()})
         bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
