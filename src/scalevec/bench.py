@@ -100,7 +100,7 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
 
     arms = []
     for name in strategies:
-        model = build_model(config.model, make_strategy(name), config.seed).to(device)
+        model = build_model(config.model, make_strategy(name), config.seed, config.moe).to(device)
         model.checkpoint_blocks = activation_checkpointing
         strat = make_strategy(name)
         optimizer = Optimizers(model, config.optim, strat.scale_decay)

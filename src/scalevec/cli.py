@@ -38,7 +38,7 @@ def cmd_info(args) -> None:
     from .summary import summarize
 
     config = _config_from(args.config, args.set)
-    model = build_model(config.model, config.strategy, config.seed)
+    model = build_model(config.model, config.strategy, config.seed, config.moe)
     summary = summarize(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -55,7 +55,8 @@ def cmd_info(args) -> None:
           f"d_ff={m.d_ff} vocab={m.vocab_size} seq={m.max_seq_len} tied={m.tie_embeddings}")
     print(f"strategy {s.preset}: scale={s.scale} hg={s.heterogeneous} dp={','.join(s.dp) or '-'} "
           f"dnp={','.join(s.dnp) or '-'} post_norms={s.post_norms} scale_decay={s.scale_decay}")
-    print(f"parameters: {summary['parameters']:,} (non-embedding {summary['non_embedding_parameters']:,})")
+    print(f"parameters: {summary['parameters']:,} (non-embedding {summary['non_embedding_parameters']:,}, "
+          f"active per token {summary['active_parameters']:,})")
     print(f"scale vectors: {summary['scale_fraction']:.5%} of parameters")
     print(f"training FLOPs per token: {summary['flops_per_token']:,}")
     print("by role: " + ", ".join(f"{k}={v:,}" for k, v in summary["by_role"].items()))

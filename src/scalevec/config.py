@@ -28,6 +28,8 @@ MODEL_PRESETS: dict[str, dict] = {
     "cpu-1m": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
     "cpu-3m": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512),
     "cpu-7m": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704),
+    "cpu-moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, moe_experts=4, moe_top_k=2,
+                    moe_d_expert=192),
     # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head)
     "gpu-0.12b": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
                       d_ff=2048, max_seq_len=2048, tie_embeddings=False),
@@ -35,6 +37,8 @@ MODEL_PRESETS: dict[str, dict] = {
                      d_ff=3584, max_seq_len=2048, tie_embeddings=False),
     "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8,
                    d_ff=5632, max_seq_len=2048, tie_embeddings=False),
+    "gpu-moe-0.5b": dict(vocab_size=32768, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=2816,
+                         moe_experts=16, moe_top_k=2, moe_d_expert=512, max_seq_len=2048, tie_embeddings=False),
     "gpu-2b": dict(vocab_size=32768, d_model=2560, n_layers=26, n_heads=32, n_kv_heads=8,
                    d_ff=6912, max_seq_len=2048, tie_embeddings=False),
 }
@@ -70,10 +74,38 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     init_std: float = 0.02
     """Std of matrix and embedding init; o and down projections use init_std/sqrt(2·n_layers)."""
+    moe_experts: int = 0
+    """Experts per MoE FFN (0 = dense model)."""
+    moe_top_k: int = 2
+    """Experts each token is routed to."""
+    moe_d_expert: int = 0
+    """Hidden width of each expert (0 = d_ff)."""
+    moe_shared_expert: bool = False
+    """Add a dense expert every token goes through."""
+    moe_every: int = 1
+    """Every this-many-th block has an MoE FFN (1 = all; 2 = blocks 2, 4, ...), the others dense."""
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig:
+    """Routing and load balancing of MoE FFNs (model.moe_experts > 0)."""
+
+    router: str = "softmax"
+    """Router scores: `softmax` over experts or per-expert `sigmoid`."""
+    normalize_top_k: bool = True
+    """Renormalize the top-k scores of a token to sum to 1."""
+    balance: str = "aux"
+    """`aux` (Switch auxiliary loss), `bias` (aux-loss-free expert bias) or `none`."""
+    aux_loss: float = 0.01
+    """Coefficient of the auxiliary loss E·Σ_e f_e·P_e."""
+    bias_rate: float = 0.001
+    """Step of the expert-bias update per optimizer step (balance = bias)."""
+    router_z_loss: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(router logits)²)."""
 
 
 @dataclass
@@ -222,6 +254,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: Strategy = field(default_factory=Strategy)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -363,6 +396,15 @@ def validate(config: Config) -> None:
     _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
     _check(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
            "model.norm_eps, model.init_std and model.rope_theta must be positive")
+    if m.moe_experts:
+        _check(0 < m.moe_top_k <= m.moe_experts,
+               f"model.moe_top_k={m.moe_top_k} must be in 1..model.moe_experts={m.moe_experts}")
+        _check(m.moe_every > 0 and m.moe_d_expert >= 0, "model.moe_every must be positive and moe_d_expert >= 0")
+        _check("down" not in s.dp + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
+    _check(config.moe.router in ("softmax", "sigmoid"), f"moe.router={config.moe.router!r}; choose softmax or sigmoid")
+    _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, bias or none")
+    _check(s.expert_scales in ("per_expert", "shared"),
+           f"strategy.expert_scales={s.expert_scales!r}; choose per_expert or shared")
     _check(s.scale in PARAMETERIZATIONS, f"strategy.scale={s.scale!r}; choose from {', '.join(PARAMETERIZATIONS)}")
     for name in ("dp", "dnp"):
         bad = [p for p in getattr(s, name) if p not in PROJECTIONS]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, MoEConfig
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, make_scale, scale_param_info
 from .strategy import Strategy
@@ -87,11 +87,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, s: Strategy):
+    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig | None = None):
         super().__init__()
+        from .moe import MoEFeedForward
+
         self.norm, self.eps = m.norm, m.norm_eps
         self.attn = Attention(m, s)
-        self.ffn = FeedForward(m, s)
+        self.ffn = FeedForward(m, s) if moe is None else MoEFeedForward(m, s, moe)
         # Gemma-style sandwich norms: Output-Norms on each branch's output
         self.post_norms = s.post_norms
         param = s.scale if s.post_norms else "fixed"
@@ -109,7 +111,10 @@ class Block(nn.Module):
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
         infos = self.attn.qkv.param_info(f"{prefix}.attn.qkv") | self.attn.o.param_info(f"{prefix}.attn.o")
-        infos |= self.ffn.gate_up.param_info(f"{prefix}.ffn.gate_up") | self.ffn.down.param_info(f"{prefix}.ffn.down")
+        if isinstance(self.ffn, FeedForward):
+            infos |= self.ffn.gate_up.param_info(f"{prefix}.ffn.gate_up") | self.ffn.down.param_info(f"{prefix}.ffn.down")
+        else:
+            infos |= self.ffn.param_info(f"{prefix}.ffn")
         for name in ("attn_post_scale", "ffn_post_scale"):
             if getattr(self, name) is not None:
                 infos |= scale_param_info(f"{prefix}.{name}", getattr(self, name))
@@ -117,11 +122,13 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, model: ModelConfig, strategy: Strategy):
+    def __init__(self, model: ModelConfig, strategy: Strategy, moe: MoEConfig | None = None):
         super().__init__()
         self.config, self.strategy = model, strategy
         self.tok_emb = nn.Embedding(model.vocab_size, model.d_model)
-        self.blocks = nn.ModuleList(Block(model, strategy) for _ in range(model.n_layers))
+        moe = moe or MoEConfig()
+        is_moe = [model.moe_experts > 0 and (i + 1) % model.moe_every == 0 for i in range(model.n_layers)]
+        self.blocks = nn.ModuleList(Block(model, strategy, moe if is_moe[i] else None) for i in range(model.n_layers))
         # the final norm feeds the head, a linear map: an Input-Norm (PAPER.md section 3)
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
@@ -144,7 +151,7 @@ class Decoder(nn.Module):
                 continue
             param = self.get_parameter(name)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            sigma = out_std if name.endswith(("attn.o.weight", "ffn.down.weight")) else std
+            sigma = out_std if name.endswith(("attn.o.weight", "ffn.down.weight", "ffn.down")) else std
             param.copy_(torch.randn(param.shape, generator=gen) * sigma)
         for module in self.modules():
             if hasattr(module, "reset_to_identity"):
@@ -168,6 +175,9 @@ class Decoder(nn.Module):
         x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
         return F.linear(x, self.head_weight)
 
+    def moe_layers(self) -> list[nn.Module]:
+        return [block.ffn for block in self.blocks if hasattr(block.ffn, "update_bias")]
+
     def new_cache(self) -> list[list]:
         return [[] for _ in self.blocks]
 
@@ -184,7 +194,7 @@ class Decoder(nn.Module):
         return infos
 
 
-def build_model(model: ModelConfig, strategy: Strategy, seed: int = 0) -> Decoder:
-    decoder = Decoder(model, strategy)
+def build_model(model: ModelConfig, strategy: Strategy, seed: int = 0, moe: MoEConfig | None = None) -> Decoder:
+    decoder = Decoder(model, strategy, moe)
     decoder.init_weights(seed)
     return decoder

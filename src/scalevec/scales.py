@@ -55,34 +55,36 @@ class ParamInfo:
 
 
 class Scale(nn.Module):
-    """A scale vector of `size` entries (or a broadcastable shape) in one parameterization.
+    """A scale vector of `size` entries in one parameterization; `size=(n, d)` stacks n vectors
+    (one per MoE expert), each with its own magnitude.
 
-    `with_magnitude=False` drops OR's and ER's scalar β: used where a following norm makes the
+    `with_magnitude=False` drops OR's and ER's magnitude β: used where a following norm makes the
     overall size of γ irrelevant, so β would only random-walk (PAPER.md section 4).
     """
 
-    def __init__(self, size: int, parameterization: str, role: Role, with_magnitude: bool = True):
+    def __init__(self, size: int | tuple[int, ...], parameterization: str, role: Role, with_magnitude: bool = True):
         super().__init__()
         if parameterization not in ("plain", "or", "er"):
             raise ValueError(f"no scale parameters for parameterization {parameterization!r}")
+        shape = (size,) if isinstance(size, int) else tuple(size)
         self.parameterization = parameterization
         self.role = role
         if parameterization == "plain":
-            self.weight = nn.Parameter(torch.ones(size))
+            self.weight = nn.Parameter(torch.ones(shape))
             return
         start = 1.0 if parameterization == "or" else 0.0
-        self.direction = nn.Parameter(torch.full((size,), start))
-        # shape (1,), not a scalar: FSDP2 shards every parameter along dim 0
-        self.magnitude = nn.Parameter(torch.full((1,), start)) if with_magnitude else None
+        self.direction = nn.Parameter(torch.full(shape, start))
+        # shape (..., 1), never a scalar: FSDP2 shards every parameter along dim 0
+        self.magnitude = nn.Parameter(torch.full((*shape[:-1], 1), start)) if with_magnitude else None
 
     def forward(self) -> torch.Tensor:
         """The effective γ."""
         if self.parameterization == "plain":
             return self.weight
         if self.parameterization == "or":
-            gamma = self.direction * torch.rsqrt(self.direction.pow(2).mean())
+            gamma = self.direction * torch.rsqrt(self.direction.pow(2).mean(-1, keepdim=True))
             return gamma if self.magnitude is None else self.magnitude * gamma
-        log_gamma = self.direction - self.direction.mean()
+        log_gamma = self.direction - self.direction.mean(-1, keepdim=True)
         if self.magnitude is not None:
             log_gamma = log_gamma + self.magnitude
         return log_gamma.exp()
@@ -113,7 +115,8 @@ class Scale(nn.Module):
             self.magnitude.fill_(start)
 
 
-def make_scale(size: int, parameterization: str, role: Role, with_magnitude: bool = True) -> Scale | None:
+def make_scale(size: int | tuple[int, ...], parameterization: str, role: Role, with_magnitude: bool = True
+               ) -> Scale | None:
     """A `Scale`, or None when the parameterization is `fixed` (no scale vector at all)."""
     if parameterization == "fixed":
         return None

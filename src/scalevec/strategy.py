@@ -38,6 +38,8 @@ class Strategy:
     """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
     scale_decay: str = "none"
     """Weight decay of scale vectors: `iwd` (Input-Norm only), `all`, `none`."""
+    expert_scales: str = "per_expert"
+    """MoE under HG: gate/up scales `per_expert` or `shared` by all experts of a layer."""
 
     def placement(self, projection: str) -> str:
         if projection in self.dp:

@@ -9,14 +9,23 @@ from .scales import Kind
 
 
 def flops_per_token(model: Decoder) -> int:
-    """Training FLOPs per token: 6 per matrix weight (head included, embedding lookup not) plus
-    attention's 12·layers·d_model·seq_len (PaLM's accounting)."""
+    """Training FLOPs per token: 6 per matrix weight a token uses (head included, embedding lookup
+    not; routed experts only) plus attention's 12·layers·d_model·seq_len (PaLM's accounting)."""
     c = model.config
-    matmul = sum(p.numel() for name, p in model.named_parameters()
-                 if model.param_info()[name].kind in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER))
+    matmul = active_parameters(model) - sum(p.numel() for name, p in model.named_parameters()
+                                            if model.param_info()[name].kind not in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER))
     if model.head is None:
         matmul += model.tok_emb.weight.numel()
     return 6 * matmul + 12 * c.n_layers * c.d_model * c.max_seq_len
+
+
+def active_parameters(model: Decoder) -> int:
+    """Parameters one token uses: all, less the experts it is not routed to."""
+    total = sum(p.numel() for p in model.parameters())
+    for moe in model.moe_layers():
+        per_expert = (moe.gate_up.numel() + moe.down.numel()) // moe.experts
+        total -= (moe.experts - moe.top_k) * per_expert
+    return total
 
 
 def summarize(model: Decoder) -> dict:
@@ -35,6 +44,7 @@ def summarize(model: Decoder) -> dict:
     ]
     return {
         "parameters": total,
+        "active_parameters": active_parameters(model),
         "non_embedding_parameters": total - by_kind.get(Kind.EMBEDDING.value, 0),
         "by_role": dict(by_role),
         "by_kind": dict(by_kind),

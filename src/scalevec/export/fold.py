@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..model import Decoder
+from ..moe import MoEFeedForward
 from ..projection import Projection
 
 
@@ -36,6 +37,27 @@ def _fold_projection(proj: Projection, keep_shared: bool) -> None:
 
 
 @torch.no_grad()
+def _fold_moe(moe: MoEFeedForward, keep_shared: bool) -> None:
+    """Router and per-expert gate/up scales into each expert's columns (rows for DP)."""
+    de = moe.d_expert
+    router_scale = moe.shared_scale if not keep_shared and moe.shared_scale is not None else moe.router_scale
+    if router_scale is not None:
+        moe.router *= router_scale()[None, :]
+    for name, rows in (("gate", slice(0, de)), ("up", slice(de, 2 * de))):
+        column = moe.in_scales[name] if name in moe.in_scales else None if keep_shared else moe.shared_scale
+        if column is not None:
+            gamma = column()
+            moe.gate_up[:, rows] *= gamma[:, None, :] if gamma.ndim == 2 else gamma[None, None, :]
+        if moe.placements[name] == "dp" and name in moe.out_scales:
+            gamma = moe.out_scales[name]()
+            moe.gate_up[:, rows] *= gamma[:, :, None] if gamma.ndim == 2 else gamma[None, :, None]
+            moe.out_scales[name].reset_to_identity()
+    for scale in (moe.router_scale, *moe.in_scales.values(), None if keep_shared else moe.shared_scale):
+        if scale is not None:
+            scale.reset_to_identity()
+
+
+@torch.no_grad()
 def fold_scales(model: Decoder, untie: bool = False, keep_norm_weights: bool = False) -> Decoder:
     """Fold input-side and DP output-side scales into the weights, in place; returns `model`.
 
@@ -47,6 +69,8 @@ def fold_scales(model: Decoder, untie: bool = False, keep_norm_weights: bool = F
     for module in model.modules():
         if isinstance(module, Projection):
             _fold_projection(module, keep_norm_weights)
+        elif isinstance(module, MoEFeedForward):
+            _fold_moe(module, keep_norm_weights)
     if model.final_scale is None or keep_norm_weights:
         return model
     gamma = model.final_scale()

@@ -35,6 +35,8 @@ class ExportError(ValueError):
 def hf_architecture(config: Config) -> str:
     s, m = config.strategy, config.model
     options = "use `scalevec generate` on the run directory, or train with strategy.dnp limited to q,k (head shape)"
+    if m.moe_experts:
+        raise ExportError(f"MoE models have no Llama/Qwen3 form; {options}")
     if m.norm != "rms":
         raise ExportError(f"model.norm={m.norm!r} has no Llama/Qwen3 form (RMSNorm only); {options}")
     if s.post_norms:
@@ -108,7 +110,7 @@ def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
             return _read_safetensors(path / "model.safetensors")
         from torch.distributed.checkpoint import load
 
-        state = {"model": Decoder(config.model, config.strategy).state_dict()}
+        state = {"model": Decoder(config.model, config.strategy, config.moe).state_dict()}
         load(state, checkpoint_id=path / "dcp")
         return state["model"]
     if config.train.init_from:
@@ -125,7 +127,7 @@ def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
     if not (run_dir / "config.toml").is_file():
         raise ExportError(f"{run_dir} is not a run directory (no config.toml); give the --out of a scalevec run")
     config = load_config(run_dir / "config.toml")
-    model = Decoder(config.model, config.strategy)
+    model = Decoder(config.model, config.strategy, config.moe)
     model.load_state_dict(run_weights(run_dir, config))
     return config, model
 

@@ -102,7 +102,7 @@ class Trainer:
             open_run_dir(self.run_dir, config, resume, overwrite)
         barrier(world)
 
-        self.model = build_model(config.model, config.strategy, config.seed).to(self.device)
+        self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
@@ -231,9 +231,12 @@ class Trainer:
             logits = self.forward(inputs)
         logits = logits.float().flatten(0, 1)
         ce = F.cross_entropy(logits, targets.flatten())
+        objective = ce
         if self.config.train.z_loss:
-            return ce + self.config.train.z_loss * torch.logsumexp(logits, -1).pow(2).mean(), ce
-        return ce, ce
+            objective = objective + self.config.train.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+        for moe in self.model.moe_layers():
+            objective = objective + moe.aux_loss
+        return objective, ce
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -270,8 +273,28 @@ class Trainer:
         else:
             self.optimizers.step()
         self.optimizers.zero_grad()
+        self._balance_experts()
         self.step += 1
         return {"lr": lr * self.config.optim.lr, "train_loss": loss, "grad_norm": grad_norm}
+
+    def _balance_experts(self) -> None:
+        """Aux-loss-free balancing: every rank updates its expert bias from the load summed over ranks."""
+        for moe in self.model.moe_layers():
+            if self.config.moe.balance == "bias":
+                moe.update_bias(torch.tensor(all_sum(moe.step_load.tolist(), self.world), device=moe.step_load.device))
+            moe.step_load.zero_()
+
+    def _expert_load(self) -> dict:
+        """Load imbalance since the last record: max over mean tokens per expert, averaged over MoE layers."""
+        layers = self.model.moe_layers()
+        if not layers:
+            return {}
+        imbalance = []
+        for moe in layers:
+            load = torch.tensor(all_sum(moe.log_load.tolist(), self.world))
+            imbalance.append((load.max() / load.mean().clamp(min=1)).item())
+            moe.log_load.zero_()
+        return {"expert_imbalance": sum(imbalance) / len(imbalance)}
 
     def _write(self, record: dict) -> None:
         if not self.world.main:
@@ -296,7 +319,7 @@ class Trainer:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.world.main:
             return None
-        copy = Decoder(self.config.model, self.config.strategy)
+        copy = Decoder(self.config.model, self.config.strategy, self.config.moe)
         copy.load_state_dict(state)
         return copy
 
@@ -318,7 +341,8 @@ class Trainer:
                     # throughput of the training steps since the last record, evaluation and saving excluded
                     elapsed = time.perf_counter() - window_start
                     last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
-                            "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped}
+                            "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped,
+                            **self._expert_load()}
                     if evaluate:
                         last |= self._eval_record()
                     self._write(last)

@@ -1,0 +1,163 @@
+"""Mixture-of-experts FFN with scale vectors.
+
+    x̂ ─► router (its own input scale under HG) ─► top-k experts ─► Σ weight · expert(x̂)  [+ shared expert]
+    expert e: down_e(silu(gate_e) ⊙ up_e), gate_e/up_e reading x̂ through per-expert (or shared) scales,
+              with DP or DNP on gate/up as the strategy says
+
+Experts are stacked 3-D tensors. Dispatch is dropless and loop-free: assignments are sorted by
+expert into a padded (experts, capacity, d) buffer and run as batched matmuls (torch's grouped
+GEMM is private and CUDA-only). Balancing: a Switch-style auxiliary loss, or the aux-loss-free
+expert bias (a buffer the optimizer never sees, updated from the load summed over ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, MoEConfig
+from .projection import normalize
+from .scales import Kind, ParamInfo, Role, Scale, make_scale, scale_param_info
+from .strategy import Strategy
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig):
+        super().__init__()
+        from .model import FeedForward
+
+        E, d = m.moe_experts, m.d_model
+        de = m.moe_d_expert or m.d_ff
+        self.experts, self.top_k, self.d_expert, self.moe = E, m.moe_top_k, de, moe
+        self.norm, self.eps = m.norm, m.norm_eps
+        self.router = nn.Parameter(torch.empty(E, d))
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * de, d))
+        self.down = nn.Parameter(torch.empty(E, d, de))
+        self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("step_load", torch.zeros(E), persistent=False)  # since the last bias update
+        self.register_buffer("log_load", torch.zeros(E), persistent=False)  # since the last metrics record
+        self.placements = {name: s.placement(name) for name in ("gate", "up")}
+        param, per_expert = s.scale, s.expert_scales == "per_expert"
+        # standard: the block norm's one scale feeds router and experts; HG: router and gate/up own theirs
+        self.shared_scale = None if s.heterogeneous else make_scale(d, param, Role.INPUT)
+        self.router_scale = make_scale(d, param, Role.INPUT) if s.heterogeneous else None
+        self.in_scales, self.out_scales = nn.ModuleDict(), nn.ModuleDict()
+        for name, placement in self.placements.items():
+            if s.heterogeneous:
+                scale = make_scale((E, d) if per_expert else d, param, Role.INPUT,
+                                   s.magnitude_on_dnp_inputs or placement != "dnp")
+                if scale is not None:
+                    self.in_scales[name] = scale
+            if placement != "standard":
+                role = Role(s.dp_output_role) if placement == "dp" else Role.OUTPUT
+                scale = make_scale((E, de) if per_expert else de, param, role)
+                if scale is not None:
+                    self.out_scales[name] = scale
+        self._invariant_inputs = s.magnitude_on_dnp_inputs
+        self.shared_expert = FeedForward(m, s) if m.moe_shared_expert else None
+        self.aux_loss = None  # this forward's balancing losses, added to the objective by the trainer
+
+    def _column_scale(self, scale: Scale | None) -> torch.Tensor | None:
+        if scale is None:
+            return None
+        gamma = scale()
+        return gamma.unsqueeze(-2)  # (E, 1, d) or (1, d): broadcast over each expert's rows
+
+    def effective_gate_up(self) -> torch.Tensor:
+        """diag(γa) W diag(γb) per expert, (E, 2·d_expert, d)."""
+        pieces = []
+        for name, w in zip(("gate", "up"), self.gate_up.split(self.d_expert, dim=1)):
+            column = self._column_scale(self.shared_scale if self.shared_scale is not None else
+                                        self.in_scales[name] if name in self.in_scales else None)
+            if column is not None:
+                w = w * column
+            if self.placements[name] == "dp" and name in self.out_scales:
+                w = w * self.out_scales[name]().unsqueeze(-1)
+            pieces.append(w)
+        return torch.cat(pieces, dim=1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, scores, top-k expert indices, top-k weights) for tokens x (N, d)."""
+        column = self._column_scale(self.shared_scale if self.shared_scale is not None else self.router_scale)
+        logits = F.linear(x, self.router if column is None else self.router * column)
+        scores = logits.softmax(-1) if self.moe.router == "softmax" else logits.sigmoid()
+        chooser = scores + self.expert_bias if self.moe.balance == "bias" else scores
+        indices = chooser.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.moe.normalize_top_k:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, scores, indices, weights
+
+    def experts_forward(self, buffer: torch.Tensor) -> torch.Tensor:
+        """(E, C, d) tokens grouped by expert -> (E, C, d) expert outputs."""
+        gate, up = torch.bmm(buffer, self.effective_gate_up().transpose(1, 2)).split(self.d_expert, dim=-1)
+        acts = []
+        for name, h in (("gate", gate), ("up", up)):
+            if self.placements[name] == "dnp":
+                h = normalize(h, self.d_expert, self.norm, self.eps)
+                if name in self.out_scales:
+                    gamma = self.out_scales[name]()
+                    h = h * (gamma.unsqueeze(1) if gamma.ndim == 2 else gamma)
+            acts.append(h)
+        return torch.bmm(F.silu(acts[0]) * acts[1], self.down.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        N, E, k = tokens.shape[0], self.experts, self.top_k
+        logits, scores, indices, weights = self.route(tokens)
+        assigned = indices.reshape(-1)  # N·k assignments, token-major
+        order = assigned.argsort(stable=True)
+        expert_of = assigned[order]
+        token_of = order // k
+        counts = torch.bincount(assigned, minlength=E)
+        starts = torch.cumsum(counts, 0) - counts
+        capacity = int(counts.max())
+        slot = expert_of * capacity + (torch.arange(N * k, device=x.device) - starts[expert_of])
+        buffer = tokens.new_zeros(E * capacity, shape[-1]).index_copy(0, slot, tokens[token_of])
+        outputs = self.experts_forward(buffer.view(E, capacity, -1)).reshape(E * capacity, -1)[slot]
+        combined = torch.zeros_like(tokens).index_add(0, token_of, outputs * weights.reshape(-1)[order, None])
+        if self.shared_expert is not None:
+            combined = combined + self.shared_expert(tokens)
+        self._balance_losses(logits, scores, counts)
+        return combined.reshape(shape)
+
+    def _balance_losses(self, logits, scores, counts) -> None:
+        if self.training:
+            self.step_load += counts.detach().float()
+            self.log_load += counts.detach().float()
+        aux = logits.new_zeros(())
+        if self.moe.balance == "aux" and self.moe.aux_loss:
+            fraction = counts.float() / counts.sum()
+            probability = (scores / scores.sum(-1, keepdim=True)).mean(0)
+            aux = aux + self.moe.aux_loss * self.experts * (fraction * probability).sum()
+        if self.moe.router_z_loss:
+            aux = aux + self.moe.router_z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+        self.aux_loss = aux
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded, re-centre."""
+        self.expert_bias += self.moe.bias_rate * torch.sign(load.mean() - load)
+        self.expert_bias -= self.expert_bias.mean()
+
+    def param_info(self, prefix: str) -> dict[str, ParamInfo]:
+        de = self.d_expert
+        infos = {f"{prefix}.router": ParamInfo(Role.NONE, Kind.ROUTER),
+                 f"{prefix}.gate_up": ParamInfo(Role.NONE, Kind.MATRIX, blocks=(de, de)),
+                 f"{prefix}.down": ParamInfo(Role.NONE, Kind.MATRIX)}
+        router_rows = ((f"{prefix}.router", 0, self.experts),)
+        if self.shared_scale is not None:
+            infos |= scale_param_info(f"{prefix}.shared_scale", self.shared_scale, router_rows)
+        if self.router_scale is not None:
+            infos |= scale_param_info(f"{prefix}.router_scale", self.router_scale, router_rows)
+        for name, scale in self.in_scales.items():  # feeds stacked experts: no 2-D balance bookkeeping
+            infos |= scale_param_info(f"{prefix}.in_scales.{name}", scale,
+                                      invariant_magnitude=self._invariant_inputs and self.placements[name] == "dnp")
+        for name, scale in self.out_scales.items():
+            infos |= scale_param_info(f"{prefix}.out_scales.{name}", scale)
+        if self.shared_expert is not None:
+            infos |= self.shared_expert.gate_up.param_info(f"{prefix}.shared_expert.gate_up")
+            infos |= self.shared_expert.down.param_info(f"{prefix}.shared_expert.down")
+        return infos

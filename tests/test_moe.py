@@ -1,0 +1,179 @@
+"""Issue "MoE": dense equivalence, dispatch against a per-token loop, balancing, folding, counts."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalevec import ModelConfig, build_model, fold_scales, strategy
+from scalevec.cli import main
+from scalevec.config import MoEConfig, OptimConfig, load_config
+from scalevec.model import FeedForward
+from scalevec.moe import MoEFeedForward
+from scalevec.optim import Optimizers
+from test_model import randomize_scales
+
+TINY = ModelConfig(preset="", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
+                   moe_experts=4, moe_top_k=2, moe_d_expert=24)
+
+
+def gamma(scale):
+    return None if scale is None else scale()
+
+
+@pytest.mark.parametrize("name", ["standard", "hg", "hg+dnp+or", "unified", "dp+er"])
+def test_one_expert_top1_equals_dense_ffn(name):
+    strat = strategy(name)
+    m = replace(TINY, moe_experts=1, moe_top_k=1, moe_d_expert=TINY.d_ff)
+    moe = build_model(m, strat, seed=1).blocks[0].ffn
+    dense = build_model(replace(TINY, moe_experts=0), strat, seed=1).blocks[0].ffn
+    assert isinstance(moe, MoEFeedForward) and isinstance(dense, FeedForward)
+    for module in (moe, dense):
+        randomize_scales_module(module)
+    with torch.no_grad():
+        dense.gate_up.weight.copy_(moe.gate_up[0])
+        dense.down.weight.copy_(moe.down[0])
+        gu = dense.gate_up
+        for target, source in ((gu.shared_scale, moe.shared_scale),
+                               *[(gu.in_scales[n] if n in gu.in_scales else None,
+                                  moe.in_scales[n] if n in moe.in_scales else None) for n in ("gate", "up")],
+                               *[(gu.out_scales[n] if n in gu.out_scales else None,
+                                  moe.out_scales[n] if n in moe.out_scales else None) for n in ("gate", "up")]):
+            if target is not None:
+                for (_, t), (_, s) in zip(target.named_parameters(), source.named_parameters()):
+                    t.copy_(s.reshape(t.shape))
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def randomize_scales_module(module):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("weight", "direction", "magnitude")) and "gate_up.weight" not in name \
+                    and "down.weight" not in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def naive_moe(moe: MoEFeedForward, x: torch.Tensor, strat) -> torch.Tensor:
+    """Token by token, expert by expert, with the scales written out."""
+    de, out = moe.d_expert, []
+    logits, scores, indices, weights = moe.route(x)
+    for n in range(x.shape[0]):
+        total = torch.zeros(x.shape[1])
+        for j in range(moe.top_k):
+            e = indices[n, j].item()
+            branches = {}
+            for name, rows in (("gate", slice(0, de)), ("up", slice(de, 2 * de))):
+                scale = moe.shared_scale if moe.shared_scale is not None else moe.in_scales[name]
+                g_in = scale()
+                g_in = g_in[e] if g_in.ndim == 2 else g_in
+                h = (x[n] * g_in) @ moe.gate_up[e, rows].T
+                if name in strat.dnp:
+                    h = h / torch.sqrt(h.pow(2).mean() + moe.eps)
+                if name in strat.dp + strat.dnp:
+                    g_out = moe.out_scales[name]()
+                    h = h * (g_out[e] if g_out.ndim == 2 else g_out)
+                branches[name] = h
+            act = branches["gate"] * torch.sigmoid(branches["gate"]) * branches["up"]
+            total = total + weights[n, j] * (act @ moe.down[e].T)
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name, expert_scales", [("standard", "per_expert"), ("unified", "per_expert"),
+                                                 ("hg+dp", "shared"), ("hg+dp+er", "per_expert")])
+def test_batched_dispatch_equals_per_token_loop(name, expert_scales):
+    strat = strategy(name, expert_scales=expert_scales)
+    model = build_model(TINY, strat, seed=2)
+    randomize_scales(model)
+    moe = model.blocks[0].ffn
+    x = torch.randn(13, 32)
+    batched = moe(x)
+    batched.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    naive = naive_moe(moe, x, strat)
+    naive.pow(2).sum().backward()
+    torch.testing.assert_close(batched, naive, atol=1e-5, rtol=1e-5)
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_fold_reproduces_moe_logits():
+    for name, expert_scales in (("standard", "per_expert"), ("hg", "per_expert"), ("hg+dp", "shared"),
+                                ("unified", "per_expert"), ("hg+dp+er", "per_expert")):
+        model = build_model(TINY, strategy(name, expert_scales=expert_scales), seed=2)
+        randomize_scales(model)
+        tokens = torch.randint(0, 64, (2, 12))
+        with torch.no_grad():
+            before = model(tokens)
+            fold_scales(model)
+            after = model(tokens)
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+        moe = model.blocks[0].ffn
+        for scale in (moe.router_scale, moe.shared_scale, *moe.in_scales.values()):
+            if scale is not None:
+                assert torch.allclose(scale(), torch.ones(())), name
+
+
+def test_roles_kinds_and_muon_per_expert():
+    model = build_model(TINY, strategy("unified"))
+    infos = model.param_info()
+    assert sorted(infos) == sorted(n for n, _ in model.named_parameters())
+    assert infos["blocks.0.ffn.router"].kind.value == "router"
+    assert infos["blocks.0.ffn.router_scale.direction"].role.value == "input"
+    assert infos["blocks.0.ffn.in_scales.gate.direction"].role.value == "input"
+    assert infos["blocks.0.ffn.out_scales.up.direction"].role.value == "output"
+    opt = Optimizers(model, OptimConfig(name="muon"), "iwd")
+    muon = opt.optimizers["muon"].param_groups[0]
+    blocks = dict(zip(muon["names"], muon["blocks"]))
+    assert blocks["blocks.0.ffn.gate_up"] == (24, 24)
+    assert "blocks.0.ffn.router" not in blocks  # routers stay on AdamW
+    tokens = torch.randint(0, 64, (2, 12))
+    before = model.blocks[0].ffn.gate_up.detach().clone()
+    F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    opt.step()
+    assert not torch.equal(before, model.blocks[0].ffn.gate_up)
+
+
+def test_info_reports_total_and_active_parameters(capsys):
+    assert main(["info", "cpu-moe", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    per_expert = 3 * 128 * 192
+    assert summary["parameters"] - summary["active_parameters"] == 4 * (4 - 2) * per_expert
+
+
+def imbalance_after_training(small_data, tmp_path, balance):
+    from scalevec.train.trainer import Trainer
+
+    config = load_config({
+        "model": {"preset": "", "vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "d_ff": 64, "max_seq_len": 32, "moe_experts": 8, "moe_top_k": 1, "moe_d_expert": 32},
+        "moe": {"balance": balance, "aux_loss": 0.05, "bias_rate": 0.02},
+        "data": {"dir": str(small_data), "sources": ["moby_dick", "milton"], "vocab_size": 512, "val_tokens": 1024},
+        "optim": {"lr": 0.01},
+        "train": {"steps": 60, "batch_size": 8, "seq_len": 32, "eval_every": 60, "log_every": 10,
+                  "checkpoint_every": 60, "threads": 1},
+    })
+    Trainer(config, tmp_path / balance, progress=False, log=lambda *_: None).run()
+    rows = [json.loads(line) for line in (tmp_path / balance / "metrics.jsonl").read_text().splitlines()]
+    return [r["expert_imbalance"] for r in rows if "expert_imbalance" in r]
+
+
+def test_balancing_lowers_expert_imbalance(small_data, tmp_path):
+    none = imbalance_after_training(small_data, tmp_path, "none")
+    aux = imbalance_after_training(small_data, tmp_path, "aux")
+    bias = imbalance_after_training(small_data, tmp_path, "bias")
+    late = lambda values: sum(values[-3:]) / 3  # noqa: E731
+    assert late(aux) < late(none) - 2.0, (none, aux)
+    assert late(bias) < late(none) - 2.0, (none, bias)
+
+
+def test_bias_update_recentres_and_moves_toward_balance():
+    moe = build_model(TINY, strategy("standard"), moe=MoEConfig(balance="bias", bias_rate=0.1)).blocks[0].ffn
+    moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    assert moe.expert_bias.sum().abs() < 1e-6
+    assert moe.expert_bias[0] < moe.expert_bias[2] < moe.expert_bias[1]
