@@ -214,6 +214,34 @@ def cmd_generate(args) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
+def cmd_sweep(args) -> None:
+    from .experiments.report import write_report
+    from .experiments.sweep import load_suite, run_sweep
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs} must be at least 1")
+    suite = load_suite(args.suite, args.scale, args.seeds)
+    out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
+    result = run_sweep(suite, out, args.jobs)
+    write_report(out)
+    failed = result["failed"]
+    print(f"sweep {suite.name}: {result['runs']} runs, {len(failed)} failed; report in {out}/report.md")
+    for path, error in failed.items():
+        print(f"  failed: {path}: {error}")
+
+
+def cmd_report(args) -> None:
+    from .experiments.report import write_report
+
+    out = Path(args.dir)
+    if not (out / "suite.json").is_file():
+        raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --out of `scalevec sweep`")
+    summary = write_report(out)
+    print((out / "report.md").read_text())
+    if not summary["arms"]:
+        print("no finished runs yet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    sweep = sub.add_parser("sweep", help="run a paper suite's grid (resumable), then write its report")
+    sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
+    sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
+    sweep.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    sweep.add_argument("--out", help="sweep directory (default runs/sweeps/<suite>-<scale>)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="tables and plots of a sweep directory")
+    report.add_argument("dir", help="the --out of `scalevec sweep`")
+    report.set_defaults(func=cmd_report)
 
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")

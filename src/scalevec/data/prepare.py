@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from .sources import DataError, SourceFile, read_documents, resolve_sources
 
-FORMAT = 1
+FORMAT = 2  # 2: splits record their bytes (bits per byte)
 END_OF_TEXT = "<|endoftext|>"
 ENCODE_BATCH = 64  # documents per call into the Rust encoder
 
@@ -112,7 +112,7 @@ def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, 
                     flush()
         progress.update(sum(len(t.encode()) for t in batch))
     flush()
-    return {"tokens": total, "documents": len(texts), "shards": shards}
+    return {"tokens": total, "documents": len(texts), "bytes": sum(len(t.encode()) for t in texts), "shards": shards}
 
 
 def prepare(data: DataConfig, progress: bool | None = None, log=print) -> Path:

@@ -1,0 +1,200 @@
+"""`scalevec report DIR`: a sweep's table (mean ± std over seeds, paired difference to the baseline
+with a t-test), learning-rate curves, loss curves, loss against wall clock, and for a size ladder
+a fit of loss against compute with the compute-efficiency multiplier of each strategy."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import load_config
+from .compare import read_metrics
+from .sweep import Arm, Suite, final_val_loss, run_dir
+
+MIN_SIZES_FOR_FIT = 5
+
+
+@dataclass
+class Run:
+    val_loss: float
+    curve: list[tuple[int, float]]
+    train_seconds: float
+    tokens: int
+
+
+def read_run(path: Path, steps: int) -> Run | None:
+    if final_val_loss(path, steps) is None:
+        return None
+    rows = read_metrics(path)
+    seconds, previous = 0.0, 0
+    for row in rows:
+        if "tokens_per_s" in row:
+            seconds += (row["tokens"] - previous) / row["tokens_per_s"]
+            previous = row["tokens"]
+    return Run(rows[-1]["val_loss"], [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r], seconds,
+               rows[-1]["tokens"])
+
+
+def bits_per_byte(out: Path) -> float | None:
+    """Validation tokens per byte of the sweep's data, to turn nats per token into bits per byte."""
+    config = load_config(out / "suite.toml")
+    meta_path = Path(config.data.dir) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if not meta["val"].get("bytes"):
+        return None
+    return meta["val"]["tokens"] / meta["val"]["bytes"] / math.log(2)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def analyse(out: Path) -> dict:
+    from scipy import stats
+
+    suite = Suite(**json.loads((out / "suite.json").read_text()))
+    steps = suite.steps()
+    per_byte = bits_per_byte(out)
+    arms = {}
+    for arm in suite.arms():
+        lrs = suite.lrs_for(arm)
+        lr_curve = {lr: read_run(run_dir(out, arm, lr, suite.lr_seed), steps) for lr in lrs}
+        finished = {lr: run.val_loss for lr, run in lr_curve.items() if run is not None}
+        if not finished:
+            continue
+        best = min(finished, key=finished.get)
+        seeds = {s: read_run(run_dir(out, arm, best, s), steps) for s in suite.seeds}
+        seeds = {s: run for s, run in seeds.items() if run is not None}
+        mean, std = _mean_std([r.val_loss for r in seeds.values()])
+        arms[arm] = {"arm": arm.path, "best_lr": best, "best_lr_at_edge": len(lrs) > 1 and best in (min(lrs), max(lrs)),
+                     "lr_curve": {str(lr): loss for lr, loss in finished.items()},
+                     "seeds": {str(s): r.val_loss for s, r in seeds.items()}, "mean": mean, "std": std,
+                     "bits_per_byte": mean * per_byte if per_byte else None,
+                     "train_seconds": statistics.mean(r.train_seconds for r in seeds.values()),
+                     "tokens": next(iter(seeds.values())).tokens,
+                     "curve": _mean_curve([r.curve for r in seeds.values()])}
+    for arm, row in arms.items():
+        base = arms.get(Arm(suite.baseline, arm.size, arm.optimizer, arm.schedule))
+        common = sorted(set(row["seeds"]) & set(base["seeds"])) if base else []
+        diffs = [row["seeds"][s] - base["seeds"][s] for s in common]
+        row["paired_seeds"] = len(diffs)
+        row["diff_mean"], row["diff_std"] = _mean_std(diffs) if diffs else (None, None)
+        row["p_value"] = None
+        if len(diffs) >= 2 and arm.strategy != suite.baseline:
+            row["p_value"] = float(stats.ttest_rel([row["seeds"][s] for s in common],
+                                                   [base["seeds"][s] for s in common]).pvalue)
+    return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
+            "cpu_hours": suite.cpu_hours, "steps": steps, "arms": list(arms.values()),
+            "scaling": scaling_fit(suite, arms)}
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    length = min(len(c) for c in curves)
+    return [(curves[0][i][0], statistics.mean(c[i][1] for c in curves)) for i in range(length)]
+
+
+def scaling_fit(suite: Suite, arms: dict) -> dict:
+    """Fit L(C) = a·C^(−b) + c per (strategy, optimizer, schedule) over sizes; the multiplier of a
+    strategy is the baseline's compute to reach its loss over its own compute, at its largest size."""
+    if len(suite.sizes) < MIN_SIZES_FOR_FIT:
+        return {"estimable": False, "reason": f"{len(suite.sizes)} size(s); a scaling fit needs at least "
+                                             f"{MIN_SIZES_FOR_FIT}, so no compute multiplier is estimated"}
+    from scipy.optimize import curve_fit
+
+    import torch
+
+    from ..model import Decoder
+    from ..strategy import strategy as make_strategy
+    from ..summary import flops_per_token
+    from .sweep import overrides
+
+    def law(c, a, b, floor):
+        return a * np.power(c, -b) + floor
+
+    fits = {}
+    for arm, row in arms.items():
+        config = load_config(suite.config, overrides(arm, suite.lrs_for(arm)[0], 0))
+        with torch.device("meta"):
+            model = Decoder(config.model, make_strategy(arm.strategy), config.moe)
+        row["compute"] = flops_per_token(model) * row["tokens"]
+        fits.setdefault((arm.strategy, arm.optimizer, arm.schedule), []).append((row["compute"], row["mean"]))
+    params = {}
+    for key, points in fits.items():
+        c, loss = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        params[key] = curve_fit(law, c / c.min(), loss, p0=(1.0, 0.3, loss.min() * 0.9), maxfev=20000)[0], c.min()
+    result = {"estimable": True, "multipliers": {}}
+    for (strategy, optimizer, schedule), ((a, b, floor), scale) in params.items():
+        base = params.get((suite.baseline, optimizer, schedule))
+        if base is None or strategy == suite.baseline:
+            continue
+        (ba, bb, bfloor), bscale = base
+        largest = max(fits[(strategy, optimizer, schedule)])
+        if largest[1] <= bfloor:
+            continue
+        needed = bscale * ((largest[1] - bfloor) / ba) ** (-1 / bb)
+        result["multipliers"][f"{strategy}/{optimizer}-{schedule}"] = needed / largest[0]
+    return result
+
+
+def write_report(out: Path) -> dict:
+    summary = analyse(out)
+    _plots(out, summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Suite `{summary['suite']}` ({summary['scale']} scale)", "", summary["description"], "",
+             f"{summary['steps']} steps per run; each arm at its own best learning rate (swept with one seed), then "
+             f"paired seeds at that rate. Declared budget: {summary['cpu_hours']} CPU-hours on 2 cores. Runs stay "
+             "within one epoch of the training data.", "",
+             "| arm | best lr | seeds | final val loss | Δ vs baseline (paired) | p (paired t) | bits/byte | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary["arms"]:
+        edge = " (edge)" if row["best_lr_at_edge"] else ""
+        diff = "—" if row["diff_mean"] is None or row["arm"].startswith(summary["baseline"] + "/") else \
+            f"{row['diff_mean']:+.4f} ± {row['diff_std']:.4f}"
+        p = "—" if row["p_value"] is None else f"{row['p_value']:.3f}{' *' if row['p_value'] < 0.05 else ''}"
+        bpb = "—" if row["bits_per_byte"] is None else f"{row['bits_per_byte']:.4f}"
+        lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {len(row['seeds'])} | {row['mean']:.4f} ± "
+                     f"{row['std']:.4f} | {diff} | {p} | {bpb} | {row['train_seconds']:.0f} |")
+    lines += ["", "± is the standard deviation over seeds; * marks p < 0.05. `(edge)`: the best learning rate is at "
+              "the edge of the grid, so a better one may lie outside it.", "",
+              "![loss curves](curves.png)", "", "![learning rates](lr.png)", ""]
+    scaling = summary["scaling"]
+    if scaling["estimable"]:
+        lines += ["Compute-efficiency multipliers (baseline compute to reach the strategy's loss / its compute):", ""]
+        lines += [f"- {k}: {v:.2f}x" for k, v in scaling["multipliers"].items()]
+    else:
+        lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def _plots(out: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in summary["arms"]:
+        tokens, losses = zip(*row["curve"][1:] or row["curve"])
+        ax.plot([t / 1e6 for t in tokens], losses, label=row["arm"])
+    ax.set(xlabel="training tokens (M)", ylabel="validation loss (mean over seeds)", title=summary["suite"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in summary["arms"]:
+        lrs = sorted(row["lr_curve"], key=float)
+        ax.plot([float(lr) for lr in lrs], [row["lr_curve"][lr] for lr in lrs], marker="o", label=row["arm"])
+    ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss (one seed)", title="LR sensitivity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "lr.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""Issue "Reproduce the paper": resumable sweeps, failures recorded, report equal to a recomputation."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scalevec.config import ConfigError
+from scalevec.experiments.report import write_report
+from scalevec.experiments.sweep import load_suite, run_sweep
+
+SUITE = """
+description = "tiny test suite"
+baseline = "standard"
+
+[cpu]
+strategies = {strategies}
+sizes = ["config"]
+optimizers = ["adamw"]
+schedules = ["cosine"]
+lrs = [0.003, 0.01]
+muon_lrs = [0.02]
+lr_seed = 0
+seeds = [0, 1, 2]
+
+[cpu.config]
+model = {{ preset = "", vocab_size = 512, d_model = 32, n_layers = 1, n_heads = 4, n_kv_heads = 2, d_ff = 64, max_seq_len = 32 }}
+data = {{ dir = "{data}", sources = ["moby_dick", "milton"], vocab_size = 512, val_tokens = 1024 }}
+schedule = {{ warmup_steps = 2 }}
+train = {{ steps = 8, batch_size = 4, seq_len = 32, eval_every = 4, log_every = 2, checkpoint_every = 4, eval_batch_size = 8 }}
+
+[gpu]
+strategies = ["standard"]
+sizes = ["config"]
+optimizers = ["adamw"]
+schedules = ["cosine"]
+lrs = [0.003]
+muon_lrs = [0.02]
+lr_seed = 0
+seeds = [0]
+
+[gpu.config]
+model = {{ preset = "", vocab_size = 512, d_model = 32, n_layers = 1, n_heads = 4, n_kv_heads = 2, d_ff = 64, max_seq_len = 32 }}
+data = {{ dir = "{data}", sources = ["moby_dick", "milton"], vocab_size = 512 }}
+train = {{ steps = 100000, batch_size = 64, seq_len = 32 }}
+"""
+
+
+def write_suite(tmp_path, small_data, strategies=("standard", "hg"), lrs="[0.003, 0.01]"):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE.format(strategies=json.dumps(list(strategies)), data=small_data).replace(
+        "lrs = [0.003, 0.01]", f"lrs = {lrs}"))
+    return path
+
+
+def finished_runs(out):
+    done = {}
+    for metrics in out.rglob("metrics.jsonl"):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if rows and rows[-1]["step"] == 8 and "val_loss" in rows[-1]:
+            done[metrics.parent] = metrics.stat().st_mtime_ns
+    return done
+
+
+def test_interrupted_sweep_completes_without_redoing_finished_runs(small_data, tmp_path):
+    suite = write_suite(tmp_path, small_data)
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "scalevec", "sweep", str(suite), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(finished_runs(out)) < 2:
+        assert process.poll() is None and time.time() < deadline, "sweep ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = finished_runs(out)
+    assert 2 <= len(before) < 8
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = finished_runs(out)
+    assert len(after) == 2 * 2 + 2 * 2  # every arm at every lr with seed 0, then seeds 1 and 2 at the best lr
+    for path, mtime in before.items():
+        assert after[path] == mtime, f"{path} was run again"
+    assert (out / "report.md").is_file() and (out / "curves.png").is_file() and (out / "lr.png").is_file()
+
+
+def recompute(out, strategies, lrs=(0.003, 0.01), seeds=(0, 1, 2)):
+    """Best lr, mean and std over seeds, and paired differences, straight from metrics.jsonl."""
+    def final(strategy, lr, seed):
+        path = out / strategy / "config" / "adamw-cosine" / f"lr{lr:g}" / f"seed{seed}" / "metrics.jsonl"
+        return json.loads(path.read_text().splitlines()[-1])["val_loss"]
+
+    result = {}
+    for strategy in strategies:
+        best = min(lrs, key=lambda lr: final(strategy, lr, 0))
+        losses = [final(strategy, best, s) for s in seeds]
+        result[strategy] = {"best_lr": best, "losses": losses}
+    for strategy in strategies:
+        diffs = [a - b for a, b in zip(result[strategy]["losses"], result["standard"]["losses"])]
+        result[strategy]["diff_mean"] = statistics.mean(diffs)
+        result[strategy]["diff_std"] = statistics.stdev(diffs)
+    return result
+
+
+def test_report_equals_independent_recomputation(small_data, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(load_suite(str(write_suite(tmp_path, small_data)), "cpu"), out, jobs=2, log=lambda *_: None)
+    summary = write_report(out)
+    expected = recompute(out, ["standard", "hg"])
+    rows = {row["arm"].split("/")[0]: row for row in summary["arms"]}
+    for strategy, e in expected.items():
+        row = rows[strategy]
+        assert row["best_lr"] == e["best_lr"]
+        assert row["mean"] == pytest.approx(statistics.mean(e["losses"]), abs=1e-12)
+        assert row["std"] == pytest.approx(statistics.stdev(e["losses"]), abs=1e-12)
+        assert row["diff_mean"] == pytest.approx(e["diff_mean"], abs=1e-12)
+        assert row["diff_std"] == pytest.approx(e["diff_std"], abs=1e-12)
+    assert rows["standard"]["p_value"] is None and 0 <= rows["hg"]["p_value"] <= 1
+    assert summary["scaling"]["estimable"] is False and "at least 5" in summary["scaling"]["reason"]
+    text = (out / "report.md").read_text()
+    assert f"{rows['hg']['mean']:.4f}" in text and "not estimable" in text
+    assert rows["hg"]["bits_per_byte"] == pytest.approx(
+        rows["hg"]["mean"] * _tokens_per_byte(small_data) / 0.6931471805599453)
+
+
+def _tokens_per_byte(data_dir):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return meta["val"]["tokens"] / meta["val"]["bytes"]
+
+
+def test_failed_run_is_recorded_and_others_finish(small_data, tmp_path):
+    out = tmp_path / "sweep"
+    suite = load_suite(str(write_suite(tmp_path, small_data, lrs="[0.003, 1e6]")), "cpu")
+    result = run_sweep(suite, out, log=lambda *_: None)
+    assert len(result["failed"]) == 2  # lr 1e6 diverges in both arms
+    for path, error in result["failed"].items():
+        assert "lr1e+06" in path and "non-finite" in error
+        assert "non-finite" in (Path(path) / "failed.txt").read_text()
+    assert len(finished_runs(out)) == 2 + 2 * 2  # both arms at lr 0.003, then seeds 1 and 2 there
+
+
+def test_bad_arm_is_refused_before_any_run(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown strategy preset 'nonexistent'"):
+        load_suite(str(write_suite(tmp_path, small_data, ("standard", "nonexistent"))), "cpu")
+
+
+def test_gpu_scale_refuses_small_data(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="gpu suites need your own data"):
+        run_sweep(load_suite(str(write_suite(tmp_path, small_data)), "gpu"), tmp_path / "g", log=lambda *_: None)
+
+
+def test_shipped_suites_load_at_both_scales():
+    for name in ("removal", "weight-decay", "improvements", "scaling", "moe"):
+        for scale in ("cpu", "gpu"):
+            suite = load_suite(name, scale)
+            assert suite.baseline in suite.strategies and suite.arms()
+    improvements = load_suite("improvements", "cpu")
+    assert {"qknorm", "dnp+none", "unified", "or+iwd", "dnp+or"} <= set(improvements.strategies)
