@@ -85,7 +85,9 @@ class Projection(nn.Module):
         self._invariant_inputs = strategy.magnitude_on_dnp_inputs
 
     def in_scale(self, branch: str) -> Scale | None:
-        return self.shared_scale if self.shared_scale is not None else self.in_scales[branch] if branch in self.in_scales else None
+        if self.shared_scale is not None:
+            return self.shared_scale
+        return self.in_scales[branch] if branch in self.in_scales else None
 
     def effective_weight(self) -> torch.Tensor:
         """diag(γa) W diag(γb), per branch, as one fused matrix."""

@@ -19,7 +19,7 @@ from ..projection import Projection
 @torch.no_grad()
 def _fold_projection(proj: Projection, keep_shared: bool) -> None:
     start = 0
-    for branch in proj.branches:
+    for branch, placement in zip(proj.branches, proj.placements):
         rows = slice(start, start + branch.out_features)
         start += branch.out_features
         column_scale = None if keep_shared else proj.shared_scale
@@ -27,7 +27,7 @@ def _fold_projection(proj: Projection, keep_shared: bool) -> None:
             column_scale = proj.in_scales[branch.name]
         if column_scale is not None:
             proj.weight[rows] *= column_scale()[None, :]
-        if proj.placements[proj.branches.index(branch)] == "dp" and branch.name in proj.out_scales:
+        if placement == "dp" and branch.name in proj.out_scales:
             proj.weight[rows] *= proj.out_scales[branch.name]()[:, None]
             proj.out_scales[branch.name].reset_to_identity()
     if proj.shared_scale is not None and not keep_shared:

@@ -26,7 +26,7 @@ from .. import __version__
 from ..config import Config, ConfigError, load_config, to_dict, to_toml
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
 from ..data.prepare import prepare
-from ..dist import World, all_mean, all_sum, barrier, init_world, wrap
+from ..dist import all_mean, all_sum, barrier, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
 from ..schedule import lr_factor
@@ -98,11 +98,15 @@ class Trainer:
         self.windows = TokenWindows(data_dir, "train", t.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
         check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
+        if t.init_from and not Path(t.init_from).is_file():
+            raise ConfigError(f"train.init_from {t.init_from} not found; give the safetensors file of `scalevec import`")
         if world.main:
             open_run_dir(self.run_dir, config, resume, overwrite)
         barrier(world)
 
         self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
+        if t.init_from:  # before sharding; a checkpoint found by --resume replaces these weights
+            self._load_init(Path(t.init_from))
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
@@ -118,14 +122,8 @@ class Trainer:
         self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
         if resume:
             self._restore()
-        if self.step == 0 and t.init_from:
-            self._load_init(Path(t.init_from))
 
     def _load_init(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise ConfigError(f"train.init_from {path} not found; give the safetensors file of `scalevec import`")
         state = load_file(path)
         missing = sorted(set(self.model.state_dict()) ^ set(state))
         if missing:
