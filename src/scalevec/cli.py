@@ -33,12 +33,15 @@ def _config_from(source: str, overrides: list[str]):
 
 
 def cmd_info(args) -> None:
-    from .model import build_model
+    import torch
+
+    from .model import Decoder
     from .optim import param_groups
     from .summary import summarize
 
     config = _config_from(args.config, args.set)
-    model = build_model(config.model, config.strategy, config.seed, config.moe)
+    with torch.device("meta"):  # shapes only: a 2B model costs no memory or init time
+        model = Decoder(config.model, config.strategy, config.moe)
     summary = summarize(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
