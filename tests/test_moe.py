@@ -177,3 +177,13 @@ def test_bias_update_recentres_and_moves_toward_balance():
     moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
     assert moe.expert_bias.sum().abs() < 1e-6
     assert moe.expert_bias[0] < moe.expert_bias[2] < moe.expert_bias[1]
+
+
+def test_shared_expert_adds_a_dense_ffn():
+    model = build_model(replace(TINY, moe_shared_expert=True), strategy("hg"), seed=2)
+    randomize_scales(model)
+    moe = model.blocks[0].ffn
+    x = torch.randn(9, 32)
+    routed = naive_moe(moe, x, strategy("hg"))
+    torch.testing.assert_close(moe(x), routed + moe.shared_expert(x), atol=1e-5, rtol=1e-5)
+    assert "blocks.0.ffn.shared_expert.gate_up.weight" in model.param_info()

@@ -6,7 +6,7 @@
         q, k, v = Projection_qkv(x̂)                  (scales per the strategy; DNP on q,k = QK-norm)
         x += [post-norm] o(SDPA(RoPE(q), RoPE(k), v))
         x̂ = Norm(x)
-        gate, up = Projection_gate_up(x̂)
+        gate, up = Projection_gate_up(x̂)             (or a routed MoE FFN: moe.py)
         x += [post-norm] down(silu(gate) ⊙ up)
     logits = head(γ_final ⊙ Norm(x))
 """
@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig
+from .moe import MoEFeedForward
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, make_scale, scale_param_info
 from .strategy import Strategy
@@ -89,11 +90,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig | None = None):
         super().__init__()
-        from .moe import MoEFeedForward
-
         self.norm, self.eps = m.norm, m.norm_eps
         self.attn = Attention(m, s)
-        self.ffn = FeedForward(m, s) if moe is None else MoEFeedForward(m, s, moe)
+        if moe is None:
+            self.ffn = FeedForward(m, s)
+        else:
+            self.ffn = MoEFeedForward(m, s, moe, FeedForward(m, s) if m.moe_shared_expert else None)
         # Gemma-style sandwich norms: Output-Norms on each branch's output
         self.post_norms = s.post_norms
         param = s.scale if s.post_norms else "fixed"
@@ -175,8 +177,8 @@ class Decoder(nn.Module):
         x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
         return F.linear(x, self.head_weight)
 
-    def moe_layers(self) -> list[nn.Module]:
-        return [block.ffn for block in self.blocks if hasattr(block.ffn, "update_bias")]
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
 
     def new_cache(self) -> list[list]:
         return [[] for _ in self.blocks]

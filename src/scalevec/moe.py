@@ -23,10 +23,10 @@ from .strategy import Strategy
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig):
-        super().__init__()
-        from .model import FeedForward
+    """`shared_expert`: a dense FFN every token goes through (model.moe_shared_expert), or None."""
 
+    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig, shared_expert: nn.Module | None = None):
+        super().__init__()
         E, d = m.moe_experts, m.d_model
         de = m.moe_d_expert or m.d_ff
         self.experts, self.top_k, self.d_expert, self.moe = E, m.moe_top_k, de, moe
@@ -55,7 +55,7 @@ class MoEFeedForward(nn.Module):
                 if scale is not None:
                     self.out_scales[name] = scale
         self._invariant_inputs = s.magnitude_on_dnp_inputs
-        self.shared_expert = FeedForward(m, s) if m.moe_shared_expert else None
+        self.shared_expert = shared_expert
         self.aux_loss = None  # this forward's balancing losses, added to the objective by the trainer
 
     def _column_scale(self, scale: Scale | None) -> torch.Tensor | None:
