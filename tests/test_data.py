@@ -188,3 +188,14 @@ def test_parquet_column(tmp_path):
     with pytest.raises(DataError, match="no column 'text'"):
         prepare(DataConfig(dir=str(tmp_path / "o2"), sources=[], inputs=[str(tmp_path / "t.parquet")], vocab_size=300),
                 progress=False, log=quiet)
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("some words to tokenize here. " * 400)
+    out = prepare(DataConfig(dir=str(tmp_path / "out"), sources=[], inputs=[str(text)], vocab_size=300,
+                             val_fraction=0), progress=False, log=quiet)
+    shard = out / "train_000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match="train_000.bin is missing or not"):
+        TokenWindows(out, "train", seq_len=16)

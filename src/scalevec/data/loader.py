@@ -29,7 +29,12 @@ class TokenWindows:
         self.window = seq_len + 1
         self.shards, self.starts, total = [], [], 0
         for shard in self.meta[split]["shards"]:
-            tokens = np.memmap(directory / shard["file"], dtype=self.meta["dtype"], mode="r")
+            path = directory / shard["file"]
+            expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(f"shard {path} is missing or not {expected} bytes as meta.json says; delete {directory} "
+                                "and run `scalevec data prepare` again")
+            tokens = np.memmap(path, dtype=self.meta["dtype"], mode="r")
             count = len(tokens) // self.window
             if count:
                 self.shards.append(tokens)

@@ -175,7 +175,10 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ExportError(f"{hf_dir} has no config.json; give a Hugging Face model directory")
-    hf = json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{config_path} is not valid JSON ({err}); give the checkpoint's own config.json") from None
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

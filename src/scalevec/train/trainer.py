@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import Config, ConfigError, load_config, to_dict, to_toml
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
+from ..data.sources import DataError
 from ..data.prepare import prepare
 from ..dist import all_mean, all_sum, barrier, init_world, wrap
 from ..model import Decoder, build_model
@@ -97,6 +98,9 @@ class Trainer:
         data_dir = prepare(config.data, progress=self.progress, log=self.log)
         self.windows = TokenWindows(data_dir, "train", t.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
+        if len(self.val_windows) == 0:
+            raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction > 0 "
+                            "or use more data")
         check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
         if t.init_from and not Path(t.init_from).is_file():
             raise ConfigError(f"train.init_from {t.init_from} not found; give the safetensors file of `scalevec import`")
