@@ -162,3 +162,34 @@ def test_shipped_suites_load_at_both_scales():
             assert suite.baseline in suite.strategies and suite.arms()
     improvements = load_suite("improvements", "cpu")
     assert {"qknorm", "dnp+none", "unified", "or+iwd", "dnp+or"} <= set(improvements.strategies)
+
+
+def test_wsd_decays_from_stable_checkpoints(small_data, tmp_path):
+    text = SUITE.format(strategies='["standard", "hg"]', data=small_data)
+    text = text.replace('schedules = ["cosine"]', 'schedules = ["wsd"]', 1).replace("lrs = [0.003, 0.01]", "lrs = [0.003]")
+    text = text.replace("seeds = [0, 1, 2]", "seeds = [0, 1]\nwsd_decays = [0.5]", 1)
+    text = text.replace("steps = 8, batch_size = 4, seq_len = 32, eval_every = 4, log_every = 2, checkpoint_every = 4",
+                        "steps = 10, batch_size = 4, seq_len = 32, eval_every = 2, log_every = 2, checkpoint_every = 2")
+    path = tmp_path / "wsd.toml"
+    path.write_text(text)
+    suite = load_suite(str(path), "cpu")
+    out = tmp_path / "sweep"
+    run_sweep(suite, out, log=lambda *_: None)
+    summary = write_report(out)
+
+    def val_at(metrics, step):
+        return [json.loads(line)["val_loss"] for line in metrics.read_text().splitlines()
+                if json.loads(line)["step"] == step][0]
+
+    rows = {row["arm"].split("/")[0]: row for row in summary["arms"]}
+    for strategy in ("standard", "hg"):
+        seeds = out / strategy / "config" / "adamw-wsd" / "lr0.003"
+        stable = statistics.mean(val_at(seeds / f"seed{s}" / "metrics.jsonl", 4) for s in (0, 1))
+        decayed = statistics.mean(val_at(seeds / f"seed{s}-decay4" / "metrics.jsonl", 5) for s in (0, 1))
+        (point,) = rows[strategy]["wsd"]
+        assert point["decay_from"] == 4 and point["seeds"] == 2
+        assert point["stable"] == pytest.approx(stable, abs=1e-12)
+        assert point["decayed"] == pytest.approx(decayed, abs=1e-12)
+    assert rows["hg"]["wsd"][0]["decayed_gap"] == pytest.approx(
+        rows["hg"]["wsd"][0]["decayed"] - rows["standard"]["wsd"][0]["decayed"])
+    assert "WSD: decays launched from stable-phase checkpoints" in (out / "report.md").read_text()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from scalevec.cli import main
-from scalevec.config import load_config, to_toml
+from scalevec.config import ConfigError, load_config, to_toml
 from scalevec.train import checkpoint as checkpoint_module
 from scalevec.train.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.train.trainer import Trainer, TrainError
@@ -217,3 +217,27 @@ def test_compare_writes_report_and_reuses_finished_runs(small_data, tmp_path, ca
     assert "finished run found" in capsys.readouterr().out
     assert (out / "standard" / "metrics.jsonl").stat().st_mtime_ns == mtime
     assert main(["compare", "--preset", "nope"]) == 2
+
+
+def test_wsd_decay_launched_from_a_stable_checkpoint(small_data, tmp_path):
+    """A branch from the stable-phase checkpoint at the decay start reproduces the full WSD run; an earlier
+    branch decays from its own point."""
+    sets = ("schedule.name=wsd", "schedule.decay_fraction=0.25", "train.steps=40", "train.checkpoint_every=10",
+            "train.keep_checkpoints=10")
+    Trainer(tiny_config(small_data, *sets), tmp_path / "main", progress=False, log=quiet).run()
+    stable = tmp_path / "main" / "checkpoints"
+    late = tiny_config(small_data, *sets, f"train.branch_from={stable / 'step_00000030'}", "schedule.decay_start=30")
+    Trainer(late, tmp_path / "late", progress=False, log=quiet).run()
+    expected, got = final_weights(tmp_path / "main"), final_weights(tmp_path / "late")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    early = tiny_config(small_data, *sets, f"train.branch_from={stable / 'step_00000020'}", "schedule.decay_start=20",
+                        "train.steps=27")
+    trainer = Trainer(early, tmp_path / "early", progress=False, log=quiet)
+    assert trainer.step == 20
+    trainer.run()
+    rows = records(tmp_path / "early")
+    assert rows[0]["step"] == 25 and rows[-1]["step"] == 27 and "val_loss" in rows[-1]
+    assert rows[-1]["lr"] == pytest.approx(early.optim.lr * (1 - 0.9 * 6 / 7))
+    with pytest.raises(ConfigError, match="branch_from"):
+        Trainer(tiny_config(small_data, *sets, f"train.branch_from={tmp_path}"), tmp_path / "bad", progress=False,
+                log=quiet)

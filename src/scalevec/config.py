@@ -196,6 +196,8 @@ class ScheduleConfig:
     """WSD: final fraction of the steps spent decaying."""
     decay_shape: str = "linear"
     """WSD decay shape: `linear`, `cosine` or `1-sqrt`."""
+    decay_start: int = 0
+    """WSD: step at which the decay starts (0 = the last decay_fraction of the steps)."""
 
 
 @dataclass
@@ -236,6 +238,9 @@ class TrainConfig:
     """CPU threads for torch (0 = torch's default)."""
     init_from: str = ""
     """Safetensors weights to start from instead of a random init (e.g. written by `scalevec import`)."""
+    branch_from: str = ""
+    """Another run's checkpoint directory to continue from in this new run (weights, optimizer, data position,
+    step): e.g. a WSD decay launched from a stable-phase checkpoint."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs `pip install 'scalevec[tensorboard]'`)."""
 
@@ -437,6 +442,8 @@ def validate(config: Config) -> None:
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(t.grad_clip >= 0 and t.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
+    _check(0 <= sch.decay_start < t.steps,
+           f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
     _check(config.dist.mode in ("ddp", "fsdp2"), f"dist.mode={config.dist.mode!r}; choose ddp or fsdp2")

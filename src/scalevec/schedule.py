@@ -17,7 +17,8 @@ def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
     if schedule.name == "cosine":
         progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = max(schedule.warmup_steps, total_steps - round(schedule.decay_fraction * total_steps))
+    decay_start = schedule.decay_start or max(schedule.warmup_steps,
+                                              total_steps - round(schedule.decay_fraction * total_steps))
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))

@@ -81,7 +81,12 @@ def analyse(out: Path) -> dict:
                      "tokens": next(iter(seeds.values())).tokens,
                      "curve": _mean_curve([r.curve for r in seeds.values()])}
     for arm, row in arms.items():
+        row["wsd"] = wsd_study(out, suite, arm, row)
+    for arm, row in arms.items():
         base = arms.get(Arm(suite.baseline, arm.size, arm.optimizer, arm.schedule))
+        for point, base_point in zip(row["wsd"], base["wsd"] if base else []):
+            point["stable_gap"] = point["stable"] - base_point["stable"]
+            point["decayed_gap"] = point["decayed"] - base_point["decayed"]
         common = sorted(set(row["seeds"]) & set(base["seeds"])) if base else []
         diffs = [row["seeds"][s] - base["seeds"][s] for s in common]
         row["paired_seeds"] = len(diffs)
@@ -93,6 +98,25 @@ def analyse(out: Path) -> dict:
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
             "cpu_hours": suite.cpu_hours, "steps": steps, "arms": list(arms.values()),
             "scaling": scaling_fit(suite, arms)}
+
+
+def wsd_study(out: Path, suite: Suite, arm: Arm, row: dict) -> list[dict]:
+    """Per decay point: validation loss in the stable phase there, and after the decay launched from it."""
+    points = []
+    for point in suite.decay_points(arm):
+        stable, decayed = [], []
+        for seed in row["seeds"]:
+            main = read_run(run_dir(out, arm, row["best_lr"], int(seed)), suite.steps())
+            branch = read_run(run_dir(out, arm, row["best_lr"], int(seed), point), suite.decay_steps(point))
+            if main is None or branch is None:
+                continue
+            at = main.tokens * point / suite.steps()
+            stable.append([loss for tokens, loss in main.curve if tokens <= at][-1])
+            decayed.append(branch.val_loss)
+        if stable:
+            points.append({"decay_from": point, "stable": statistics.mean(stable), "decayed": statistics.mean(decayed),
+                           "seeds": len(stable)})
+    return points
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
@@ -164,6 +188,14 @@ def write_report(out: Path) -> dict:
     lines += ["", "± is the standard deviation over seeds; * marks p < 0.05. `(edge)`: the best learning rate is at "
               "the edge of the grid, so a better one may lie outside it.", "",
               "![loss curves](curves.png)", "", "![learning rates](lr.png)", ""]
+    wsd_rows = [(row["arm"], p) for row in summary["arms"] for p in row["wsd"]]
+    if wsd_rows:
+        lines += ["WSD: decays launched from stable-phase checkpoints (validation loss in the stable phase at the "
+                  "launch step, and after that decay; gaps to the baseline arm):", "",
+                  "| arm | launch step | stable | gap | after decay | gap |", "|---|---|---|---|---|---|"]
+        lines += [f"| {arm} | {p['decay_from']} | {p['stable']:.4f} | {p.get('stable_gap', 0):+.4f} | "
+                  f"{p['decayed']:.4f} | {p.get('decayed_gap', 0):+.4f} |" for arm, p in wsd_rows]
+        lines.append("")
     scaling = summary["scaling"]
     if scaling["estimable"]:
         lines += ["Compute-efficiency multipliers (baseline compute to reach the strategy's loss / its compute):", ""]

@@ -8,6 +8,10 @@ Same seed, same initial matrices and batch order in every arm: comparisons are p
 
 Each run is a `scalevec train` subprocess with its own run directory; a finished run is skipped,
 a partial one resumed, a failed one recorded in its `failed.txt` and retried on the next sweep.
+
+WSD studies (`wsd_decays`): a WSD run's stable phase is a constant-LR run, so its checkpoints there
+launch extra decays (`train.branch_from`) at fractions of the stable phase; the report then shows
+the gap to the baseline during the stable phase and after each decay.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..config import ConfigError, load_config, to_toml
 from .compare import read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
+CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Suite:
     lr_seed: int
     seeds: list[int]
     cpu_hours: float = 0.0
+    wsd_decays: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
     def arms(self) -> list[Arm]:
@@ -65,8 +71,25 @@ class Suite:
     def lrs_for(self, arm: Arm) -> list[float]:
         return self.muon_lrs if arm.optimizer == "muon" else self.lrs
 
+    def base_config(self):
+        """The suite's config with its first size (every run overrides the size anyway)."""
+        return load_config(self.config, [] if self.sizes[0] == CONFIG_SIZE else [f"model.preset={self.sizes[0]}"])
+
     def steps(self) -> int:
-        return load_config(self.config).train.steps
+        return self.base_config().train.steps
+
+    def decay_points(self, arm: Arm) -> list[int]:
+        """Stable-phase checkpoint steps of a WSD arm's runs that launch extra decays."""
+        if arm.schedule != "wsd" or not self.wsd_decays:
+            return []
+        config = self.base_config()
+        stable = config.train.steps - round(config.schedule.decay_fraction * config.train.steps)
+        every = config.train.checkpoint_every
+        return sorted({int(f * stable) // every * every for f in self.wsd_decays} - {0})
+
+    def decay_steps(self, point: int) -> int:
+        """Total steps of a decay launched at `point`: the same stable/decay proportion as the full run."""
+        return round(point / (1 - self.base_config().schedule.decay_fraction))
 
 
 def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite:
@@ -95,11 +118,32 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
     return suite
 
 
-def run_dir(out: Path, arm: Arm, lr: float, seed: int) -> Path:
-    return out / arm.path / f"lr{lr:g}" / f"seed{seed}"
+def run_dir(out: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Path:
+    return out / arm.path / f"lr{lr:g}" / (f"seed{seed}-decay{decay_from}" if decay_from else f"seed{seed}")
 
 
-CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
+@dataclass(frozen=True)
+class RunSpec:
+    arm: Arm
+    lr: float
+    seed: int
+    decay_from: int = 0  # > 0: a WSD decay launched from this stable-phase step of the (arm, lr, seed) run
+
+    def path(self, out: Path) -> Path:
+        return run_dir(out, self.arm, self.lr, self.seed, self.decay_from)
+
+    def overrides(self, out: Path, suite: Suite) -> list[str]:
+        sets = overrides(self.arm, self.lr, self.seed)
+        if suite.decay_points(self.arm):
+            sets.append("train.keep_checkpoints=1000000")  # the decays branch from stable-phase checkpoints
+        if self.decay_from:
+            source = run_dir(out, self.arm, self.lr, self.seed) / "checkpoints" / f"step_{self.decay_from:08d}"
+            sets += [f"train.branch_from={source}", f"schedule.decay_start={self.decay_from}",
+                     f"train.steps={suite.decay_steps(self.decay_from)}"]
+        return sets
+
+    def steps(self, suite: Suite) -> int:
+        return suite.decay_steps(self.decay_from) if self.decay_from else suite.steps()
 
 
 def overrides(arm: Arm, lr: float, seed: int) -> list[str]:
@@ -122,11 +166,10 @@ def best_lr(out: Path, suite: Suite, arm: Arm) -> float | None:
     return min(finished, key=finished.get) if finished else None
 
 
-def _run(spec: tuple[Arm, float, int], out: Path, base: Path, threads: int) -> tuple[Path, str | None]:
-    arm, lr, seed = spec
-    path = run_dir(out, arm, lr, seed)
+def _run(spec: RunSpec, suite: Suite, out: Path, base: Path, threads: int) -> tuple[Path, str | None]:
+    path = spec.path(out)
     command = [sys.executable, "-m", "scalevec", "train", str(base), "--out", str(path),
-               *[x for o in [*overrides(arm, lr, seed), f"train.threads={threads}"] for x in ("--set", o)]]
+               *[x for o in [*spec.overrides(out, suite), f"train.threads={threads}"] for x in ("--set", o)]]
     if path.exists():
         command.append("--resume")
     result = subprocess.run(command, capture_output=True, text=True)
@@ -143,7 +186,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     base = out / "suite.toml"
-    config = load_config(suite.config)
+    config = suite.base_config()
     base.write_text(to_toml(config))
     (out / "suite.json").write_text(json.dumps(asdict(suite), indent=1) + "\n")
     data_dir = prepare(config.data, log=log)
@@ -155,17 +198,17 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print) -> dict:
             raise ConfigError(f"gpu suites need your own data: {data_dir} has {meta['train']['tokens']:,} training "
                               f"tokens, a run needs {needed:,}; prepare more data and set data.* in the suite")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    steps = suite.steps()
     failures: dict[str, str] = {}
     arms = suite.arms()
-    lr_phase = [(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
-    total = len(lr_phase) + len(arms) * len([s for s in suite.seeds if s != suite.lr_seed])
+    lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
+    total = len(lr_phase) + sum(len([s for s in suite.seeds if s != suite.lr_seed])
+                                + len(suite.seeds) * len(suite.decay_points(arm)) for arm in arms)
     with tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
-        def execute(specs):
-            todo = [s for s in specs if final_val_loss(run_dir(out, *s), steps) is None]
+        def execute(specs: list[RunSpec]) -> None:
+            todo = [s for s in specs if final_val_loss(s.path(out), s.steps(suite)) is None]
             bar.update(len(specs) - len(todo))
             with ThreadPoolExecutor(jobs) as pool:
-                for path, error in pool.map(lambda spec: _run(spec, out, base, threads), todo):
+                for path, error in pool.map(lambda spec: _run(spec, suite, out, base, threads), todo):
                     if error:
                         failures[str(path)] = error
                         log(f"run {path} failed: {error}")
@@ -173,6 +216,9 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print) -> dict:
 
         execute(lr_phase)
         best = {arm: best_lr(out, suite, arm) for arm in arms}
-        execute([(arm, lr, seed) for arm, lr in best.items() if lr is not None
+        execute([RunSpec(arm, lr, seed) for arm, lr in best.items() if lr is not None
                  for seed in suite.seeds if seed != suite.lr_seed])
+        execute([RunSpec(arm, lr, seed, point) for arm, lr in best.items() if lr is not None
+                 for seed in suite.seeds if final_val_loss(run_dir(out, arm, lr, seed), suite.steps()) is not None
+                 for point in suite.decay_points(arm)])
     return {"runs": total, "failed": failures, "best_lr": {arm.path: lr for arm, lr in best.items()}}

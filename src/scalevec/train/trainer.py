@@ -31,7 +31,7 @@ from ..dist import all_mean, all_sum, barrier, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
 from ..schedule import lr_factor
-from .checkpoint import newest_valid, save_checkpoint
+from .checkpoint import CheckpointError, newest_valid, save_checkpoint, verify_checkpoint
 from .diagnostics import scale_diagnostics
 
 
@@ -126,6 +126,19 @@ class Trainer:
         self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
         if resume:
             self._restore()
+        if self.step == 0 and t.branch_from:
+            self._branch(Path(t.branch_from))
+
+    def _branch(self, path: Path) -> None:
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as err:
+            raise ConfigError(f"train.branch_from: {err}; give a valid checkpoint directory of another run") from None
+        if state["step"] >= self.config.train.steps:
+            raise ConfigError(f"train.branch_from is at step {state['step']}, not below train.steps="
+                              f"{self.config.train.steps}; raise train.steps")
+        self._load_checkpoint(path, state)
+        self.log(f"branched from {path} at step {self.step}")
 
     def _load_init(self, path: Path) -> None:
         state = load_file(path)
@@ -187,7 +200,14 @@ class Trainer:
             if self.world.main:
                 self._truncate_metrics(-1)
             return
-        path, state = found
+        self._load_checkpoint(*found)
+        if self.world.main:
+            self._truncate_metrics(self.step)
+        barrier(self.world)
+        self.log(f"resumed from step {self.step}")
+
+    def _load_checkpoint(self, path: Path, state: dict) -> None:
+        """Model, optimizer, RNG, data position and step from a verified checkpoint directory."""
         trainer_state = torch.load(path / "trainer.pt", weights_only=True)
         if (path / "dcp").is_dir() != self.sharded:
             raise RunDirError(f"{path} was saved {'with' if (path / 'dcp').is_dir() else 'without'} FSDP2 sharding; "
@@ -213,10 +233,6 @@ class Trainer:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped = state["step"], state["skipped"]
-        if self.world.main:
-            self._truncate_metrics(self.step)
-        barrier(self.world)
-        self.log(f"resumed from step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from; they will be written again."""
