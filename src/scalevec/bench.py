@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Config
+from .config import Config, ConfigError
 from .model import build_model
 from .optim import Optimizers
 from .strategy import strategy as make_strategy
@@ -77,7 +77,7 @@ def _hf_arm(config: Config, device) -> Arm:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
-        raise SystemExit("scalevec: error: --hf needs transformers; pip install 'scalevec[hf]'") from None
+        raise ConfigError("--hf needs transformers; pip install 'scalevec[hf]'") from None
     m = config.model
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
@@ -100,15 +100,15 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
 
     arms = []
     for name in strategies:
-        model = build_model(config.model, make_strategy(name), config.seed, config.moe).to(device)
-        model.checkpoint_blocks = activation_checkpointing
         strat = make_strategy(name)
+        model = build_model(config.model, strat, config.seed, config.moe).to(device)
+        model.checkpoint_blocks = activation_checkpointing
         optimizer = Optimizers(model, config.optim, strat.scale_decay)
         arms.append(Arm(name, model, torch.compile(model) if compile else model, optimizer, lambda out: out))
     if hf:
-        arm = _hf_arm(config, device)
-        arms.append(Arm(arm.name, arm.model, torch.compile(arm.model) if compile else arm.model, arm.optimizer,
-                        arm.logits))
+        arms.append(_hf_arm(config, device))
+        if compile:
+            arms[-1].forward = torch.compile(arms[-1].model)
     t = config.train
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=gen).to(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
 from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
 from .export.hf import ExportError
+from .strategy import UnknownPreset
 from .train.trainer import RunDirError, TrainError
 
 
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, UsageError, RunDirError, ExportError) as err:
+    except (ConfigError, DataError, UsageError, RunDirError, ExportError, UnknownPreset) as err:
         print(f"scalevec: error: {err}", file=sys.stderr)
         return 2
     except TrainError as err:
