@@ -199,3 +199,19 @@ def test_truncated_shard_is_reported(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DataError, match="train_000.bin is missing or not"):
         TokenWindows(out, "train", seq_len=16)
+
+
+def test_small_shards_hold_the_same_tokens(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("shards split a long token stream into files. " * 500)
+    one = prepare(DataConfig(dir=str(tmp_path / "one"), sources=[], inputs=[str(text)], vocab_size=300,
+                             val_fraction=0), progress=False, log=quiet)
+    many = prepare(DataConfig(dir=str(tmp_path / "many"), sources=[], inputs=[str(text)], vocab_size=300,
+                              val_fraction=0, shard_tokens=1000), progress=False, log=quiet)
+    meta = json.loads((many / "meta.json").read_text())
+    assert len(meta["train"]["shards"]) > 2 and all(s["tokens"] <= 1000 for s in meta["train"]["shards"])
+    joined = np.concatenate([np.fromfile(many / s["file"], dtype=np.uint16) for s in meta["train"]["shards"]])
+    assert np.array_equal(joined, np.fromfile(one / "train_000.bin", dtype=np.uint16))
+    windows = TokenWindows(many, "train", seq_len=99)
+    assert len(windows) == sum(s["tokens"] // 100 for s in meta["train"]["shards"])
+    assert windows.batch(range(len(windows)))[0].shape == (len(windows), 99)

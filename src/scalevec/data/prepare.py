@@ -87,7 +87,7 @@ def split_documents(sizes: list[int], val_fraction: float, seed: int) -> set[int
 
 def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, dtype, shard_tokens: int,
                  eos_id: int | None, progress) -> dict:
-    shards, current, current_len, total = [], [], 0, 0
+    shards, current, current_len, total, total_bytes = [], [], 0, 0, 0
 
     def flush():
         nonlocal current, current_len
@@ -103,16 +103,17 @@ def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, 
             ids = encoding.ids + ([eos_id] if eos_id is not None else [])
             array = np.asarray(ids, dtype=np.int64)
             while len(array):
-                room = shard_tokens - current_len
-                current.append(array[:room])
-                current_len += len(array[:room])
-                total += len(array[:room])
-                array = array[room:]
+                piece, array = array[:shard_tokens - current_len], array[shard_tokens - current_len:]
+                current.append(piece)
+                current_len += len(piece)
+                total += len(piece)
                 if current_len == shard_tokens:
                     flush()
-        progress.update(sum(len(t.encode()) for t in batch))
+        batch_bytes = sum(len(t.encode()) for t in batch)
+        total_bytes += batch_bytes
+        progress.update(batch_bytes)
     flush()
-    return {"tokens": total, "documents": len(texts), "bytes": sum(len(t.encode()) for t in texts), "shards": shards}
+    return {"tokens": total, "documents": len(texts), "bytes": total_bytes, "shards": shards}
 
 
 def prepare(data: DataConfig, progress: bool | None = None, log=print) -> Path:
