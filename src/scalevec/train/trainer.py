@@ -113,6 +113,7 @@ class Trainer:
             self._load_init(Path(t.init_from))
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
+        self.moe_layers = self.model.moe_layers()
         self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
         wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
             if world.size > 1 else self.model
@@ -252,7 +253,7 @@ class Trainer:
         objective = ce
         if self.config.train.z_loss:
             objective = objective + self.config.train.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
-        for moe in self.model.moe_layers():
+        for moe in self.moe_layers:
             objective = objective + moe.aux_loss
         return objective, ce
 
@@ -297,18 +298,17 @@ class Trainer:
 
     def _balance_experts(self) -> None:
         """Aux-loss-free balancing: every rank updates its expert bias from the load summed over ranks."""
-        for moe in self.model.moe_layers():
+        for moe in self.moe_layers:
             if self.config.moe.balance == "bias":
                 moe.update_bias(torch.tensor(all_sum(moe.step_load.tolist(), self.world), device=moe.step_load.device))
             moe.step_load.zero_()
 
     def _expert_load(self) -> dict:
         """Load imbalance since the last record: max over mean tokens per expert, averaged over MoE layers."""
-        layers = self.model.moe_layers()
-        if not layers:
+        if not self.moe_layers:
             return {}
         imbalance = []
-        for moe in layers:
+        for moe in self.moe_layers:
             load = torch.tensor(all_sum(moe.log_load.tolist(), self.world))
             imbalance.append((load.max() / load.mean().clamp(min=1)).item())
             moe.log_load.zero_()
