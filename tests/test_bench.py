@@ -22,6 +22,16 @@ def test_bench_reports_ratios_to_first_arm():
     assert results["unified"]["tokens_per_s"] == pytest.approx(2 * 32 / results["unified"]["step_s"])
     assert results["unified"]["parameters"] > results["standard"]["parameters"]
     assert "| unified |" in format_bench(report)
+    assert results["unified"]["mfu"] is None  # no peak known on CPU
+
+
+def test_bench_mfu_is_model_flops_over_peak():
+    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=1, warmup=1, peak=1e-3)
+    model = build_model(load_config(TINY).model, strategy("standard"))
+    matrices = sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight") and p.ndim == 2)
+    assert report["flops_per_token"] == 6 * matrices + 12 * 2 * 32 * 32  # tied head: the embedding is a matmul
+    for row in report["results"].values():
+        assert row["mfu"] == pytest.approx(report["flops_per_token"] * row["tokens_per_s"] / 1e9)
 
 
 def test_bench_against_transformers():

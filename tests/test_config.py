@@ -34,6 +34,8 @@ def test_resolved_toml_round_trips(tmp_path):
     (["model.n_kv_heads=3"], "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
     (["model.d_model=36", "model.n_heads=4"], "RoPE needs an even head_dim"),
     (["strategy.preset=unifed"], "unknown strategy preset 'unifed'"),
+    (["model.preset=cpu-moe", "moe.dispatch=bmm"], "moe.dispatch='bmm'; choose auto, grouped or padded"),
+    (["model.preset=cpu-moe", "model.moe_d_expert=100"], "the expert width 100 must be multiples of 8"),
     (["model.preset=cpu-9m"], "unknown size preset 'cpu-9m'"),
     (["strategy.dnp=q,x"], "unknown projection 'x'"),
     (["strategy.dp=q", "strategy.dnp=q"], "'q' is in both dp and dnp"),

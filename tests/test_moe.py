@@ -83,14 +83,16 @@ def naive_moe(moe: MoEFeedForward, x: torch.Tensor, strat) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("name, expert_scales", [("standard", "per_expert"), ("unified", "per_expert"),
-                                                 ("hg+dp", "shared"), ("hg+dp+er", "per_expert")])
-def test_batched_dispatch_equals_per_token_loop(name, expert_scales):
+@pytest.mark.parametrize("dispatch", ["grouped", "padded"])
+@pytest.mark.parametrize("name, expert_scales, experts, tokens", [
+    ("standard", "per_expert", 4, 13), ("unified", "per_expert", 4, 13), ("hg+dp", "shared", 4, 13),
+    ("hg+dp+er", "per_expert", 4, 13), ("unified", "per_expert", 8, 2)])  # the last leaves experts empty
+def test_batched_dispatch_equals_per_token_loop(name, expert_scales, experts, tokens, dispatch):
     strat = strategy(name, expert_scales=expert_scales)
-    model = build_model(TINY, strat, seed=2)
+    model = build_model(replace(TINY, moe_experts=experts), strat, seed=2, moe=MoEConfig(dispatch=dispatch))
     randomize_scales(model)
     moe = model.blocks[0].ffn
-    x = torch.randn(13, 32)
+    x = torch.randn(tokens, 32)
     batched = moe(x)
     batched.pow(2).sum().backward()
     grads = {n: p.grad.clone() for n, p in moe.named_parameters()}

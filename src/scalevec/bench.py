@@ -4,6 +4,9 @@ Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) a
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
 of them alike; medians and ratios to the first strategy are reported.
 
+MFU (CUDA only): model FLOPs per token (`flops_per_token`, PaLM's accounting, the same for every
+strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak.
+
 Memory: on CUDA the allocator's peak; on CPU, where torch keeps no allocator statistics, the bytes
 of parameters, gradients and optimizer state plus the activations saved for backward in one step
 (counted by storage through saved-tensor hooks), which is what differs between strategies.
@@ -22,6 +25,17 @@ from .config import Config, ConfigError
 from .model import build_model
 from .optim import Optimizers
 from .strategy import strategy as make_strategy
+from .summary import flops_per_token
+
+# Dense bf16 tensor-core peaks (datasheets, TFLOP/s), matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 @dataclass
@@ -91,7 +105,8 @@ def _hf_arm(config: Config, device) -> Arm:
 
 
 def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: int = 3, compile: bool = False,
-              hf: bool = False, activation_checkpointing: bool = False) -> dict:
+              hf: bool = False, activation_checkpointing: bool = False, peak: float | None = None) -> dict:
+    """`peak`: the device's bf16 TFLOP/s for MFU (default: looked up by GPU name; none on CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
     bf16 = device.type == "cuda"
 
@@ -120,6 +135,8 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         for arm in arms:
             times[arm.name].append(_step(arm, tokens, device, autocast))
     tokens_per_step = t.batch_size * t.seq_len
+    flops = flops_per_token(arms[0].model, t.seq_len)  # transformers' Llama: the standard shape's
+    peak = peak_tflops(device, peak)
     results = {}
     for arm in arms:
         median = statistics.median(times[arm.name])
@@ -130,12 +147,14 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         else:
             memory = _state_bytes(arm) + _saved_activation_bytes(arm, tokens)
         results[arm.name] = {"step_s": median, "tokens_per_s": tokens_per_step / median, "memory_bytes": memory,
-                             "parameters": sum(p.numel() for p in arm.model.parameters())}
+                             "parameters": sum(p.numel() for p in arm.model.parameters()),
+                             "mfu": flops * tokens_per_step / median / (peak * 1e12) if peak else None}
     base = results[strategies[0]]
     for row in results.values():
         row["step_ratio"] = row["step_s"] / base["step_s"]
         row["memory_ratio"] = row["memory_bytes"] / base["memory_bytes"]
-    return {"device": str(device), "threads": torch.get_num_threads(), "compile": compile,
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "peak_tflops": peak, "flops_per_token": flops, "threads": torch.get_num_threads(), "compile": compile,
             "activation_checkpointing": activation_checkpointing, "model": config.model.preset,
             "batch_size": t.batch_size, "seq_len": t.seq_len, "repeats": repeats, "results": results}
 
@@ -144,8 +163,9 @@ def format_bench(report: dict) -> str:
     lines = [f"{report['model']} on {report['device']} ({report['threads']} threads), batch {report['batch_size']}x"
              f"{report['seq_len']}, {'compiled' if report['compile'] else 'eager'}"
              f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of {report['repeats']}",
-             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio |", "|---|---|---|---|---|---|"]
+             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio | MFU |", "|---|---|---|---|---|---|---|"]
     for name, row in report["results"].items():
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         lines.append(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {row['step_ratio']:.3f} | "
-                     f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} |")
+                     f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} | {mfu} |")
     return "\n".join(lines)

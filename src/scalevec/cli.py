@@ -167,8 +167,8 @@ def cmd_bench(args) -> None:
     if not strategies:
         raise UsageError("--strategies is empty; name at least one, e.g. standard,unified")
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.mode]
-    reports = [run_bench(config, strategies, args.repeats, args.warmup, compile, args.hf, args.activation_checkpointing)
-               for compile in modes]
+    reports = [run_bench(config, strategies, args.repeats, args.warmup, compile, args.hf, args.activation_checkpointing,
+                         args.peak_tflops) for compile in modes]
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
     else:
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     bench.add_argument("--repeats", type=int, default=10, help="timed steps per arm")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
+    bench.add_argument("--peak-tflops", type=float, help="GPU bf16 peak for MFU (default: looked up by GPU name)")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     bench.set_defaults(func=cmd_bench)

@@ -106,6 +106,10 @@ class MoEConfig:
     """Step of the expert-bias update per optimizer step (balance = bias)."""
     router_z_loss: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(router logits)²)."""
+    dispatch: str = "auto"
+    """Expert matmuls: `grouped` (one grouped GEMM over rows sorted by expert; static shapes, so it
+    compiles once; bf16 CUTLASS kernels on Hopper/Blackwell), `padded` (batched matmuls over a
+    buffer padded to the busiest expert; faster on CPU), or `auto` (grouped on CUDA, padded elsewhere)."""
 
 
 @dataclass
@@ -405,9 +409,14 @@ def validate(config: Config) -> None:
         _check(0 < m.moe_top_k <= m.moe_experts,
                f"model.moe_top_k={m.moe_top_k} must be in 1..model.moe_experts={m.moe_experts}")
         _check(m.moe_every > 0 and m.moe_d_expert >= 0, "model.moe_every must be positive and moe_d_expert >= 0")
+        d_expert = m.moe_d_expert or m.d_ff
+        _check(m.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows must be 16-byte aligned in bf16
+               f"model.d_model={m.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; round them")
         _check("down" not in s.dp + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
     _check(config.moe.router in ("softmax", "sigmoid"), f"moe.router={config.moe.router!r}; choose softmax or sigmoid")
     _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, bias or none")
+    _check(config.moe.dispatch in ("auto", "grouped", "padded"),
+           f"moe.dispatch={config.moe.dispatch!r}; choose auto, grouped or padded")
     _check(s.expert_scales in ("per_expert", "shared"),
            f"strategy.expert_scales={s.expert_scales!r}; choose per_expert or shared")
     _check(s.scale in PARAMETERIZATIONS, f"strategy.scale={s.scale!r}; choose from {', '.join(PARAMETERIZATIONS)}")

@@ -4,10 +4,13 @@
     expert e: down_e(silu(gate_e) ⊙ up_e), gate_e/up_e reading x̂ through per-expert (or shared) scales,
               with DP or DNP on gate/up as the strategy says
 
-Experts are stacked 3-D tensors. Dispatch is dropless and loop-free: assignments are sorted by
-expert into a padded (experts, capacity, d) buffer and run as batched matmuls (torch's grouped
-GEMM is private and CUDA-only). Balancing: a Switch-style auxiliary loss, or the aux-loss-free
-expert bias (a buffer the optimizer never sees, updated from the load summed over ranks).
+Experts are stacked 3-D tensors. Dispatch is dropless and has no Python loop over experts:
+assignments are sorted by expert, then either (grouped) each expert's rows multiply its matrices
+in one grouped GEMM (`F.grouped_mm`: CUTLASS kernels for bf16 on Hopper/Blackwell; shapes do not
+depend on the routing, so the layer compiles once), or (padded) the rows are copied into an
+(experts, busiest expert's count, d) buffer for batched matmuls, which MKL runs faster on CPU than
+grouped GEMM's per-group fallback. Balancing: a Switch-style auxiliary loss, or the aux-loss-free expert bias (a
+buffer the optimizer never sees, updated from the load summed over ranks).
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from .config import ModelConfig, MoEConfig
 from .projection import normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale, scale_param_info
 from .strategy import Strategy
+
+
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rows[ends[e-1]:ends[e]] @ weights[e] for every expert e, in autocast's dtype as F.linear would be
+    (autocast does not cover grouped_mm, and its fast kernels take bf16 only)."""
+    if torch.is_autocast_enabled(rows.device.type):
+        dtype = torch.get_autocast_dtype(rows.device.type)
+        rows, weights = rows.to(dtype), weights.to(dtype)
+    return F.grouped_mm(rows, weights, offs=ends)
 
 
 class MoEFeedForward(nn.Module):
@@ -89,35 +101,44 @@ class MoEFeedForward(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, indices, weights
 
-    def experts_forward(self, buffer: torch.Tensor) -> torch.Tensor:
-        """(E, C, d) tokens grouped by expert -> (E, C, d) expert outputs."""
-        gate, up = torch.bmm(buffer, self.effective_gate_up().transpose(1, 2)).split(self.d_expert, dim=-1)
+    def swiglu(self, gate_up: torch.Tensor, per_expert) -> torch.Tensor:
+        """silu(gate) ⊙ up after DNP; `per_expert` lays an (E, d_expert) scale out like gate_up's rows."""
         acts = []
-        for name, h in (("gate", gate), ("up", up)):
+        for name, h in zip(("gate", "up"), gate_up.split(self.d_expert, dim=-1)):
             if self.placements[name] == "dnp":
                 h = normalize(h, self.d_expert, self.norm, self.eps)
                 if name in self.out_scales:
                     gamma = self.out_scales[name]()
-                    h = h * (gamma.unsqueeze(1) if gamma.ndim == 2 else gamma)
+                    h = h * (per_expert(gamma) if gamma.ndim == 2 else gamma)
             acts.append(h)
-        return torch.bmm(F.silu(acts[0]) * acts[1], self.down.transpose(1, 2))
+        return F.silu(acts[0]) * acts[1]
+
+    def grouped_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ends = counts.cumsum(0).to(torch.int32)
+        gate_up = grouped_mm(rows, self.effective_gate_up().transpose(1, 2), ends)
+        return grouped_mm(self.swiglu(gate_up, lambda gamma: gamma[expert_of]), self.down.transpose(1, 2), ends)
+
+    def padded_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        capacity = int(counts.max())
+        slot = expert_of * capacity + torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[expert_of]
+        buffer = rows.new_zeros(self.experts * capacity, rows.shape[-1]).index_copy(0, slot, rows)
+        gate_up = torch.bmm(buffer.view(self.experts, capacity, -1), self.effective_gate_up().transpose(1, 2))
+        act = self.swiglu(gate_up, lambda gamma: gamma.unsqueeze(1))
+        return torch.bmm(act, self.down.transpose(1, 2)).reshape(self.experts * capacity, -1)[slot]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        N, E, k = tokens.shape[0], self.experts, self.top_k
         logits, scores, indices, weights = self.route(tokens)
         assigned = indices.reshape(-1)  # N·k assignments, token-major
         order = assigned.argsort(stable=True)
-        expert_of = assigned[order]
-        token_of = order // k
-        counts = torch.bincount(assigned, minlength=E)
-        starts = torch.cumsum(counts, 0) - counts
-        capacity = int(counts.max())
-        slot = expert_of * capacity + (torch.arange(N * k, device=x.device) - starts[expert_of])
-        buffer = tokens.new_zeros(E * capacity, shape[-1]).index_copy(0, slot, tokens[token_of])
-        outputs = self.experts_forward(buffer.view(E, capacity, -1)).reshape(E * capacity, -1)[slot]
-        combined = torch.zeros_like(tokens).index_add(0, token_of, outputs * weights.reshape(-1)[order, None])
+        token_of = order // self.top_k
+        counts = assigned.new_zeros(self.experts).scatter_add_(0, assigned, torch.ones_like(assigned))
+        grouped = self.moe.dispatch == "grouped" or (self.moe.dispatch == "auto" and x.is_cuda)
+        experts = self.grouped_experts if grouped else self.padded_experts
+        outputs = experts(tokens[token_of], assigned[order], counts)
+        weighted = outputs.to(tokens.dtype) * weights.reshape(-1)[order, None]
+        combined = torch.zeros_like(tokens).index_add(0, token_of, weighted)
         if self.shared_expert is not None:
             combined = combined + self.shared_expert(tokens)
         self._balance_losses(logits, scores, counts)

@@ -8,15 +8,16 @@ from .model import Decoder
 from .scales import Kind
 
 
-def flops_per_token(model: Decoder) -> int:
+def flops_per_token(model: Decoder, seq_len: int | None = None) -> int:
     """Training FLOPs per token: 6 per matrix weight a token uses (head included, embedding lookup
-    not; routed experts only) plus attention's 12·layers·d_model·seq_len (PaLM's accounting)."""
+    not; routed experts only) plus attention's 12·layers·d_model·seq_len (PaLM's accounting;
+    seq_len defaults to model.max_seq_len)."""
     c, infos = model.config, model.param_info()
     matmul = active_parameters(model) - sum(p.numel() for name, p in model.named_parameters()
                                             if infos[name].kind not in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER))
     if model.head is None:
         matmul += model.tok_emb.weight.numel()
-    return 6 * matmul + 12 * c.n_layers * c.d_model * c.max_seq_len
+    return 6 * matmul + 12 * c.n_layers * c.d_model * (seq_len or c.max_seq_len)
 
 
 def active_parameters(model: Decoder) -> int:

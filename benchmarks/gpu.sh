@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks in one pass, each step time-boxed so one failure does not cost the others.
+# Writes its reports into $OUT (default benchmarks/gpu-out). Run from the repository root:
+#   bash benchmarks/gpu.sh
+# 1. CUDA tests (bf16 autocast, grouped-GEMM MoE dispatch, fullgraph compile)
+# 2. MoE dispatch, grouped against padded, one gpu-moe-0.5b layer in bf16
+# 3. `scalevec bench` on gpu-0.12b: compiled standard/unified (tokens/s, MFU, memory), eager with transformers
+# 4. a compiled bf16 gpu-moe-0.5b training run on the bundled data, then FSDP2 over NCCL under torchrun
+set -u
+OUT=${OUT:-benchmarks/gpu-out}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, never abort the script
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T))"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    echo "   exit $? after ${SECONDS}s in all"
+    tail -n 25 "$OUT/$name.txt"
+}
+{ nvidia-smi -L; $PYTHON -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step tests 120 $PYTHON -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step moe_dispatch 60 bash -c "for s in standard unified; do $PYTHON benchmarks/moe_dispatch.py --preset gpu-moe-0.5b \
+    --tokens 16384 --strategy \$s; done"
+step bench_compiled 180 $PYTHON -m scalevec bench --config gpu-0.12b --strategies standard,unified --mode compiled \
+    --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
+step bench_eager 60 $PYTHON -m scalevec bench --config gpu-0.12b --strategies standard,unified --mode eager --hf \
+    --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
+step train_moe 110 $PYTHON -m scalevec train gpu-moe-0.5b --out /tmp/runs/moe --overwrite --set strategy.preset=unified \
+    --set train.compile=true --set train.steps=30 --set train.batch_size=8 --set train.seq_len=1024 \
+    --set train.eval_every=30 --set train.log_every=10 --set train.checkpoint_every=30 --set schedule.warmup_steps=5
+step fsdp_nccl 80 torchrun --standalone --nproc-per-node 1 -m scalevec train gpu-0.12b --out /tmp/runs/fsdp \
+    --overwrite --set dist.mode=fsdp2 --set strategy.preset=unified --set optim.name=muon --set train.steps=10 \
+    --set train.batch_size=8 --set train.seq_len=1024 --set train.eval_every=10 --set train.checkpoint_every=10
