@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one pass, each step time-boxed so one failure does not cost the others.
 # Writes its reports into $OUT (default benchmarks/gpu-out). Run from the repository root:
-#   bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh                          # or ONLY="tests train_moe" bash benchmarks/gpu.sh
 # 1. CUDA tests (bf16 autocast, grouped-GEMM MoE dispatch, fullgraph compile)
 # 2. MoE dispatch, grouped against padded, one gpu-moe-0.5b layer in bf16
 # 3. `scalevec bench` on gpu-0.12b: compiled standard/unified (tokens/s, MFU, memory), eager with transformers
@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, never abort the script
     local name=$1 limit=$2
     shift 2
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
     echo "== $name ($(date +%T))"
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     echo "   exit $? after ${SECONDS}s in all"
@@ -29,9 +30,10 @@ step bench_compiled 180 $PYTHON -m scalevec bench --config gpu-0.12b --strategie
     --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
 step bench_eager 60 $PYTHON -m scalevec bench --config gpu-0.12b --strategies standard,unified --mode eager --hf \
     --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
-step train_moe 110 $PYTHON -m scalevec train gpu-moe-0.5b --out /tmp/runs/moe --overwrite --set strategy.preset=unified \
-    --set train.compile=true --set train.steps=30 --set train.batch_size=8 --set train.seq_len=1024 \
-    --set train.eval_every=30 --set train.log_every=10 --set train.checkpoint_every=30 --set schedule.warmup_steps=5
+step train_moe 200 $PYTHON -m scalevec train gpu-moe-0.5b --out /tmp/runs/moe --overwrite --set strategy.preset=unified \
+    --set train.compile=true --set train.steps=16 --set train.batch_size=8 --set train.seq_len=1024 \
+    --set train.eval_every=16 --set train.log_every=2 --set train.checkpoint_every=16 --set schedule.warmup_steps=5
+cp /tmp/runs/moe/metrics.jsonl "$OUT/train_moe_metrics.jsonl" 2>/dev/null
 step fsdp_nccl 80 torchrun --standalone --nproc-per-node 1 -m scalevec train gpu-0.12b --out /tmp/runs/fsdp \
     --overwrite --set dist.mode=fsdp2 --set strategy.preset=unified --set optim.name=muon --set train.steps=10 \
     --set train.batch_size=8 --set train.seq_len=1024 --set train.eval_every=10 --set train.checkpoint_every=10

@@ -40,10 +40,12 @@ def test_bf16_grouped_moe_matches_fp32_padded(name):
 def test_grouped_moe_compiles_as_one_graph_for_any_routing():
     model = build_model(MOE, strategy("unified"), seed=0, moe=MoEConfig(dispatch="grouped")).cuda()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a host sync or data-dependent shape fails
-    for seed in range(3):  # different routings, same shapes: no recompilation either
-        tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            torch.testing.assert_close(compiled(tokens).float(), model(tokens).float(), atol=5e-2, rtol=5e-2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):  # different routings, same shapes: compiled once
+            tokens = torch.randint(0, 256, (2, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                # bf16 rounding flips the top-k of a few near-tied tokens, so compare losses, not every logit
+                assert abs(loss_of(compiled, tokens).item() - loss_of(model, tokens).item()) < 2e-2
 
 
 def test_dense_bf16_step_matches_fp32():

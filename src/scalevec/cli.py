@@ -114,6 +114,7 @@ def cmd_schedule(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .dist import close_world
     from .train.trainer import Trainer
 
     if args.config is None:
@@ -123,8 +124,11 @@ def cmd_train(args) -> None:
     else:
         config = _config_from(args.config, args.set)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
-    result = trainer.run()
+    try:
+        trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+        result = trainer.run()
+    finally:
+        close_world()
     if not trainer.world.main:
         return
     if result:

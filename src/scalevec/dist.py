@@ -43,6 +43,12 @@ def init_world(device_type: str) -> World:
     return world
 
 
+def close_world() -> None:
+    """Leave the process group, so NCCL frees its communicators before exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, mode: str, device_type: str, bf16: bool) -> nn.Module:
     """The module to call for training: DDP around `model`, or `model` itself sharded in place by FSDP2."""
     if mode == "ddp":

@@ -26,6 +26,8 @@ def normalize(x: torch.Tensor, group: int, kind: str, eps: float, weight: torch.
         shape = x.shape
         x = x.unflatten(-1, (-1, group))
         return normalize(x, group, kind, eps, weight).reshape(shape)
+    if weight is not None:
+        weight = weight.to(x.dtype)  # a bf16 input with an fp32 weight misses the fused kernel under autocast
     if kind == "rms":
         return F.rms_norm(x, (group,), weight, eps)
     return F.layer_norm(x, (group,), weight, None, eps)
