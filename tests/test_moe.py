@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from scalevec import ModelConfig, build_model, fold_scales, strategy
 from scalevec.cli import main
-from scalevec.config import MoEConfig, OptimConfig, load_config
+from scalevec.config import ConfigError, MoEConfig, OptimConfig, load_config
 from scalevec.model import FeedForward
 from scalevec.moe import MoEFeedForward
 from scalevec.optim import Optimizers
@@ -189,3 +189,13 @@ def test_shared_expert_adds_a_dense_ffn():
     routed = naive_moe(moe, x, strategy("hg"))
     torch.testing.assert_close(moe(x), routed + moe.shared_expert(x), atol=1e-5, rtol=1e-5)
     assert "blocks.0.ffn.shared_expert.gate_up.weight" in model.param_info()
+
+
+def test_grouped_dispatch_refuses_to_compile_on_cpu(tmp_path):
+    from scalevec.train.trainer import Trainer
+
+    config = load_config({"model": {"preset": "cpu-moe"}, "moe": {"dispatch": "grouped"},
+                          "train": {"compile": True, "device": "cpu"}})
+    with pytest.raises(ConfigError, match="moe.dispatch=grouped cannot compile in fp32 on CPU"):
+        Trainer(config, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,9 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = _device(t.device)
+        if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and self.device.type == "cpu":
+            raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
+                              "only); use moe.dispatch=auto or padded, or train.compile=false")
         self.world = world = init_world(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", world.local_rank)
