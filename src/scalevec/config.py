@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 MODEL_PRESETS: dict[str, dict] = {
     # CPU ladder: trains on 2 cores; vocab matches the bundled-corpus tokenizer
+    "cpu-0.5m": dict(d_model=64, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=192),
     "cpu-1m": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "cpu-2m": dict(d_model=160, n_layers=5, n_heads=5, n_kv_heads=1, d_ff=448),
     "cpu-3m": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512),
     "cpu-7m": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704),
     "cpu-moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, moe_experts=4, moe_top_k=2,
@@ -33,6 +35,8 @@ MODEL_PRESETS: dict[str, dict] = {
     # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head)
     "gpu-0.12b": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
                       d_ff=2048, max_seq_len=2048, tie_embeddings=False),
+    "gpu-0.25b": dict(vocab_size=32768, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4,
+                      d_ff=2816, max_seq_len=2048, tie_embeddings=False),
     "gpu-0.5b": dict(vocab_size=32768, d_model=1280, n_layers=24, n_heads=20, n_kv_heads=4,
                      d_ff=3584, max_seq_len=2048, tie_embeddings=False),
     "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8,
