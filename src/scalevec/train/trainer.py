@@ -122,7 +122,9 @@ class Trainer:
             if world.size > 1 else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
-        self.forward = torch.compile(wrapped) if t.compile else wrapped
+        # static shapes: the short last validation batch gets its own graph instead of turning the training
+        # graph dynamic (slower kernels, and a slower compile)
+        self.forward = torch.compile(wrapped, dynamic=False) if t.compile else wrapped
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.step, self.skipped = 0, 0
