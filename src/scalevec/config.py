@@ -112,8 +112,9 @@ class MoEConfig:
     """Coefficient of the router z-loss mean(logsumexp(router logits)²)."""
     dispatch: str = "auto"
     """Expert matmuls: `grouped` (one grouped GEMM over rows sorted by expert; static shapes, so it
-    compiles once; bf16 CUTLASS kernels on Hopper/Blackwell), `padded` (batched matmuls over a
-    buffer padded to the busiest expert; faster on CPU), or `auto` (grouped on CUDA, padded elsewhere)."""
+    compiles once; bf16 CUTLASS kernels on Hopper/Blackwell; torch compiles it for bf16 only),
+    `padded` (batched matmuls over a buffer padded to the busiest expert; a host sync per layer), or
+    `auto` (grouped on CUDA, padded elsewhere)."""
 
 
 @dataclass
