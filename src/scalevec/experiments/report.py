@@ -212,7 +212,10 @@ def _plots(out: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the default cycle repeats after 10 colours; suites like `improvements` have more arms
+    colours = plt.get_cmap("tab10" if len(summary["arms"]) <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(color=colours)
     for row in summary["arms"]:
         tokens, losses = zip(*row["curve"][1:] or row["curve"])
         ax.plot([t / 1e6 for t in tokens], losses, label=row["arm"])
@@ -222,6 +225,7 @@ def _plots(out: Path, summary: dict) -> None:
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(color=colours)
     for row in summary["arms"]:
         lrs = sorted(row["lr_curve"], key=float)
         ax.plot([float(lr) for lr in lrs], [row["lr_curve"][lr] for lr in lrs], marker="o", label=row["arm"])
