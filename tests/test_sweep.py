@@ -193,3 +193,52 @@ def test_wsd_decays_from_stable_checkpoints(small_data, tmp_path):
     assert rows["hg"]["wsd"][0]["decayed_gap"] == pytest.approx(
         rows["hg"]["wsd"][0]["decayed"] - rows["standard"]["wsd"][0]["decayed"])
     assert "WSD: decays launched from stable-phase checkpoints" in (out / "report.md").read_text()
+
+
+def synthetic_scaling(multiplier: float, noise: float) -> tuple:
+    """A suite over five cpu sizes and its arms: baseline losses on L(C) = 2·(C/C_min)^-0.3 + 3, the
+    other arm on the same law at `multiplier` times the compute, plus per-seed noise."""
+    import random
+
+    import torch
+
+    from scalevec.config import load_config
+    from scalevec.experiments.sweep import Arm, Suite
+    from scalevec.model import Decoder
+    from scalevec.strategy import strategy
+    from scalevec.summary import flops_per_token
+
+    sizes = ["cpu-0.5m", "cpu-1m", "cpu-2m", "cpu-3m", "cpu-7m"]
+    suite = Suite(name="s", description="", baseline="standard", scale="cpu", strategies=["standard", "hg"],
+                  sizes=sizes, optimizers=["adamw"], schedules=["cosine"], lrs=[0.003], muon_lrs=[0.02], lr_seed=0,
+                  seeds=[0, 1, 2])
+    tokens, gen = 10_000, random.Random(0)
+    with torch.device("meta"):
+        compute = {size: flops_per_token(Decoder(load_config({"model": {"preset": size}}).model, strategy("standard")))
+                   * tokens for size in sizes}
+    smallest = min(compute.values())
+    arms = {}
+    for name, factor in (("standard", 1.0), ("hg", multiplier)):
+        for size in sizes:
+            law = 2 * (factor * compute[size] / smallest) ** -0.3 + 3
+            arms[Arm(name, size, "adamw", "cosine")] = {
+                "tokens": tokens, "seeds": {str(s): law + noise * gen.gauss(0, 1) for s in range(3)}}
+    return suite, arms
+
+
+def test_scaling_fit_recovers_a_known_compute_multiplier():
+    from scalevec.experiments.report import scaling_fit
+
+    exact = scaling_fit(*synthetic_scaling(1.5, noise=0.0))["multipliers"]["hg/adamw-cosine"]
+    assert exact["value"] == pytest.approx(1.5, rel=1e-3)
+    assert exact["low"] == pytest.approx(1.5, rel=1e-3) and exact["high"] == pytest.approx(1.5, rel=1e-3)
+    noisy = scaling_fit(*synthetic_scaling(1.5, noise=0.01))["multipliers"]["hg/adamw-cosine"]
+    assert noisy["low"] < noisy["high"] and noisy["defined"] > 150 and 1.0 < noisy["value"] < 2.5
+
+
+def test_scaling_fit_needs_every_size_finished():
+    from scalevec.experiments.report import scaling_fit
+
+    suite, arms = synthetic_scaling(1.5, noise=0.0)
+    partial = scaling_fit(suite, {arm: row for arm, row in arms.items() if arm.size != "cpu-7m"})
+    assert not partial["estimable"] and "fewer than 5 sizes" in partial["reason"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .compare import read_metrics
 from .sweep import Arm, Suite, final_val_loss, run_dir
 
 MIN_SIZES_FOR_FIT = 5
+BOOTSTRAP = 200  # seed resamples for the multiplier's interval
 
 
 @dataclass
@@ -124,14 +126,39 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]
     return [(curves[0][i][0], statistics.mean(c[i][1] for c in curves)) for i in range(length)]
 
 
+def _fit_law(points: list[tuple[float, float]]):
+    """L(C) = a·(C/C0)^(−b) + floor through (compute, loss) points; (a, b, floor, C0), or None if it fails."""
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    c, loss = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    try:
+        with warnings.catch_warnings():  # 3 parameters from 5 points: no covariance is expected
+            warnings.simplefilter("ignore", OptimizeWarning)
+            fitted = curve_fit(lambda x, a, b, floor: a * np.power(x, -b) + floor, c / c.min(), loss,
+                               p0=(1.0, 0.3, loss.min() * 0.9), maxfev=20000)[0]
+    except RuntimeError:  # no convergence
+        return None
+    return (*fitted, c.min())
+
+
+def _multiplier(base, points: list[tuple[float, float]]) -> float | None:
+    """Baseline compute to reach the strategy's loss at its largest size, over the strategy's compute there."""
+    if base is None:
+        return None
+    a, b, floor, c0 = base
+    compute, loss = max(points)
+    if loss <= floor or a <= 0 or b <= 0:  # the baseline law never reaches that loss
+        return None
+    return float(c0 * ((loss - floor) / a) ** (-1 / b) / compute)
+
+
 def scaling_fit(suite: Suite, arms: dict) -> dict:
-    """Fit L(C) = a·C^(−b) + c per (strategy, optimizer, schedule) over sizes; the multiplier of a
-    strategy is the baseline's compute to reach its loss over its own compute, at its largest size."""
+    """Fit L(C) = a·C^(−b) + c per (strategy, optimizer, schedule) over sizes, on the seed means; the
+    multiplier of a strategy is the baseline's compute to reach its loss over its own compute, at its
+    largest size. Uncertainty: a paired bootstrap over seeds (the same resampled seeds in every arm)."""
     if len(suite.sizes) < MIN_SIZES_FOR_FIT:
         return {"estimable": False, "reason": f"{len(suite.sizes)} size(s); a scaling fit needs at least "
                                              f"{MIN_SIZES_FOR_FIT}, so no compute multiplier is estimated"}
-    from scipy.optimize import curve_fit
-
     import torch
 
     from ..model import Decoder
@@ -139,31 +166,34 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
     from ..summary import flops_per_token
     from .sweep import overrides
 
-    def law(c, a, b, floor):
-        return a * np.power(c, -b) + floor
-
-    fits = {}
+    groups: dict[tuple, list] = {}
     for arm, row in arms.items():
         config = load_config(suite.config, overrides(arm, suite.lrs_for(arm)[0], 0))
         with torch.device("meta"):
             model = Decoder(config.model, make_strategy(arm.strategy), config.moe)
         row["compute"] = flops_per_token(model) * row["tokens"]
-        fits.setdefault((arm.strategy, arm.optimizer, arm.schedule), []).append((row["compute"], row["mean"]))
-    params = {}
-    for key, points in fits.items():
-        c, loss = np.array([p[0] for p in points]), np.array([p[1] for p in points])
-        params[key] = curve_fit(law, c / c.min(), loss, p0=(1.0, 0.3, loss.min() * 0.9), maxfev=20000)[0], c.min()
-    result = {"estimable": True, "multipliers": {}}
-    for (strategy, optimizer, schedule), ((a, b, floor), scale) in params.items():
-        base = params.get((suite.baseline, optimizer, schedule))
-        if base is None or strategy == suite.baseline:
-            continue
-        (ba, bb, bfloor), bscale = base
-        largest = max(fits[(strategy, optimizer, schedule)])
-        if largest[1] <= bfloor:
-            continue
-        needed = bscale * ((largest[1] - bfloor) / ba) ** (-1 / bb)
-        result["multipliers"][f"{strategy}/{optimizer}-{schedule}"] = needed / largest[0]
+        groups.setdefault((arm.strategy, arm.optimizer, arm.schedule), []).append(row)
+    seeds = sorted(set.intersection(*(set(row["seeds"]) for row in arms.values()))) if arms else []
+    if not seeds:
+        return {"estimable": False, "reason": "no seed has finished in every arm"}
+
+    def multipliers(draw: list[str]) -> dict[str, float | None]:
+        points = {key: [(row["compute"], statistics.mean(row["seeds"][s] for s in draw)) for row in rows]
+                  for key, rows in groups.items() if len(rows) >= MIN_SIZES_FOR_FIT}
+        fits = {key: _fit_law(p) for key, p in points.items()}
+        return {f"{strategy}/{optimizer}-{schedule}": _multiplier(fits.get((suite.baseline, optimizer, schedule)), p)
+                for (strategy, optimizer, schedule), p in points.items() if strategy != suite.baseline}
+
+    estimate = multipliers(seeds)
+    if not estimate:
+        return {"estimable": False, "reason": f"fewer than {MIN_SIZES_FOR_FIT} sizes have finished runs in every arm"}
+    rng = np.random.default_rng(0)
+    replicates = [multipliers([seeds[i] for i in rng.integers(len(seeds), size=len(seeds))]) for _ in range(BOOTSTRAP)]
+    result = {"estimable": True, "seeds": len(seeds), "bootstrap": BOOTSTRAP, "multipliers": {}}
+    for name, value in estimate.items():
+        draws = [r[name] for r in replicates if r[name] is not None]
+        low, high = [float(q) for q in np.percentile(draws, [16, 84])] if draws else (None, None)
+        result["multipliers"][name] = {"value": value, "low": low, "high": high, "defined": len(draws)}
     return result
 
 
@@ -198,8 +228,14 @@ def write_report(out: Path) -> dict:
         lines.append("")
     scaling = summary["scaling"]
     if scaling["estimable"]:
-        lines += ["Compute-efficiency multipliers (baseline compute to reach the strategy's loss / its compute):", ""]
-        lines += [f"- {k}: {v:.2f}x" for k, v in scaling["multipliers"].items()]
+        lines += ["Compute-efficiency multipliers: the baseline's compute to reach the strategy's final loss at its "
+                  "largest size, over the strategy's compute (fits of L(C) = a·C^-b + c over sizes); interval: "
+                  f"16th-84th percentile of {scaling['bootstrap']} paired resamples of the {scaling['seeds']} seeds.", ""]
+        for name, m in scaling["multipliers"].items():
+            value = "undefined (the baseline's fit never reaches that loss)" if m["value"] is None else \
+                f"{m['value']:.2f}x"
+            interval = "" if m["low"] is None else f" [{m['low']:.2f}, {m['high']:.2f}]"
+            lines.append(f"- {name}: {value}{interval} ({m['defined']}/{scaling['bootstrap']} resamples defined)")
     else:
         lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
