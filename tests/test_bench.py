@@ -1,5 +1,7 @@
 """Issue "Performance": the bench's bookkeeping, activation checkpointing, one compile smoke test."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 from scalevec import build_model, strategy
 from scalevec.bench import format_bench, run_bench
 from scalevec.config import load_config
+from scalevec.train.trainer import lm_objective
 
 TINY = {"model": {"vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
                   "max_seq_len": 32},
@@ -58,8 +61,20 @@ def test_activation_checkpointing_same_gradients_less_memory():
 
 
 def test_compile_smoke():
-    """The only torch.compile test: compiling costs tens of seconds on 2 cores."""
+    """The only torch.compile test (compiling costs tens of seconds on 2 cores): the trainer's compiled unit,
+    model and loss in one graph, equals eager in loss and gradients."""
     config = load_config(TINY)
-    model = build_model(config.model, strategy("unified"), seed=1)
-    tokens = torch.randint(0, 128, (2, 16))
-    torch.testing.assert_close(torch.compile(model)(tokens), model(tokens), rtol=1e-4, atol=1e-5)
+    tokens = torch.randint(0, 128, (2, 17))
+    results = []
+    for compiled in (False, True):
+        model = build_model(config.model, strategy("unified"), seed=1)
+        objective = partial(lm_objective, model, z_loss=1e-3)
+        loss, ce = (torch.compile(objective, dynamic=False) if compiled else objective)(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append((loss, ce, [p.grad for p in model.parameters()]))
+    (loss, ce, grads), (compiled_loss, compiled_ce, compiled_grads) = results
+    assert loss > ce  # the z-loss term is in
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_ce, ce, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from .config import Config, ConfigError
 from .model import build_model
 from .optim import Optimizers
 from .strategy import strategy as make_strategy
 from .summary import flops_per_token
+from .train.trainer import lm_objective
 
 # Dense bf16 tensor-core peaks (datasheets, TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
@@ -42,9 +43,8 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 class Arm:
     name: str
     model: torch.nn.Module
-    forward: object
+    objective: object  # (inputs, targets) -> (objective, cross-entropy), as the trainer computes it
     optimizer: object
-    logits: object  # output -> logits tensor
 
 
 def _saved_activation_bytes(arm: Arm, tokens: torch.Tensor) -> int:
@@ -69,8 +69,7 @@ def _state_bytes(arm: Arm) -> int:
 
 
 def _loss(arm: Arm, tokens: torch.Tensor) -> torch.Tensor:
-    logits = arm.logits(arm.forward(tokens[:, :-1]))
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    return arm.objective(tokens[:, :-1], tokens[:, 1:])[0]
 
 
 def _step(arm: Arm, tokens: torch.Tensor, device: torch.device, autocast) -> float:
@@ -101,7 +100,7 @@ def _hf_arm(config: Config, device) -> Arm:
         use_cache=False)).to(device)
     optimizer = torch.optim.AdamW(hf.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   fused=config.optim.fused)
-    return Arm("transformers-llama", hf, hf, optimizer, lambda out: out.logits)
+    return Arm("transformers-llama", hf, partial(lm_objective, lambda inputs: hf(inputs).logits), optimizer)
 
 
 def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: int = 3, compile: bool = False,
@@ -119,11 +118,12 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         model = build_model(config.model, strat, config.seed, config.moe).to(device)
         model.checkpoint_blocks = activation_checkpointing
         optimizer = Optimizers(model, config.optim, strat.scale_decay)
-        arms.append(Arm(name, model, torch.compile(model) if compile else model, optimizer, lambda out: out))
+        arms.append(Arm(name, model, partial(lm_objective, model), optimizer))
     if hf:
         arms.append(_hf_arm(config, device))
-        if compile:
-            arms[-1].forward = torch.compile(arms[-1].model)
+    if compile:  # each arm's whole loss, model and cross-entropy, as one graph (as the trainer does)
+        for arm in arms:
+            arm.objective = torch.compile(arm.objective, dynamic=False)
     t = config.train
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=gen).to(device)

@@ -238,7 +238,7 @@ class TrainConfig:
     nonfinite: str = "stop"
     """On a non-finite loss or gradient: `stop` with an error, or `skip` the update (counted in metrics)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model and its loss as one graph."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, about one more forward of compute)."""
     device: str = "auto"
