@@ -227,9 +227,19 @@ def synthetic_scaling(multiplier: float, noise: float) -> tuple:
 
 
 def test_scaling_fit_recovers_a_known_compute_multiplier():
-    from scalevec.experiments.report import scaling_fit
+    import torch
 
-    exact = scaling_fit(*synthetic_scaling(1.5, noise=0.0))["multipliers"]["hg/adamw-cosine"]
+    from scalevec.config import load_config
+    from scalevec.experiments.report import scaling_fit
+    from scalevec.model import Decoder
+    from scalevec.strategy import strategy
+
+    fit = scaling_fit(*synthetic_scaling(1.5, noise=0.0))
+    exact = fit["multipliers"]["hg/adamw-cosine"]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Decoder(load_config({"model": {"preset": "cpu-7m"}}).model,
+                                                strategy("standard")).parameters())
+    assert fit["tokens_per_parameter"]["cpu-7m"] == pytest.approx(10_000 / params)
     assert exact["value"] == pytest.approx(1.5, rel=1e-3)
     assert exact["low"] == pytest.approx(1.5, rel=1e-3) and exact["high"] == pytest.approx(1.5, rel=1e-3)
     noisy = scaling_fit(*synthetic_scaling(1.5, noise=0.01))["multipliers"]["hg/adamw-cosine"]

@@ -167,12 +167,15 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
     from .sweep import overrides
 
     groups: dict[tuple, list] = {}
+    tokens_per_parameter = {}  # how far from compute-optimal the ladder trains, for the report to say
     for arm, row in arms.items():
         config = load_config(suite.config, overrides(arm, suite.lrs_for(arm)[0], 0))
         with torch.device("meta"):
             model = Decoder(config.model, make_strategy(arm.strategy), config.moe)
         row["compute"] = flops_per_token(model) * row["tokens"]
         groups.setdefault((arm.strategy, arm.optimizer, arm.schedule), []).append(row)
+        if arm.strategy == suite.baseline:
+            tokens_per_parameter[arm.size] = row["tokens"] / sum(p.numel() for p in model.parameters())
     seeds = sorted(set.intersection(*(set(row["seeds"]) for row in arms.values()))) if arms else []
     if not seeds:
         return {"estimable": False, "reason": "no seed has finished in every arm"}
@@ -189,7 +192,8 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
         return {"estimable": False, "reason": f"fewer than {MIN_SIZES_FOR_FIT} sizes have finished runs in every arm"}
     rng = np.random.default_rng(0)
     replicates = [multipliers([seeds[i] for i in rng.integers(len(seeds), size=len(seeds))]) for _ in range(BOOTSTRAP)]
-    result = {"estimable": True, "seeds": len(seeds), "bootstrap": BOOTSTRAP, "multipliers": {}}
+    result = {"estimable": True, "seeds": len(seeds), "bootstrap": BOOTSTRAP, "multipliers": {},
+              "tokens_per_parameter": tokens_per_parameter}
     for name, value in estimate.items():
         draws = [r[name] for r in replicates if r[name] is not None]
         low, high = [float(q) for q in np.percentile(draws, [16, 84])] if draws else (None, None)
@@ -228,9 +232,13 @@ def write_report(out: Path) -> dict:
         lines.append("")
     scaling = summary["scaling"]
     if scaling["estimable"]:
+        ratios = scaling["tokens_per_parameter"]
         lines += ["Compute-efficiency multipliers: the baseline's compute to reach the strategy's final loss at its "
                   "largest size, over the strategy's compute (fits of L(C) = a·C^-b + c over sizes); interval: "
-                  f"16th-84th percentile of {scaling['bootstrap']} paired resamples of the {scaling['seeds']} seeds.", ""]
+                  f"16th-84th percentile of {scaling['bootstrap']} paired resamples of the {scaling['seeds']} seeds. "
+                  "Training tokens per parameter: " + ", ".join(f"{r:.2g} ({size})" for size, r in ratios.items())
+                  + " (the paper: about 100); far below that, a larger model need not reach a lower loss, so the "
+                  "fit describes this ladder rather than a compute-optimal frontier.", ""]
         for name, m in scaling["multipliers"].items():
             value = "undefined (the baseline's fit never reaches that loss)" if m["value"] is None else \
                 f"{m['value']:.2f}x"
