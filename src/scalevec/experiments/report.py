@@ -251,30 +251,47 @@ def write_report(out: Path) -> dict:
 
 
 def _plots(out: Path, summary: dict) -> None:
+    """One panel per setting (size, optimizer, schedule), one colour per strategy across panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the default cycle repeats after 10 colours; suites like `improvements` have more arms
-    colours = plt.get_cmap("tab10" if len(summary["arms"]) <= 10 else "tab20").colors
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.set_prop_cycle(color=colours)
+    panels: dict[str, list[dict]] = {}
     for row in summary["arms"]:
+        panels.setdefault(row["arm"].split("/", 1)[1], []).append(row)
+    strategies = list(dict.fromkeys(row["arm"].split("/", 1)[0] for row in summary["arms"]))
+    # the default cycle repeats after 10 colours; suites like `improvements` have more strategies
+    palette = plt.get_cmap("tab10" if len(strategies) <= 10 else "tab20").colors
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(strategies)}
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+
+    def draw(name: str, title: str, plot, **axes) -> None:
+        fig, grid = plt.subplots(rows, columns, figsize=(7 if columns == 1 else 3.2 * columns, 4 if rows == 1
+                                 else 2.6 * rows), squeeze=False)
+        for ax, (setting, arms) in zip(grid.flat, panels.items()):
+            for row in arms:
+                plot(ax, row, colour[row["arm"].split("/", 1)[0]])
+            ax.set(title=setting if len(panels) > 1 else title, **axes)
+            ax.title.set_fontsize(8)
+        for ax in list(grid.flat)[len(panels):]:
+            ax.set_visible(False)
+        handles = [plt.Line2D([], [], color=colour[s], label=s) for s in strategies]
+        grid.flat[0].legend(handles=handles, fontsize=7)
+        fig.suptitle(title if len(panels) > 1 else "")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+    def curve(ax, row, c) -> None:
         tokens, losses = zip(*row["curve"][1:] or row["curve"])
-        ax.plot([t / 1e6 for t in tokens], losses, label=row["arm"])
-    ax.set(xlabel="training tokens (M)", ylabel="validation loss (mean over seeds)", title=summary["suite"])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.set_prop_cycle(color=colours)
-    for row in summary["arms"]:
+        ax.plot([t / 1e6 for t in tokens], losses, color=c)
+
+    def lr_curve(ax, row, c) -> None:
         lrs = sorted(row["lr_curve"], key=float)
-        ax.plot([float(lr) for lr in lrs], [row["lr_curve"][lr] for lr in lrs], marker="o", label=row["arm"])
-    ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss (one seed)", title="LR sensitivity")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=100)
-    plt.close(fig)
+        ax.plot([float(lr) for lr in lrs], [row["lr_curve"][lr] for lr in lrs], marker="o", color=c)
+
+    draw("curves.png", summary["suite"], curve, xlabel="training tokens (M)", ylabel="validation loss (seed mean)")
+    draw("lr.png", "LR sensitivity", lr_curve, xscale="log", xlabel="learning rate",
+         ylabel="final validation loss (one seed)")
