@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,30 @@ def test_fsdp2_matches_single_process(config_path, tmp_path, optimizer, preset):
             torch.testing.assert_close(hf(tokens).logits, ours(tokens), atol=1e-4, rtol=1e-4)
 
 
+def kill_workers(out):
+    """SIGKILL the ranks writing to `out`: torchrun starts each in its own session, so killing torchrun's
+    process group leaves them running (and writing) beside the resumed run."""
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(out).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+                workers.append(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.time() < deadline, "killed ranks did not exit"
+        time.sleep(0.05)
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (FileNotFoundError, IndexError):
+        return "zombie"
+
+
 def test_two_rank_run_killed_and_resumed_equals_uninterrupted(config_path, tmp_path):
     sets = ("dist.mode=fsdp2", "train.steps=80", "train.checkpoint_every=10", "train.eval_every=40")
     straight = two_ranks(config_path, tmp_path / "straight", *sets)
@@ -119,6 +144,7 @@ def test_two_rank_run_killed_and_resumed_equals_uninterrupted(config_path, tmp_p
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    kill_workers(killed)
     assert list_checkpoints(killed / "checkpoints")[-1].name < "step_00000080"
     two_ranks(config_path, killed, *sets, resume=True)
     assert_same_weights(weights(killed), weights(straight), tolerance=0)
