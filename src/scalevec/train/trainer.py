@@ -80,8 +80,8 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
     """(objective, cross-entropy) of next-token prediction; `forward` maps tokens to logits.
 
     Compiled as one graph with the model, so the fp32 upcast, log-softmax and their backward fuse
-    instead of writing vocabulary-wide fp32 tensors (a cpu-7m step: 0.945x the time of compiling the
-    model alone; benchmarks/compile_scope.py).
+    instead of writing vocabulary-wide fp32 tensors (a cpu-7m step: 0.89-0.95x the time of compiling
+    the model alone; benchmarks/compile_scope.py).
     """
     logits = forward(inputs).float().flatten(0, 1)
     ce = F.cross_entropy(logits, targets.flatten())
