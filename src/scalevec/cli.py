@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -11,12 +12,35 @@ from pathlib import Path
 from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
 from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
 from .export.hf import ExportError
+from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
+from .rundir import RunDirError, TrainError
 from .strategy import UnknownPreset
-from .train.trainer import RunDirError, TrainError
+
+BAD_INPUT = (ConfigError, DataError, RunDirError, ExportError, UnknownPreset, OutputError)  # exit 2
+RUN_STOPPED = (TrainError, WriteFailed)  # exit 1
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line pointing to --help (exit 2)."""
+
+    def error(self, message: str):
+        print(f"scalevec: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _file_output(path: str, flag: str) -> None:
+    """A file to write: not a directory, and its directory creatable and writable."""
+    _require(not Path(path).is_dir(), f"{flag} {path} is a directory; give a file path")
+    check_output_path(Path(path).parent, flag)
 
 
 def _csv(text: str) -> list[str]:
@@ -94,7 +118,7 @@ def cmd_data_prepare(args) -> None:
     if args.input is not None and args.sources is None:
         data.sources = []  # user data alone unless bundled sources are named too
     validate(config)
-    prepare(data)
+    prepare(data, overwrite=args.overwrite, flag="--out" if args.out else "data.dir")
 
 
 def _shorten(text: str, width: int = 90) -> str:
@@ -105,8 +129,8 @@ def cmd_schedule(args) -> None:
     from .schedule import lr_factor, plot_schedule
 
     config = load_config(args.config, args.set) if args.config else load_config(None, args.set)
-    if args.steps <= 0:
-        raise UsageError(f"--steps {args.steps} must be positive")
+    _require(args.steps > 0, f"--steps {args.steps} must be positive")
+    _file_output(args.out, "--out")
     plot_schedule(config.schedule, args.steps, args.out)
     marks = sorted({0, config.schedule.warmup_steps, args.steps // 2, args.steps - 1})
     print(", ".join(f"step {m}: {lr_factor(config.schedule, m, args.steps):.4f}" for m in marks if m < args.steps))
@@ -117,9 +141,13 @@ def cmd_train(args) -> None:
     from .dist import close_world
     from .train.trainer import Trainer
 
+    _require(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other; pass one of them")
     if args.config is None:
         if not (args.resume and args.out):
             raise UsageError("give a CONFIG, or --resume --out RUN_DIR to continue a run with its saved config")
+        if not (Path(args.out) / "config.toml").is_file():
+            raise RunDirError(f"{args.out} is not a run directory (no config.toml); give the --out of a scalevec run, "
+                              "or a CONFIG to start one")
         config = load_config(Path(args.out) / "config.toml", args.set)
     else:
         config = _config_from(args.config, args.set)
@@ -143,8 +171,9 @@ def cmd_compare(args) -> None:
 
     source = Path(args.config) if args.config else preset_path(args.preset)
     strategies = _csv(args.strategies)
-    if len(strategies) < 2:
-        raise UsageError(f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
+    _require(len(strategies) >= 2, f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
+    _require(len(set(strategies)) == len(strategies), f"--strategies {args.strategies!r} names one twice")
+    check_output_path(Path(args.out), "--out")
     origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
                         *[f"--set {o}" for o in args.set]])
@@ -157,6 +186,7 @@ def cmd_theory(args) -> None:
     from .theory import EXPERIMENTS
 
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    check_output_path(Path(args.out), "--out")
     for name in names:
         summary = EXPERIMENTS[name](Path(args.out), fast=args.fast)
         verdict = "holds" if summary.get("holds", True) else "does NOT hold here (see the summary)"
@@ -168,8 +198,11 @@ def cmd_bench(args) -> None:
 
     config = _config_from(args.config, args.set)
     strategies = _csv(args.strategies)
-    if not strategies:
-        raise UsageError("--strategies is empty; name at least one, e.g. standard,unified")
+    _require(bool(strategies), "--strategies is empty; name at least one, e.g. standard,unified")
+    _require(args.repeats >= 1, f"--repeats {args.repeats} must be at least 1")
+    _require(args.warmup >= 0, f"--warmup {args.warmup} must be >= 0")
+    _require(args.peak_tflops is None or (math.isfinite(args.peak_tflops) and args.peak_tflops > 0),
+             f"--peak-tflops {args.peak_tflops} must be a positive number")
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.mode]
     reports = [run_bench(config, strategies, args.repeats, args.warmup, compile, args.hf, args.activation_checkpointing,
                          args.peak_tflops) for compile in modes]
@@ -182,7 +215,7 @@ def cmd_bench(args) -> None:
 def cmd_export(args) -> None:
     from .export.hf import export_run
 
-    export_run(Path(args.run_dir), Path(args.to))
+    export_run(Path(args.run_dir), Path(args.to), overwrite=args.overwrite)
 
 
 def cmd_import(args) -> None:
@@ -198,6 +231,12 @@ def cmd_generate(args) -> None:
     from .export.hf import convert_from_hf, load_run_model, read_hf_dir, run_tokenizer
     from .generate import generate
 
+    _require(math.isfinite(args.temperature) and args.temperature >= 0,
+             f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    _require(0 < args.top_p <= 1, f"--top-p {args.top_p} must be in (0, 1] (1 = off)")
+    _require(args.top_k >= 0, f"--top-k {args.top_k} must be >= 0 (0 = off)")
+    _require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    _require(args.seed >= 0, f"--seed {args.seed} must be >= 0")
     source = Path(args.source)
     if (source / "config.toml").is_file():
         config, model = load_run_model(source)
@@ -226,10 +265,11 @@ def cmd_sweep(args) -> None:
     from .experiments.report import write_report
     from .experiments.sweep import load_suite, run_sweep
 
-    if args.jobs < 1:
-        raise UsageError(f"--jobs {args.jobs} must be at least 1")
+    _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
+    _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     suite = load_suite(args.suite, args.scale, args.seeds)
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
+    check_output_path(out, "--out")
     result = run_sweep(suite, out, args.jobs)
     write_report(out)
     failed = result["failed"]
@@ -251,8 +291,8 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scalevec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="scalevec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     info = sub.add_parser("info", help="parameter counts by role and kind, scale fraction, FLOPs")
     info.add_argument("config", help="a .toml config file or a model preset name (e.g. cpu-3m)")
@@ -298,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="fold scales and write a transformers-loadable Llama/Qwen3 checkpoint")
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
-    export.add_argument("--to", required=True, help="output directory")
+    export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
+    export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
     export.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", help="convert a Llama/Qwen3 safetensors checkpoint to a strategy (a run directory)")
@@ -337,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     sched.set_defaults(func=cmd_schedule)
 
-    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True,
+                                                                               parser_class=OneLineParser)
     prep = data.add_parser("prepare", help="train or load a tokenizer and write token shards (no-op when up to date)")
     prep.add_argument("--config", help="a .toml config whose [data] section to start from")
     prep.add_argument("--sources", type=_csv, help=f"bundled sources, comma-separated (default: the prose ones; "
@@ -349,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     prep.add_argument("--vocab", type=int, help="vocabulary size of the trained tokenizer (default 8192)")
     prep.add_argument("--out", help="output directory (default data/bundled)")
+    prep.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
     prep.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     prep.set_defaults(func=cmd_data_prepare)
     return parser
@@ -360,16 +403,29 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version or a usage error, already printed
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         args.func(args)
-    except (ConfigError, DataError, UsageError, RunDirError, ExportError, UnknownPreset) as err:
-        print(f"scalevec: error: {err}", file=sys.stderr)
+    except (*BAD_INPUT, UsageError) as err:
+        print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except TrainError as err:
-        print(f"scalevec: error: {err}", file=sys.stderr)
+    except RUN_STOPPED as err:
+        print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a write site without its own message: still one line when the disk is full
+        if not is_disk_full(err):
+            raise
+        print(f"scalevec: error: writing failed ({first_line(err)}); free space and run the command again",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def main_exit() -> None:

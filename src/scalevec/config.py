@@ -7,6 +7,7 @@ the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -311,6 +312,8 @@ def _coerce(key: str, value, hint):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -410,6 +413,7 @@ def validate(config: Config) -> None:
     _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
     _check(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
            "model.norm_eps, model.init_std and model.rope_theta must be positive")
+    _check(m.moe_experts >= 0, f"model.moe_experts={m.moe_experts} must be >= 0 (0 = dense)")
     if m.moe_experts:
         _check(0 < m.moe_top_k <= m.moe_experts,
                f"model.moe_top_k={m.moe_top_k} must be in 1..model.moe_experts={m.moe_experts}")
@@ -418,6 +422,8 @@ def validate(config: Config) -> None:
         _check(m.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows must be 16-byte aligned in bf16
                f"model.d_model={m.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; round them")
         _check("down" not in s.dp + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
+    for name in ("aux_loss", "bias_rate", "router_z_loss"):
+        _check(getattr(config.moe, name) >= 0, f"moe.{name}={getattr(config.moe, name)} must be >= 0")
     _check(config.moe.router in ("softmax", "sigmoid"), f"moe.router={config.moe.router!r}; choose softmax or sigmoid")
     _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, bias or none")
     _check(config.moe.dispatch in ("auto", "grouped", "padded"),
@@ -444,6 +450,9 @@ def validate(config: Config) -> None:
            "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
     for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay"):
         _check(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must be >= 0")
+    for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
+        _check(getattr(o, name) > 0, f"optim.{name}={getattr(o, name)} must be positive")
+    _check(o.muon_ns_steps >= 1, f"optim.muon_ns_steps={o.muon_ns_steps} must be at least 1")
     _check(sch.name in ("cosine", "wsd", "constant"), f"schedule.name={sch.name!r}; choose cosine, wsd or constant")
     _check(sch.decay_shape in ("linear", "cosine", "1-sqrt"),
            f"schedule.decay_shape={sch.decay_shape!r}; choose linear, cosine or 1-sqrt")
@@ -456,6 +465,8 @@ def validate(config: Config) -> None:
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(t.grad_clip >= 0 and t.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
+    _check(t.threads >= 0, f"train.threads={t.threads} must be >= 0 (0 = torch's default)")
+    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
     _check(0 <= sch.decay_start < t.steps,
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
@@ -465,6 +476,8 @@ def validate(config: Config) -> None:
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,
            "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
+    _check(d.split_seed >= 0, f"data.split_seed={d.split_seed} must be >= 0")
+    _check(bool(d.dir.strip()), "data.dir is empty; give a directory for the prepared shards")
 
 
 def to_dict(config: Config) -> dict:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .config import ScheduleConfig
+from .outputs import write_atomic
 
 
 def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
@@ -40,5 +42,5 @@ def plot_schedule(schedule: ScheduleConfig, total_steps: int, path: str) -> None
     ax.plot(steps, [lr_factor(schedule, s, total_steps) for s in steps])
     ax.set(xlabel="step", ylabel="lr factor", title=f"{schedule.name} schedule", ylim=(0, 1.05))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -3,16 +3,18 @@
 The output directory holds `meta.json`, `tokenizer.json` and memmap shards (`train_000.bin`, ...,
 `val_000.bin`, ...). It is built in a temporary directory and renamed into place, so a failure
 leaves nothing partial; re-running with the same inputs is a no-op (the fingerprint matches).
+`meta.json` is the manifest: a stale directory is rebuilt only if it holds nothing but the files
+meta.json lists; any other existing path needs `--overwrite`, and a file is never touched.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
+import lzma
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from ..config import DataConfig
+from ..outputs import (OutputError, claim_directory, contains, first_line, parent_lock, remove_tree, replace_directory,
+                       writing)
 from .sources import DataError, SourceFile, read_documents, resolve_sources
 
 FORMAT = 2  # 2: splits record their bytes (bits per byte)
@@ -116,20 +120,59 @@ def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, 
     return {"tokens": total, "documents": len(texts), "bytes": total_bytes, "shards": shards}
 
 
-def prepare(data: DataConfig, progress: bool | None = None, log=print) -> Path:
-    """Build (or find up to date) the token shards of `data` in `data.dir`; returns the directory."""
+@contextlib.contextmanager
+def reading_inputs():
+    """An input that exists but cannot be read (permissions, a broken archive) as one DataError line."""
+    try:
+        yield
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        where = getattr(err, "filename", None) or "an input"
+        raise DataError(f"cannot read {where} ({first_line(err)}); check the file and its permissions") from None
+
+
+def own_files(out: Path) -> list[str] | None:
+    """The files a previous `prepare` wrote in `out`, from its meta.json; None if `out` holds no readable one."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        shards = [shard["file"] for split in ("train", "val") for shard in meta[split]["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ["meta.json", "tokenizer.json", *shards]
+
+
+def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite: bool = False,
+            protect: Path | None = None, flag: str = "data.dir") -> Path:
+    """Build (or find up to date) the token shards of `data` in `data.dir`; returns the directory.
+
+    An existing data.dir that another prepare did not write is replaced only with `overwrite`.
+    `protect`: a directory (the run being started) that data.dir must not be or contain.
+    """
     out = Path(data.dir)
+    if protect is not None and contains(out, protect):
+        raise DataError(f"{flag} {out} is or contains the run directory {protect}; preparing data there would "
+                        f"replace the run: choose another {flag}")
+    fix = ("choose another path or pass --overwrite to replace it" if flag == "--out" else
+           f"choose another {flag}, or replace it with `scalevec data prepare --out {out} --overwrite`")
+    try:
+        claim_directory(out, None, True, flag)  # a file, or a path that cannot be written: refuse now
+    except OutputError as err:
+        raise DataError(str(err)) from None
     files = resolve_sources(data.sources, data.inputs)
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it empty")
-    inputs = fingerprint(data, files)
+    with reading_inputs():
+        inputs = fingerprint(data, files)
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs of a sweep prepare the same data once
-        if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()).get("fingerprint") == digest:
+    with writing(f"the data directory {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with parent_lock(out):  # concurrent runs of a sweep prepare the same data once
+        if own_files(out) is not None and json.loads((out / "meta.json").read_text()).get("fingerprint") == digest:
             log(f"data in {out} is up to date")
             return out
+        try:
+            claim_directory(out, own_files(out), overwrite, flag, fix)
+        except OutputError as err:
+            raise DataError(str(err)) from None
         _build(data, files, inputs, digest, out, progress, log)
     return out
 
@@ -138,7 +181,8 @@ def _build(data, files, inputs, digest, out: Path, progress, log) -> None:
     started = time.perf_counter()
     texts, per_source = [], []
     for source in files:
-        docs = [t for t in read_documents(source, data.jsonl_field, data.parquet_column) if t]
+        with reading_inputs():
+            docs = [t for t in read_documents(source, data.jsonl_field, data.parquet_column) if t]
         if not docs:
             raise DataError(f"input {source.name} holds no text; remove it or fill it")
         per_source.append({"name": source.name, "sha256": inputs["sources"][len(per_source)]["sha256"],
@@ -158,37 +202,32 @@ def _build(data, files, inputs, digest, out: Path, progress, log) -> None:
     eos_id = tokenizer.token_to_id(END_OF_TEXT)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        total_bytes = sum(p["bytes"] for p in per_source)
-        encode_started = time.perf_counter()
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                  disable=None if progress is None else not progress) as bar:
-            splits = {name: write_shards(tokenizer, split_texts, tmp, name, dtype, data.shard_tokens, eos_id, bar)
-                      for name, split_texts in (("train", train_texts), ("val", val_texts))}
-        encode_seconds = time.perf_counter() - encode_started
-        meta = {
-            "format": FORMAT,
-            "fingerprint": digest,
-            "inputs": inputs,
-            "sources": per_source,
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-            "vocab_size": vocab,
-            "eos_id": eos_id,
-            "dtype": np.dtype(dtype).name,
-            **splits,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with writing(f"the data directory {out}", "nothing was changed; free space and run it again"):
+            tmp.mkdir(parents=True)
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            total_bytes = sum(p["bytes"] for p in per_source)
+            encode_started = time.perf_counter()
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                      disable=None if progress is None else not progress) as bar:
+                splits = {name: write_shards(tokenizer, split_texts, tmp, name, dtype, data.shard_tokens, eos_id, bar)
+                          for name, split_texts in (("train", train_texts), ("val", val_texts))}
+            encode_seconds = time.perf_counter() - encode_started
+            meta = {
+                "format": FORMAT,
+                "fingerprint": digest,
+                "inputs": inputs,
+                "sources": per_source,
+                "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+                "vocab_size": vocab,
+                "eos_id": eos_id,
+                "dtype": np.dtype(dtype).name,
+                **splits,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            replace_directory(tmp, out)
+    finally:
+        remove_tree(tmp)
     log(f"wrote {out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens, "
         f"vocab {vocab}, tokenized {total_bytes / 1e6 / encode_seconds:.1f} MB/s, "
         f"{time.perf_counter() - started:.0f}s in all")

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..outputs import write_atomic, write_text_atomic
+from ..rundir import finished, read_metrics
 from ..train.checkpoint import list_checkpoints
 from ..train.trainer import Trainer
 
@@ -24,22 +26,12 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _finished(run_dir: Path, steps: int) -> bool:
-    rows = read_metrics(run_dir)
-    return bool(rows) and rows[-1]["step"] == steps and "val_loss" in rows[-1]
-
-
 def run_comparison(source: Path, strategies: list[str], out: Path, overrides: list[str], command: str,
                    progress=None, log=print) -> dict:
     configs = {name: load_config(source, [*overrides, f"strategy.preset={name}"]) for name in strategies}
     for name, config in configs.items():
         run_dir = out / name
-        if _finished(run_dir, config.train.steps):
+        if finished(run_dir, config.train.steps):
             log(f"{name}: finished run found in {run_dir}")
             continue
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
@@ -76,11 +68,11 @@ def table(summary: dict) -> str:
 
 
 def write_report(out: Path, summary: dict, command: str) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     plot_curves(out, summary)
     names = list(summary["strategies"])
     config_text = (out / names[0] / "config.toml").read_text()
-    (out / "report.md").write_text(f"""# Comparison: {', '.join(names)}
+    write_text_atomic(out / "report.md", f"""# Comparison: {', '.join(names)}
 
 Model `{summary['model']}`, seed {summary['seed']}, {summary['steps']} steps, the same data and
 budget for every strategy. Validation loss on the fixed validation budget at the end of training;
@@ -114,5 +106,5 @@ def plot_curves(out: Path, summary: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    write_atomic(out / "loss.png", lambda path: fig.savefig(path, dpi=110, format="png"))
     plt.close(fig)

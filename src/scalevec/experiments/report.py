@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_config
-from .compare import read_metrics
+from ..outputs import write_atomic, write_text_atomic
+from ..rundir import read_metrics
 from .sweep import Arm, Suite, final_val_loss, run_dir
 
 MIN_SIZES_FOR_FIT = 5
@@ -204,7 +205,7 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
 def write_report(out: Path) -> dict:
     summary = analyse(out)
     _plots(out, summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# Suite `{summary['suite']}` ({summary['scale']} scale)", "", summary["description"], "",
              f"{summary['steps']} steps per run; each arm at its own best learning rate (swept with one seed), then "
              f"paired seeds at that rate. Declared budget: {summary['cpu_hours']} CPU-hours on 2 cores. Runs stay "
@@ -246,7 +247,7 @@ def write_report(out: Path) -> dict:
             lines.append(f"- {name}: {value}{interval} ({m['defined']}/{scaling['bootstrap']} resamples defined)")
     else:
         lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -281,7 +282,7 @@ def _plots(out: Path, summary: dict) -> None:
         grid.flat[0].legend(handles=handles, fontsize=7)
         fig.suptitle(title if len(panels) > 1 else "")
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        write_atomic(out / name, lambda path: fig.savefig(path, dpi=100, format="png"))
         plt.close(fig)
 
     def curve(ax, row, c) -> None:

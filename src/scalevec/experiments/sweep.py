@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, to_toml
-from .compare import read_metrics
+from ..rundir import read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config

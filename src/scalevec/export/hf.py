@@ -10,8 +10,10 @@ rather than write a checkpoint that computes different logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +24,15 @@ from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig, load_config, to_toml
 from ..model import Decoder
+from ..outputs import (DirectoryLock, check_output_path, claim_directory, contains, remove_tree, replace_directory,
+                       write_text_atomic, writing)
 from ..scales import Scale
 from ..strategy import Strategy
 from ..strategy import strategy as make_strategy
 from .fold import fold_scales
+
+
+EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
 
 
 class ExportError(ValueError):
@@ -101,18 +108,23 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None) -> dict:
 
 def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
     """The newest valid checkpoint's weights; an FSDP2 checkpoint's shards are gathered into full tensors."""
-    from ..train.checkpoint import newest_valid
+    from ..train.checkpoint import CheckpointError, load_file_checked, newest_usable
 
-    found = newest_valid(run_dir / "checkpoints")
-    if found is not None:
-        path = found[0]
+    def read(path: Path, state: dict) -> dict[str, torch.Tensor]:
         if not (path / "dcp").is_dir():
-            return _read_safetensors(path / "model.safetensors")
+            return load_file_checked(path / "model.safetensors", _read_safetensors)
         from torch.distributed.checkpoint import load
 
-        state = {"model": Decoder(config.model, config.strategy, config.moe).state_dict()}
-        load(state, checkpoint_id=path / "dcp")
-        return state["model"]
+        full = {"model": Decoder(config.model, config.strategy, config.moe).state_dict()}
+        load(full, checkpoint_id=path / "dcp")
+        return full["model"]
+
+    try:
+        found = newest_usable(run_dir / "checkpoints", read)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    if found is not None:
+        return found[1]
     if config.train.init_from:
         return _read_safetensors(Path(config.train.init_from))
     raise ExportError(f"{run_dir} has no usable checkpoint; train it first (scalevec train --resume --out {run_dir})")
@@ -132,33 +144,65 @@ def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
     return config, model
 
 
-def export_run(run_dir: Path, out: Path, log=print) -> str:
-    config, model = load_run_model(run_dir)
-    architecture = hf_architecture(config)
-    tokenizer = run_tokenizer(config)
+def exported_files(out: Path) -> list[str] | None:
+    """The files an earlier export wrote in `out`, from its manifest; None if it has none."""
+    try:
+        return [EXPORT_MANIFEST, *json.loads((out / EXPORT_MANIFEST).read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print) -> str:
+    """Write the run's newest valid checkpoint as a transformers checkpoint in `out`, replacing only an earlier
+    export (recognized by its manifest) unless `overwrite`."""
+    if contains(run_dir, out) or contains(out, run_dir):
+        raise ExportError(f"--to {out} overlaps the run directory {run_dir} it exports; choose a path outside the run")
+    claim_directory(out, exported_files(out), overwrite, "--to")
+    with contextlib.ExitStack() as stack:
+        if (run_dir / "config.toml").is_file() and os.access(run_dir, os.W_OK):  # no trainer writes it meanwhile
+            stack.enter_context(DirectoryLock(run_dir, "run directory"))
+        config, model = load_run_model(run_dir)
+        architecture = hf_architecture(config)
+        tokenizer = run_tokenizer(config)
+        files = _export_files(config, model, architecture, tokenizer)
+    if tokenizer is None:
+        log(f"warning: no tokenizer found for {run_dir}; exported the model without tokenizer files")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with writing(f"the export {out}", "nothing was changed; free space and export again"):
+            tmp.mkdir(parents=True)
+            for name, write in files.items():
+                write(tmp / name)
+            manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture}
+            (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            replace_directory(tmp, out)
+    finally:
+        remove_tree(tmp)
+    log(f"exported {run_dir} as {architecture} to {out}")
+    return architecture
+
+
+def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: Path | None) -> dict:
+    """File name -> a function writing it to the path it is given."""
     eos_id = None
     if tokenizer is not None:
         from tokenizers import Tokenizer
 
         eos_id = Tokenizer.from_file(str(tokenizer)).token_to_id("<|endoftext|>")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(hf_state(model, architecture), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(config.model, architecture, eos_id), indent=1) + "\n")
-    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id, "pad_token_id": eos_id}) + "\n")
+
+    def text(payload: dict):
+        return lambda path: path.write_text(json.dumps(payload, indent=1) + "\n")
+
+    state = hf_state(model, architecture)
+    files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
+             "config.json": text(hf_config(config.model, architecture, eos_id)),
+             "generation_config.json": text({"eos_token_id": eos_id, "pad_token_id": eos_id})}
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
+        files["tokenizer.json"] = lambda path: shutil.copyfile(tokenizer, path)
+        files["tokenizer_config.json"] = text({
             "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-            "model_max_length": config.model.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1) + "\n")
-    else:
-        log(f"warning: no tokenizer found for {run_dir}; exported the model without tokenizer files")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log(f"exported {run_dir} as {architecture} to {out}")
-    return architecture
+            "model_max_length": config.model.max_seq_len, "clean_up_tokenization_spaces": False})
+    return files
 
 
 # -- import ----------------------------------------------------------------------------------------------------
@@ -237,8 +281,13 @@ def check_hf_state(state: dict, shapes: dict) -> None:
     for name, shape in shapes.items():
         if name not in state:
             raise ExportError(f"checkpoint lacks tensor {name} (expected shape {shape})")
-        if tuple(state[name].shape) != shape:
-            raise ExportError(f"tensor {name} has shape {tuple(state[name].shape)}, expected {shape}")
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            raise ExportError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if not tensor.is_floating_point():
+            raise ExportError(f"tensor {name} has dtype {tensor.dtype}; a model checkpoint holds floating-point weights")
+        if not torch.isfinite(tensor).all():
+            raise ExportError(f"tensor {name} holds NaN or infinite values; import a finite checkpoint")
     extra = sorted(set(state) - set(shapes))
     if extra:
         raise ExportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
@@ -331,19 +380,29 @@ def _build(model_config: ModelConfig, target, state: dict) -> Decoder:
 
 
 def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log=print) -> float:
-    hf, state = read_hf_dir(hf_dir)
-    config, model, difference = convert_from_hf(hf, state, strategy_name, warm_start)
+    check_output_path(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output directory {out} exists; choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "init").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "init" / "model.safetensors")
-    config.train.init_from = str(out / "init" / "model.safetensors")
-    if (hf_dir / "tokenizer.json").is_file():
-        shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
-        config.data.tokenizer = str(out / "tokenizer.json")
-        config.data.dir = str(out / "data")
-    (out / "config.toml").write_text(to_toml(config))
+    hf, state = read_hf_dir(hf_dir)
+    config, model, difference = convert_from_hf(hf, state, strategy_name, warm_start)
+    created = not out.exists()
+    try:
+        with writing(f"the import {out}", "nothing was kept; free space and import again"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "init").mkdir()
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "init" / "model.safetensors")
+            config.train.init_from = str(out / "init" / "model.safetensors")
+            if (hf_dir / "tokenizer.json").is_file():
+                shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
+                config.data.tokenizer = str(out / "tokenizer.json")
+                config.data.dir = str(out / "data")
+            write_text_atomic(out / "config.toml", to_toml(config))
+    except BaseException:
+        for name in ("init", "tokenizer.json", "config.toml"):
+            remove_tree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        if created:
+            remove_tree(out)
+        raise
     log(f"imported {hf_dir} as strategy {config.strategy.preset} into {out}; max |Δ logit| on a probe batch: "
         f"{difference:.3g}")
     return difference

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.sources import CORPUS_DIR
+from ..outputs import write_atomic, write_text_atomic
 
 
 def figure(ncols: int = 1, width: float = 5.0):
@@ -26,9 +27,9 @@ def finish(fig, out: Path, name: str, summary: dict) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=100)
+    write_atomic(out / f"{name}.png", lambda path: fig.savefig(path, dpi=100, format="png"))
     plt.close(fig)
-    (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / f"{name}.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

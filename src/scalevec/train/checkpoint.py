@@ -8,23 +8,27 @@
 
 A checkpoint is written to a temporary directory, every file fsync'ed, then renamed into place,
 so a crash or a full disk leaves the previous checkpoints as they were. `state.json` is written
-last and records every other file's SHA-256, so a truncated or corrupted checkpoint is recognised
-and skipped.
+last and records every other file's SHA-256 and its own (over the rest of its content), so a
+truncated, corrupted or edited checkpoint is recognised and skipped. Pruning counts only checkpoints
+that verify: a corrupt one never pushes a valid one out.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..dist import World, barrier
 
 PREFIX = "step_"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +51,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _state_digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "sha256"}, sort_keys=True).encode()
+                          ).hexdigest()
+
+
 def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], state: dict, keep: int,
                     world: World = World()) -> Path:
     """Write checkpoint `step` under `root` atomically, then keep only the newest `keep`.
@@ -67,6 +76,7 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
         if world.main:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             state = {**state, "step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+            state["sha256"] = _state_digest(state)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             for path in [*files, tmp / "state.json"]:
                 _fsync(path)
@@ -74,14 +84,20 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync(root)
-            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(root, keep, final)
     except BaseException:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier(world)
     return final
+
+
+def prune(root: Path, keep: int, newest: Path) -> None:
+    """Delete valid checkpoints beyond the newest `keep` valid ones; an invalid one never counts or pushes one out."""
+    valid = [p for p in list_checkpoints(root) if p == newest or is_valid(p)]
+    for old in valid[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -92,9 +108,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> dict:
-    """The checkpoint's state.json once every file it lists matches its hash; CheckpointError otherwise."""
+    """The checkpoint's state.json once it and every file it lists match their hashes; CheckpointError otherwise."""
     try:
         state = json.loads((path / "state.json").read_text())
+        if state.get("sha256") != _state_digest(state):
+            raise CheckpointError(f"{path / 'state.json'} does not match its recorded SHA-256 (edited or corrupt)")
         for name, digest in state["files"].items():
             if _sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} does not match its recorded SHA-256")
@@ -105,11 +123,47 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def newest_valid(root: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies (and its state), warning about each one skipped."""
+def is_valid(path: Path) -> bool:
+    """verify_checkpoint as a yes/no, hashed once per checkpoint directory (by inode and mtime) in a process."""
+    try:
+        stat = (path / "state.json").stat()
+    except OSError:
+        return False
+    return _verified(str(path), stat.st_ino, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _verified(path: str, inode: int, mtime_ns: int) -> bool:
+    try:
+        verify_checkpoint(Path(path))
+        return True
+    except CheckpointError:
+        return False
+
+
+def newest_usable(root: Path, read: Callable[[Path, dict], T]) -> tuple[Path, T] | None:
+    """(path, read(path, state)) of the newest checkpoint that verifies and reads, warning one line for each one
+    skipped; None when there is no checkpoint at all; CheckpointError naming every failure when none is usable.
+    `read` raises CheckpointError for content it cannot use."""
+    reasons = []
     for path in reversed(list_checkpoints(root)):
         try:
-            return path, verify_checkpoint(path)
+            return path, read(path, verify_checkpoint(path))
         except CheckpointError as err:
             warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
+            reasons.append(str(err))
+    if reasons:
+        raise CheckpointError(f"no usable checkpoint in {root} ({'; '.join(reasons)})")
     return None
+
+
+def load_file_checked(path: Path, load: Callable[[Path], T]) -> T:
+    """`load(path)` with any failure (a truncated file, a pickle that weights_only refuses) as one CheckpointError."""
+    try:
+        return load(path)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data (possibly code), which "
+                              "torch.load(weights_only=True) refuses; do not load it") from None
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: {type(err).__name__}: {message}") from None

@@ -1,8 +1,8 @@
-"""The training loop: one run = one directory.
+"""The training loop: one run = one directory (rundir.py), written by one process at a time.
 
-    RUN_DIR/config.toml      the resolved config
-    RUN_DIR/metrics.jsonl    one record per logged step; val_loss and scale diagnostics at eval steps
-    RUN_DIR/checkpoints/     atomic checkpoints (see checkpoint.py)
+Everything a start can refuse (config, memory, data, init and branch weights, the run directory)
+is checked before the run directory is written; a failed start leaves nothing behind.
+metrics.jsonl holds one record per logged step; val_loss and scale diagnostics at eval steps.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,55 +24,18 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config, to_dict, to_toml
+from ..config import Config, ConfigError, to_dict
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
 from ..data.sources import DataError
 from ..data.prepare import prepare
 from ..dist import all_mean, all_sum, barrier, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
+from ..outputs import append_line, writing
+from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
-from .checkpoint import CheckpointError, newest_valid, save_checkpoint, verify_checkpoint
+from .checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
 from .diagnostics import scale_diagnostics
-
-
-class TrainError(RuntimeError):
-    """The run cannot go on (non-finite loss, failed checkpoint write); one line, the last good checkpoint kept."""
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked; one line naming the fix."""
-
-
-def _first_difference(a: dict, b: dict, path: str = "") -> str | None:
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            found = _first_difference(a[key], b[key], f"{path}{key}.")
-            if found:
-                return found
-        elif a.get(key) != b.get(key):
-            return f"{path}{key}"
-    return None
-
-
-def open_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, or check that resuming it is consistent; never overwrite silently."""
-    saved = run_dir / "config.toml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            if saved.is_file():
-                difference = _first_difference(to_dict(load_config(saved)), to_dict(config))
-                if difference:
-                    raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
-                                      "(omit CONFIG to use the saved one) or start a new --out")
-            return
-        if not overwrite:
-            raise RunDirError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(to_toml(config))
-    tmp.rename(saved)
 
 
 def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
@@ -98,34 +61,72 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_memory(config: Config, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run whose weights, optimizer state and logits exceed the device.
+
+    A lower bound from the shapes alone (matrices, embeddings, RoPE tables), so even absurd sizes answer at once.
+    """
+    m, t = config.model, config.train
+    d, hd = m.d_model, m.head_dim
+    moe_layers = m.n_layers // m.moe_every if m.moe_experts else 0
+    ffn = 3 * d * (moe_layers * m.moe_experts * (m.moe_d_expert or m.d_ff) + (m.n_layers - moe_layers) * m.d_ff)
+    attention = m.n_layers * d * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
+    tensors = (1 if m.tie_embeddings else 2) * m.vocab_size * d + attention + ffn + m.max_seq_len * hd
+    logits = max(t.batch_size, t.eval_batch_size) * t.seq_len * m.vocab_size
+    needed = 4 * (4 * tensors + 3 * logits)  # fp32 weights, gradients, two AdamW moments; logits, softmax, gradient
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(f"this run needs at least {needed / 2**30:.1f} GiB ({tensors:,} weights, {logits:,} logits "
+                          f"per batch) but the {device.type} device has {available / 2**30:.1f} GiB; lower "
+                          "model.vocab_size, model.max_seq_len, the model's widths or depth, or the batch sizes")
+
+
+def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """Floating-point, finite tensors of a safetensors file named by config key `key`; ConfigError otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{key} {path} not found; give a safetensors file (e.g. written by `scalevec import`)")
+    try:
+        state = load_file_checked(path, load_file)
+    except CheckpointError as err:
+        raise ConfigError(f"{key}: {err}; give a safetensors file written for this config") from None
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ConfigError(f"{key} {path}: tensor {name} has dtype {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"{key} {path}: tensor {name} holds NaN or infinite values")
+    return state
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, log=print):
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
         t = config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        check_run_dir(self.run_dir, config, resume, overwrite)
         self.device = _device(t.device)
+        check_memory(config, self.device)
         if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and self.device.type == "cpu":
             raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
                               "only); use moe.dispatch=auto or padded, or train.compile=false")
+        if t.threads:
+            torch.set_num_threads(t.threads)
         self.world = world = init_world(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", world.local_rank)
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
-        data_dir = prepare(config.data, progress=self.progress, log=self.log)
+        self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
+        data_dir = prepare(config.data, progress=self.progress, log=self.log, protect=self.run_dir)
         self.windows = TokenWindows(data_dir, "train", t.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
         if len(self.val_windows) == 0:
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction > 0 "
                             "or use more data")
         check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
-        if t.init_from and not Path(t.init_from).is_file():
-            raise ConfigError(f"train.init_from {t.init_from} not found; give the safetensors file of `scalevec import`")
-        if world.main:
-            open_run_dir(self.run_dir, config, resume, overwrite)
-        barrier(world)
+        branch = self._read_branch(Path(t.branch_from)) if t.branch_from else None
 
         self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
         if t.init_from:  # before sharding; a checkpoint found by --resume replaces these weights
@@ -133,7 +134,6 @@ class Trainer:
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
-        self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
         wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
             if world.size > 1 else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
@@ -145,30 +145,45 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.step, self.skipped = 0, 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
-        if resume:
-            self._restore()
-        if self.step == 0 and t.branch_from:
-            self._branch(Path(t.branch_from))
+        self.metrics_path = self.run_dir / METRICS_NAME
 
-    def _branch(self, path: Path) -> None:
+        # everything above only reads: the run directory is taken (locked) and written from here on
+        self.rundir = RunDir(self.run_dir, config, resume, overwrite) if world.main else None
+        barrier(world)
         try:
-            state = verify_checkpoint(path)
+            if resume:
+                self._restore()
+            if self.step == 0 and branch is not None:
+                self._apply_checkpoint(*branch)
+                self.log(f"branched from {branch[0]} at step {self.step}")
+            self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
+        except BaseException:
+            self.close(failed=not resume)
+            raise
+
+    def close(self, failed: bool = False) -> None:
+        """Release the run directory (idempotent); `failed` start: remove the directory if this start created it."""
+        if self.rundir is not None:
+            self.rundir.close(failed)
+            self.rundir = None
+
+    def _read_branch(self, path: Path) -> tuple[Path, dict]:
+        try:
+            loaded = self._read_checkpoint(path, verify_checkpoint(path))
         except CheckpointError as err:
             raise ConfigError(f"train.branch_from: {err}; give a valid checkpoint directory of another run") from None
-        if state["step"] >= self.config.train.steps:
-            raise ConfigError(f"train.branch_from is at step {state['step']}, not below train.steps="
+        if loaded["state"]["step"] >= self.config.train.steps:
+            raise ConfigError(f"train.branch_from is at step {loaded['state']['step']}, not below train.steps="
                               f"{self.config.train.steps}; raise train.steps")
-        self._load_checkpoint(path, state)
-        self.log(f"branched from {path} at step {self.step}")
+        return path, loaded
 
     def _load_init(self, path: Path) -> None:
-        state = load_file(path)
-        missing = sorted(set(self.model.state_dict()) ^ set(state))
-        if missing:
-            raise ConfigError(f"train.init_from {path} does not fit this model (tensor {missing[0]}); "
-                              "use weights written for this config")
+        state = read_weights(path, "train.init_from")
+        expected = self.model.state_dict()
+        for name in sorted(set(expected) | set(state)):
+            if name not in state or name not in expected or state[name].shape != expected[name].shape:
+                raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
+                                  "use weights written for this config")
         self.model.load_state_dict(state)
 
     def _tensorboard(self):
@@ -209,32 +224,47 @@ class Trainer:
                               tmp / "model.safetensors")
                 torch.save(trainer_state, tmp / "trainer.pt")
 
-        try:
+        with writing(f"the checkpoint of step {self.step}", "earlier checkpoints are intact; free space and "
+                     "resume with --resume", TrainError):
             save_checkpoint(self.run_dir / "checkpoints", self.step, write_files, state,
                             self.config.train.keep_checkpoints, self.world)
-        except OSError as err:
-            raise TrainError(f"writing the checkpoint of step {self.step} failed ({err.strerror or err}); "
-                             "earlier checkpoints are intact, free space and resume with --resume") from None
 
     def _restore(self) -> None:
-        found = newest_valid(self.run_dir / "checkpoints")
+        root = self.run_dir / "checkpoints"
+        try:
+            found = newest_usable(root, self._read_checkpoint)
+        except CheckpointError as err:
+            raise RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite"
+                              ) from None
         if found is None:
-            self.log("no usable checkpoint; starting from step 0")
-            if self.world.main:
-                self._truncate_metrics(-1)
-            return
-        self._load_checkpoint(*found)
+            self.log("no checkpoint yet; starting from step 0")
+        else:
+            self._apply_checkpoint(*found)
         if self.world.main:
-            self._truncate_metrics(self.step)
+            with writing(f"{self.metrics_path}", "free space and resume with --resume", TrainError):
+                truncate_metrics(self.run_dir, self.step if found else -1, self.log)
         barrier(self.world)
-        self.log(f"resumed from step {self.step}")
+        if found is not None:
+            self.log(f"resumed from step {self.step}")
 
-    def _load_checkpoint(self, path: Path, state: dict) -> None:
-        """Model, optimizer, RNG, data position and step from a verified checkpoint directory."""
-        trainer_state = torch.load(path / "trainer.pt", weights_only=True)
+    def _read_checkpoint(self, path: Path, state: dict) -> dict:
+        """The files of a verified checkpoint, read into memory; CheckpointError for anything unusable."""
         if (path / "dcp").is_dir() != self.sharded:
             raise RunDirError(f"{path} was saved {'with' if (path / 'dcp').is_dir() else 'without'} FSDP2 sharding; "
                               "resume with the same dist.mode and world size")
+        loaded = {"state": state,
+                  "trainer": load_file_checked(path / "trainer.pt", functools.partial(torch.load, weights_only=True))}
+        if not self.sharded:
+            loaded["model"] = load_file_checked(path / "model.safetensors", load_file)
+        counters = (state.get("step"), state.get("skipped"), (state.get("loader") or {}).get("position"))
+        if not all(isinstance(n, int) and n >= 0 for n in counters) or not isinstance(loaded["trainer"], dict) \
+                or "torch_rng" not in loaded["trainer"] or not {"python_rng", "numpy_rng"} <= state.keys():
+            raise CheckpointError(f"{path}/state.json or trainer.pt lacks a field of a checkpoint or has a wrong type")
+        return loaded
+
+    def _apply_checkpoint(self, path: Path, loaded: dict) -> None:
+        """Model, optimizer, RNG, data position and step from a checkpoint read by _read_checkpoint."""
+        state, trainer_state = loaded["state"], loaded["trainer"]
         if self.sharded:
             from torch.distributed.checkpoint import load
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -245,8 +275,12 @@ class Trainer:
             load(shards, checkpoint_id=path / "dcp")
             set_state_dict(self.model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
         else:
-            self.model.load_state_dict(load_file(path / "model.safetensors"))
-            self.optimizers.load_state_dict(trainer_state["optimizers"])
+            try:
+                self.model.load_state_dict(loaded["model"])
+                self.optimizers.load_state_dict(trainer_state["optimizers"])
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise CheckpointError(f"{path} does not fit this run's model or optimizer "
+                                      f"({str(err).strip().splitlines()[0]})") from None
         torch.set_rng_state(trainer_state["torch_rng"])
         if "cuda_rng" in trainer_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
@@ -256,14 +290,6 @@ class Trainer:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped = state["step"], state["skipped"]
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records written after the checkpoint we resume from; they will be written again."""
-        if not self.metrics_path.exists():
-            return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,8 +360,9 @@ class Trainer:
     def _write(self, record: dict) -> None:
         if not self.world.main:
             return
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with writing(f"{self.metrics_path}", "the last checkpoint is intact; free space and resume with --resume",
+                     TrainError):
+            append_line(self.metrics_path, json.dumps(record))
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -391,4 +418,5 @@ class Trainer:
             bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            self.close()
         return last

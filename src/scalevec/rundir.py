@@ -1,0 +1,145 @@
+"""Run directories: one run = one directory, one writer at a time.
+
+    RUN_DIR/config.toml      the resolved config
+    RUN_DIR/metrics.jsonl    one record per logged step, appended in whole lines
+    RUN_DIR/checkpoints/     atomic checkpoints (train/checkpoint.py)
+    RUN_DIR/.lock            advisory lock of the process writing the run (holds its pid)
+
+`--overwrite` removes only the entries a run writes (RUN_ENTRIES); anything else in the directory
+is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config, load_config, to_dict, to_toml
+from .outputs import LOCK_NAME, DirectoryLock, OutputError, check_output_path, remove_tree, write_text_atomic
+
+CONFIG_NAME = "config.toml"
+METRICS_NAME = "metrics.jsonl"
+# what a run (train, import, sweep) writes in its directory; --overwrite removes these and nothing else
+RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "checkpoints", "tensorboard", "init", "tokenizer.json", "data", "failed.txt")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; one line naming the fix (exit 2)."""
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on (non-finite loss, failed write); one line, the last good checkpoint kept (exit 1)."""
+
+
+def _first_difference(a: dict, b: dict, path: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            found = _first_difference(a[key], b[key], f"{path}{key}.")
+            if found:
+                return found
+        elif a.get(key) != b.get(key):
+            return f"{path}{key}"
+    return None
+
+
+def has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """Everything about the run directory that can be refused before anything is written."""
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
+    try:
+        check_output_path(run_dir, "--out")
+    except OutputError as err:
+        raise RunDirError(str(err)) from None
+    if not has_content(run_dir):
+        return
+    if resume:
+        saved = run_dir / CONFIG_NAME
+        if saved.is_file():
+            difference = _first_difference(to_dict(load_config(saved)), to_dict(config))
+            if difference:
+                raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
+                                  "(omit CONFIG to use the saved one) or start a new --out")
+    elif not overwrite:
+        raise RunDirError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+
+
+class RunDir:
+    """The open run directory: locked for this process, config written; `close()` releases it."""
+
+    def __init__(self, run_dir: Path, config: Config, resume: bool, overwrite: bool):
+        check_run_dir(run_dir, config, resume, overwrite)
+        self.path, self.created = run_dir, not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = DirectoryLock(run_dir, "run directory")
+        except OutputError as err:
+            raise RunDirError(str(err)) from None
+        try:
+            check_run_dir(run_dir, config, resume, overwrite)  # again, now that no other process can change it
+            if overwrite:
+                for name in RUN_ENTRIES:
+                    entry = run_dir / name
+                    remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if not (run_dir / CONFIG_NAME).is_file():
+                write_text_atomic(run_dir / CONFIG_NAME, to_toml(config))
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def close(self, failed: bool = False) -> None:
+        """Release the lock; a start that failed removes the directory it created (only if nothing else is there)."""
+        self.lock.release()
+        if failed and self.created:
+            (self.path / CONFIG_NAME).unlink(missing_ok=True)
+            if not any(self.path.iterdir()):
+                self.path.rmdir()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a torn last line (a write cut short) is ignored."""
+    path = run_dir / METRICS_NAME
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out") from None
+    return rows
+
+
+def truncate_metrics(run_dir: Path, step: int, log=print) -> None:
+    """Keep the records up to `step` (the checkpoint resumed from): later ones are written again.
+
+    A torn last line (a write cut short by a kill or a full disk) is dropped, and said.
+    """
+    path = run_dir / METRICS_NAME
+    if not path.exists():
+        return
+    keep, lines = [], [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out") from None
+            log(f"dropped the torn last line of {path} (a write cut short)")
+            break
+        if row["step"] <= step:
+            keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run reached `steps` and wrote its final evaluation."""
+    rows = read_metrics(run_dir)
+    return bool(rows) and rows[-1]["step"] == steps and "val_loss" in rows[-1]
