@@ -37,6 +37,18 @@ def _require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def _reusable_output(out: Path, is_own, what: str) -> None:
+    """--out of a command that continues its own earlier output: refuse any other non-empty directory."""
+    check_output_path(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not is_own(out):
+        raise OutputError(f"--out {out} is a non-empty directory that is not {what}; choose another --out")
+
+
+def _is_comparison(out: Path) -> bool:
+    return all(p.name in ("summary.json", "report.md", "loss.png") or (p / "config.toml").is_file()
+               for p in out.iterdir())
+
+
 def _file_output(path: str, flag: str) -> None:
     """A file to write: not a directory, and its directory creatable and writable."""
     _require(not Path(path).is_dir(), f"{flag} {path} is a directory; give a file path")
@@ -173,7 +185,7 @@ def cmd_compare(args) -> None:
     strategies = _csv(args.strategies)
     _require(len(strategies) >= 2, f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
     _require(len(set(strategies)) == len(strategies), f"--strategies {args.strategies!r} names one twice")
-    check_output_path(Path(args.out), "--out")
+    _reusable_output(Path(args.out), _is_comparison, "a comparison of scalevec compare")
     origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
                         *[f"--set {o}" for o in args.set]])
@@ -269,7 +281,7 @@ def cmd_sweep(args) -> None:
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     suite = load_suite(args.suite, args.scale, args.seeds)
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
-    check_output_path(out, "--out")
+    _reusable_output(out, lambda path: (path / "suite.json").is_file(), "a sweep directory (no suite.json)")
     result = run_sweep(suite, out, args.jobs)
     write_report(out)
     failed = result["failed"]
