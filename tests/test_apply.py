@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param_groups, param_info, strategy
 from test_export import SHAPE
 from test_model import randomize_scales
+
+from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param_groups, param_info, strategy
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,7 +21,8 @@ def test_bench_reports_ratios_to_first_arm():
     results = report["results"]
     assert list(results) == ["standard", "unified"]
     assert results["standard"]["step_ratio"] == 1.0 and results["standard"]["memory_ratio"] == 1.0
-    assert results["unified"]["step_ratio"] == pytest.approx(results["unified"]["step_s"] / results["standard"]["step_s"])
+    unified, standard = results["unified"], results["standard"]
+    assert unified["step_ratio"] == pytest.approx(unified["step_s"] / standard["step_s"])
     assert results["unified"]["tokens_per_s"] == pytest.approx(2 * 32 / results["unified"]["step_s"])
     assert results["unified"]["parameters"] > results["standard"]["parameters"]
     assert "| unified |" in format_bench(report)

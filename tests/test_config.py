@@ -11,7 +11,8 @@ from scalevec.config import ConfigError, load_config, to_toml
 
 def test_presets_fill_fields_and_explicit_fields_override(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('seed = 5\n[model]\npreset = "cpu-3m"\nd_ff = 640\n[strategy]\npreset = "dnp+or"\nqk_scale_shape = "full"\n')
+    path.write_text('seed = 5\n[model]\npreset = "cpu-3m"\nd_ff = 640\n'
+                    '[strategy]\npreset = "dnp+or"\nqk_scale_shape = "full"\n')
     config = load_config(path, ["model.n_layers=3", "strategy.dnp=q,k"])
     assert (config.model.d_model, config.model.d_ff, config.model.n_layers) == (192, 640, 3)
     assert (config.strategy.scale, config.strategy.dnp, config.strategy.qk_scale_shape) == ("or", ["q", "k"], "full")

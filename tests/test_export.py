@@ -4,16 +4,17 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from test_model import randomize_scales
 
 from scalevec import ModelConfig, build_model, strategy
+from scalevec.checkpoint import save_checkpoint
 from scalevec.cli import main
 from scalevec.config import Config, DataConfig, TrainConfig, to_toml
-from scalevec.export.hf import ExportError, export_run, import_hf
+from scalevec.export import ExportError
+from scalevec.export.hf import export_run
 from scalevec.generate import generate
-from safetensors.torch import save_file
-
-from scalevec.train.checkpoint import save_checkpoint
-from test_model import randomize_scales
+from scalevec.hf_import import import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +86,8 @@ def test_export_refuses_what_llama_cannot_express(small_data, tmp_path, name, ca
 def random_hf(tmp_path, architecture="llama", tie=False):
     cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
                        else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
-    config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4,
                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie,
                         rms_norm_eps=1e-6)
     torch.manual_seed(0)
@@ -117,7 +119,7 @@ def test_exact_imports_keep_logits(tmp_path, architecture, name):
     source = random_hf(tmp_path, architecture, tie=name == "hg+or")
     difference = import_hf(source, name, tmp_path / "run", warm_start=False, log=quiet)
     assert difference < 1e-4
-    from scalevec.export.hf import load_run_model
+    from scalevec.checkpoint import load_run_model
 
     _, model = load_run_model(tmp_path / "run")
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
@@ -147,7 +149,8 @@ def test_import_checks_names_shapes_and_er_sign(tmp_path):
     state = load_file(source / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :16].contiguous()
     save_file(state, source / "model.safetensors")
-    with pytest.raises(ExportError, match=r"tensor model.layers.1.mlp.up_proj.weight has shape \(48, 16\), expected \(48, 32\)"):
+    expected = r"tensor model.layers.1.mlp.up_proj.weight has shape \(48, 16\), expected \(48, 32\)"
+    with pytest.raises(ExportError, match=expected):
         import_hf(source, "standard", tmp_path / "a", warm_start=False, log=quiet)
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, source / "model.safetensors")

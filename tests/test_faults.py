@@ -10,26 +10,24 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train import final_weights, quiet, records, tiny_config
 
+from scalevec import checkpoint as checkpoint_module
+from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import to_toml
 from scalevec.outputs import DirectoryLock, append_line
-from scalevec.train import checkpoint as checkpoint_module
-from scalevec.train.checkpoint import list_checkpoints, verify_checkpoint
-from scalevec.train.trainer import Trainer, TrainError
-from test_train import final_weights, quiet, records, tiny_config
+from scalevec.train.trainer import Trainer
 
 
 def snapshot(root: Path) -> dict:
@@ -180,10 +178,10 @@ def test_simulated_full_disk_at_each_trainer_write_site(small_data, tmp_path, mo
         calls = {"n": 0}
         real = getattr(owner, attribute)
 
-        def failing(*args, _real=real, _counts=counts, _fail_at=fail_at, _error=error, **kwargs):
+        def failing(*args, _real=real, _counts=counts, _fail_at=fail_at, _error=error, _calls=calls, **kwargs):
             if _counts(*args, **kwargs):
-                calls["n"] += 1
-                if calls["n"] == _fail_at:
+                _calls["n"] += 1
+                if _calls["n"] == _fail_at:
                     raise _error
             return _real(*args, **kwargs)
 

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import reference_logits
+
 from scalevec import ModelConfig, build_model, fold_scales, strategy
 from scalevec.config import MODEL_PRESETS
 from scalevec.model import Decoder
@@ -28,7 +28,9 @@ MODELS = [TINY, replace(TINY, tie_embeddings=False, norm="layer")]
 
 
 def ids(value):
-    return value.preset if hasattr(value, "preset") and hasattr(value, "scale") else f"{value.norm}-tied{value.tie_embeddings}"
+    if hasattr(value, "preset") and hasattr(value, "scale"):
+        return value.preset
+    return f"{value.norm}-tied{value.tie_embeddings}"
 
 
 @torch.no_grad()

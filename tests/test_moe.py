@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import randomize_scales
 
 from scalevec import ModelConfig, build_model, fold_scales, strategy
 from scalevec.cli import main
@@ -13,7 +14,6 @@ from scalevec.config import ConfigError, MoEConfig, OptimConfig, load_config
 from scalevec.model import FeedForward
 from scalevec.moe import MoEFeedForward
 from scalevec.optim import Optimizers
-from test_model import randomize_scales
 
 TINY = ModelConfig(preset="", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
                    moe_experts=4, moe_top_k=2, moe_d_expert=24)

@@ -30,10 +30,20 @@ lr_seed = 0
 seeds = [0, 1, 2]
 
 [cpu.config]
-model = {{ preset = "", vocab_size = 512, d_model = 32, n_layers = 1, n_heads = 4, n_kv_heads = 2, d_ff = 64, max_seq_len = 32 }}
 data = {{ dir = "{data}", sources = ["moby_dick", "milton"], vocab_size = 512, val_tokens = 1024 }}
 schedule = {{ warmup_steps = 2 }}
-train = {{ steps = 8, batch_size = 4, seq_len = 32, eval_every = 4, log_every = 2, checkpoint_every = 4, eval_batch_size = 8 }}
+
+[cpu.config.model]
+{model}
+
+[cpu.config.train]
+steps = 8
+batch_size = 4
+seq_len = 32
+eval_every = 4
+log_every = 2
+checkpoint_every = 4
+eval_batch_size = 8
 
 [gpu]
 strategies = ["standard"]
@@ -46,15 +56,27 @@ lr_seed = 0
 seeds = [0]
 
 [gpu.config]
-model = {{ preset = "", vocab_size = 512, d_model = 32, n_layers = 1, n_heads = 4, n_kv_heads = 2, d_ff = 64, max_seq_len = 32 }}
 data = {{ dir = "{data}", sources = ["moby_dick", "milton"], vocab_size = 512 }}
 train = {{ steps = 100000, batch_size = 64, seq_len = 32 }}
+
+[gpu.config.model]
+{model}
 """
+
+
+TINY_MODEL = """preset = ""
+vocab_size = 512
+d_model = 32
+n_layers = 1
+n_heads = 4
+n_kv_heads = 2
+d_ff = 64
+max_seq_len = 32"""
 
 
 def write_suite(tmp_path, small_data, strategies=("standard", "hg"), lrs="[0.003, 0.01]"):
     path = tmp_path / "tiny.toml"
-    path.write_text(SUITE.format(strategies=json.dumps(list(strategies)), data=small_data).replace(
+    path.write_text(SUITE.format(strategies=json.dumps(list(strategies)), data=small_data, model=TINY_MODEL).replace(
         "lrs = [0.003, 0.01]", f"lrs = {lrs}"))
     return path
 
@@ -165,11 +187,13 @@ def test_shipped_suites_load_at_both_scales():
 
 
 def test_wsd_decays_from_stable_checkpoints(small_data, tmp_path):
-    text = SUITE.format(strategies='["standard", "hg"]', data=small_data)
-    text = text.replace('schedules = ["cosine"]', 'schedules = ["wsd"]', 1).replace("lrs = [0.003, 0.01]", "lrs = [0.003]")
+    text = SUITE.format(strategies='["standard", "hg"]', data=small_data, model=TINY_MODEL)
+    text = text.replace('schedules = ["cosine"]', 'schedules = ["wsd"]', 1)
+    text = text.replace("lrs = [0.003, 0.01]", "lrs = [0.003]")
     text = text.replace("seeds = [0, 1, 2]", "seeds = [0, 1]\nwsd_decays = [0.5]", 1)
-    text = text.replace("steps = 8, batch_size = 4, seq_len = 32, eval_every = 4, log_every = 2, checkpoint_every = 4",
-                        "steps = 10, batch_size = 4, seq_len = 32, eval_every = 2, log_every = 2, checkpoint_every = 2")
+    for old, new in (("steps = 8\n", "steps = 10\n"), ("eval_every = 4", "eval_every = 2"),
+                     ("checkpoint_every = 4", "checkpoint_every = 2")):
+        text = text.replace(old, new, 1)
     path = tmp_path / "wsd.toml"
     path.write_text(text)
     suite = load_suite(str(path), "cpu")

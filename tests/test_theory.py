@@ -62,7 +62,7 @@ def test_dual_placement(lab):
 
 def test_reparam_gives_d_fold_magnitude_rate(lab):
     results = lab[1]["reparam"]["results"]
-    for d, r in results["plain"].items():
+    for r in results["plain"].values():
         assert r["magnitude_rate"] == pytest.approx(1.0, rel=1e-6)
     for param in ("or", "er"):
         for d, r in results[param].items():

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scalevec import checkpoint as checkpoint_module
+from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import ConfigError, load_config, to_toml
-from scalevec.train import checkpoint as checkpoint_module
-from scalevec.train.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.train.trainer import Trainer, TrainError
 
 

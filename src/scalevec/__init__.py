@@ -1,13 +1,22 @@
-"""scalevec: pre-training decoder LLMs with the scale-vector strategies of arXiv 2605.26895."""
+"""scalevec: pre-training decoder LLMs with the scale-vector strategies of arXiv 2605.26895.
 
-from .apply import apply_strategy, param_info
+Configuration loads eagerly (it needs no torch); the model-side names load on first use, so
+`import scalevec.config` and `scalevec --help` never import torch.
+"""
+
+import importlib
+
+from ._version import __version__
 from .config import Config, ConfigError, ModelConfig, OptimConfig, load_config
-from .export import fold_scales
-from .model import Decoder, build_model
-from .optim import Optimizers, param_groups
 from .strategy import Strategy, strategy
 
-__version__ = "0.1.0"
+_LAZY = {"apply_strategy": "apply", "param_info": "apply", "param_groups": "optim", "fold_scales": "export.fold",
+         "Decoder": "model", "build_model": "model", "Optimizers": "optim"}
+__all__ = ["Config", "ConfigError", "ModelConfig", "OptimConfig", "Strategy", "load_config", "strategy", *_LAZY,
+           "__version__"]
 
-__all__ = ["Config", "ConfigError", "Decoder", "ModelConfig", "OptimConfig", "Optimizers", "Strategy", "apply_strategy",
-           "build_model", "fold_scales", "load_config", "param_groups", "param_info", "strategy", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'scalevec' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

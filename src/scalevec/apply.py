@@ -3,18 +3,22 @@
 `apply_strategy(model, strategy)` converts a `transformers` Llama/Qwen3 (or a scalevec Decoder)
 in place: block norms become parameter-free, their γ moves into the projections that read them
 (shared, or one per branch under HG), DP/DNP wrap the projections, the final norm keeps its scale.
-`param_info(model)` gives every parameter its role and kind, and `param_groups(model, policy)` the
-role-aware optimizer groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
+`param_info(model)` gives every parameter its role and kind (a converted model also answers
+`model.param_info()`, as a Decoder does), and `param_groups(model, policy)` the role-aware optimizer
+groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .export.hf import ExportError, convert_from_hf, hf_architecture, hf_config, hf_state, set_gamma
+from .export import ExportError
+from .export.hf import hf_architecture, hf_config, hf_state
+from .hf_import import convert_from_hf, set_gamma
 from .model import Decoder
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
@@ -106,6 +110,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     set_gamma(final, model.model.norm.weight.detach(), "model.norm")
     model.model.norm = ScaledNorm(final, eps)
     model.scalevec_strategy = s
+    model.param_info = functools.partial(param_info, model)  # what the optimizer table reads, as on a Decoder
     return model
 
 

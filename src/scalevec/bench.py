@@ -162,8 +162,10 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
 def format_bench(report: dict) -> str:
     lines = [f"{report['model']} on {report['device']} ({report['threads']} threads), batch {report['batch_size']}x"
              f"{report['seq_len']}, {'compiled' if report['compile'] else 'eager'}"
-             f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of {report['repeats']}",
-             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio | MFU |", "|---|---|---|---|---|---|---|"]
+             f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of "
+             f"{report['repeats']}",
+             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio | MFU |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in report["results"].items():
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         lines.append(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {row['step_ratio']:.3f} | "

@@ -9,9 +9,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import MODEL_PRESETS, ConfigError, load_config, to_dict, validate
-from .data.sources import BUNDLED_SOURCES, PROSE_SOURCES, DataError
-from .export.hf import ExportError
+from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, load_config, to_dict, validate
+from .data.sources import DataError
+from .export import ExportError
 from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
 from .rundir import RunDirError, TrainError
 from .strategy import UnknownPreset
@@ -231,7 +231,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from .export.hf import import_hf
+    from .hf_import import import_hf
 
     import_hf(Path(args.hf_dir), args.strategy, Path(args.out), args.warm_start)
 
@@ -240,8 +240,9 @@ def cmd_generate(args) -> None:
     import torch
     from tokenizers import Tokenizer
 
-    from .export.hf import convert_from_hf, load_run_model, read_hf_dir, run_tokenizer
+    from .checkpoint import load_run_model, run_tokenizer
     from .generate import generate
+    from .hf_import import convert_from_hf, read_hf_dir
 
     _require(math.isfinite(args.temperature) and args.temperature >= 0,
              f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
@@ -267,7 +268,8 @@ def cmd_generate(args) -> None:
         raise UsageError("--prompt is empty; give some text to continue")
     room = model.config.max_seq_len - len(ids)
     if room <= 0:
-        raise UsageError(f"the prompt has {len(ids)} tokens, at least max_seq_len={model.config.max_seq_len}; shorten it")
+        raise UsageError(f"the prompt has {len(ids)} tokens, at least max_seq_len={model.config.max_seq_len}; "
+                         "shorten it")
     out = generate(model, torch.tensor([ids]), min(args.max_new_tokens, room), args.temperature, args.top_k,
                    args.top_p, seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>"))
     print(tokenizer.decode(out[0].tolist()))

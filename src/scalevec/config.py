@@ -15,9 +15,10 @@ from pathlib import Path
 
 import tomli_w
 
-from .data.sources import PROSE_SOURCES
-from .scales import PARAMETERIZATIONS
-from .strategy import PROJECTIONS, SCALE_DECAY_POLICIES, Strategy, UnknownPreset, preset_values
+from .strategy import PARAMETERIZATIONS, PROJECTIONS, SCALE_DECAY_POLICIES, Strategy, UnknownPreset, preset_values
+
+PROSE_SOURCES = ("austen", "kjv_bible", "milton", "moby_dick", "shakespeare", "sotu", "wiki_vital_summaries")
+BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")  # the bundled corpus (data/corpus/); python_docs is optional
 
 
 class ConfigError(ValueError):
@@ -405,11 +406,14 @@ def validate(config: Config) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
     _check(m.d_model % m.n_heads == 0,
-           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose d_model a multiple of n_heads")
+           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+           "choose d_model a multiple of n_heads")
     _check(m.n_heads % m.n_kv_heads == 0,
-           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; choose n_kv_heads dividing n_heads")
+           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+           "choose n_kv_heads dividing n_heads")
     _check(m.head_dim % 2 == 0,
-           f"model head_dim = d_model/n_heads = {m.head_dim} is odd; RoPE needs an even head_dim, change d_model or n_heads")
+           f"model head_dim = d_model/n_heads = {m.head_dim} is odd; RoPE needs an even head_dim, "
+           "change d_model or n_heads")
     _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
     _check(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
            "model.norm_eps, model.init_std and model.rope_theta must be positive")
@@ -425,7 +429,8 @@ def validate(config: Config) -> None:
     for name in ("aux_loss", "bias_rate", "router_z_loss"):
         _check(getattr(config.moe, name) >= 0, f"moe.{name}={getattr(config.moe, name)} must be >= 0")
     _check(config.moe.router in ("softmax", "sigmoid"), f"moe.router={config.moe.router!r}; choose softmax or sigmoid")
-    _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, bias or none")
+    _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, "
+                                                          "bias or none")
     _check(config.moe.dispatch in ("auto", "grouped", "padded"),
            f"moe.dispatch={config.moe.dispatch!r}; choose auto, grouped or padded")
     _check(s.expert_scales in ("per_expert", "shared"),
@@ -433,16 +438,19 @@ def validate(config: Config) -> None:
     _check(s.scale in PARAMETERIZATIONS, f"strategy.scale={s.scale!r}; choose from {', '.join(PARAMETERIZATIONS)}")
     for name in ("dp", "dnp"):
         bad = [p for p in getattr(s, name) if p not in PROJECTIONS]
-        _check(not bad, f"strategy.{name} has unknown projection {bad[0] if bad else ''!r}; choose from {', '.join(PROJECTIONS)}")
+        _check(not bad, f"strategy.{name} has unknown projection {bad[0] if bad else ''!r}; "
+                        f"choose from {', '.join(PROJECTIONS)}")
     both = sorted(set(s.dp) & set(s.dnp))
     _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dp and dnp; keep it in one")
     _check(s.qk_scale_shape in ("head", "full"), f"strategy.qk_scale_shape={s.qk_scale_shape!r}; choose head or full")
-    _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose input or output")
+    _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose "
+                                                    "input or output")
     _check(s.scale_decay in SCALE_DECAY_POLICIES,
            f"strategy.scale_decay={s.scale_decay!r}; choose from {', '.join(SCALE_DECAY_POLICIES)}")
     o, sch = config.optim, config.schedule
     _check(o.name in ("adamw", "muon"), f"optim.name={o.name!r}; choose adamw or muon")
-    _check(o.muon_ns_dtype in ("float32", "bfloat16"), f"optim.muon_ns_dtype={o.muon_ns_dtype!r}; choose float32 or bfloat16")
+    _check(o.muon_ns_dtype in ("float32", "bfloat16"), f"optim.muon_ns_dtype={o.muon_ns_dtype!r}; choose "
+                                                       "float32 or bfloat16")
     _check(o.muon_update_scale in ("original", "match_rms_adamw"),
            f"optim.muon_update_scale={o.muon_update_scale!r}; choose original or match_rms_adamw")
     _check(o.lr > 0 and o.muon_lr > 0, "optim.lr and optim.muon_lr must be positive")

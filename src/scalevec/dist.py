@@ -8,7 +8,9 @@ files come from rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +66,32 @@ def wrap(model: nn.Module, mode: str, device_type: str, bf16: bool) -> nn.Module
     return model
 
 
-def all_mean(value: float, world: World) -> float:
-    """Mean of a Python float over ranks."""
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Whether backward inside the block all-reduces gradients (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync): gradient accumulation syncs on its last micro-batch only."""
+    if enabled:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_mean(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Mean of a tensor over ranks, on its device (no host sync)."""
     if world.size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+        return tensor
+    tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor.item() / world.size
+    return tensor / world.size
 
 
 def all_sum(values: list[float], world: World) -> list[float]:

@@ -108,13 +108,15 @@ class Block(nn.Module):
         return normalize(y, y.shape[-1], self.norm, self.eps, None if scale is None else scale())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
-        x = x + self._post(self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin, kv), self.attn_post_scale)
+        attended = self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin, kv)
+        x = x + self._post(attended, self.attn_post_scale)
         return x + self._post(self.ffn(normalize(x, x.shape[-1], self.norm, self.eps)), self.ffn_post_scale)
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
         infos = self.attn.qkv.param_info(f"{prefix}.attn.qkv") | self.attn.o.param_info(f"{prefix}.attn.o")
         if isinstance(self.ffn, FeedForward):
-            infos |= self.ffn.gate_up.param_info(f"{prefix}.ffn.gate_up") | self.ffn.down.param_info(f"{prefix}.ffn.down")
+            infos |= self.ffn.gate_up.param_info(f"{prefix}.ffn.gate_up")
+            infos |= self.ffn.down.param_info(f"{prefix}.ffn.down")
         else:
             infos |= self.ffn.param_info(f"{prefix}.ffn")
         for name in ("attn_post_scale", "ffn_post_scale"):

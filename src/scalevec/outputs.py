@@ -14,12 +14,13 @@ import errno
 import fcntl
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # torch's zip writer and safetensors' Rust writer raise RuntimeError-like errors, not OSError, on a full disk
-DISK_FULL_MESSAGES = ("unexpected pos", "No space left", "os error 28", "file write failed", "Disk quota", "File too large")
+DISK_FULL_MESSAGES = ("unexpected pos", "No space left", "os error 28", "file write failed", "Disk quota",
+                      "File too large")
 LOCK_NAME = ".lock"
 
 
@@ -68,7 +69,8 @@ def check_output_path(path: Path, flag: str) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputError(f"{flag} {path}: {ancestor} is a file, so nothing can be created under it; choose another path")
+        raise OutputError(f"{flag} {path}: {ancestor} is a file, so nothing can be created under it; choose "
+                          "another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {path}: {ancestor} is not writable; choose a path you can write to")
 
@@ -193,7 +195,7 @@ class DirectoryLock:
         self._file.close()
         self._file = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self
 
     def __exit__(self, *exc) -> None:

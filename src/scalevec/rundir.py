@@ -2,7 +2,7 @@
 
     RUN_DIR/config.toml      the resolved config
     RUN_DIR/metrics.jsonl    one record per logged step, appended in whole lines
-    RUN_DIR/checkpoints/     atomic checkpoints (train/checkpoint.py)
+    RUN_DIR/checkpoints/     atomic checkpoints (checkpoint.py)
     RUN_DIR/.lock            advisory lock of the process writing the run (holds its pid)
 
 `--overwrite` removes only the entries a run writes (RUN_ENTRIES); anything else in the directory
@@ -131,7 +131,8 @@ def truncate_metrics(run_dir: Path, step: int, log=print) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
-                raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out") from None
+                raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out"
+                                  ) from None
             log(f"dropped the torn last line of {path} (a write cut short)")
             break
         if row["step"] <= step:

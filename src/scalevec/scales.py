@@ -10,21 +10,19 @@ sets a scale nothing downstream can absorb.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
 
-PARAMETERIZATIONS = ("fixed", "plain", "or", "er")
 
-
-class Role(str, Enum):
+class Role(StrEnum):
     INPUT = "input"  # a scale followed by a linear map (foldable into it)
     OUTPUT = "output"  # a scale not followed by a linear map (QK-norm, post-branch, DNP output)
     NONE = "none"  # not a scale vector
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     MATRIX = "matrix"
     EMBEDDING = "embedding"
     HEAD = "head"
@@ -102,6 +100,24 @@ class Scale(nn.Module):
         if self.magnitude is not None:
             kinds["magnitude"] = magnitude
         return kinds
+
+    @torch.no_grad()
+    def set_gamma(self, gamma: torch.Tensor) -> None:
+        """Take the effective value `gamma` (exactly; without a magnitude β, up to the overall factor that the
+        following norm removes). ER needs every entry positive: ValueError otherwise."""
+        gamma = gamma.float()
+        if self.parameterization == "plain":
+            self.weight.copy_(gamma)
+        elif self.parameterization == "or":
+            self.direction.copy_(gamma)
+            if self.magnitude is not None:
+                self.magnitude.fill_(gamma.pow(2).mean().sqrt().item())
+        else:
+            if (gamma <= 0).any():
+                raise ValueError(f"ER needs every γ > 0, got min γ = {gamma.min().item():.4g}")
+            self.direction.copy_(gamma.log())
+            if self.magnitude is not None:
+                self.magnitude.fill_(gamma.log().mean().item())
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:

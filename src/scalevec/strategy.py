@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+PARAMETERIZATIONS = ("fixed", "plain", "or", "er")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 READS_NORM = ("q", "k", "v", "gate", "up")  # projections fed by a block norm
 SCALE_DECAY_POLICIES = ("iwd", "all", "none")

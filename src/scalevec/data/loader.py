@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ class TokenWindows:
         self.directory = directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
-            raise DataError(f"{directory} holds no prepared data (no meta.json); run `scalevec data prepare --out {directory}`")
+            raise DataError(f"{directory} holds no prepared data (no meta.json); run `scalevec data prepare "
+                            f"--out {directory}`")
         self.meta = json.loads(meta_path.read_text())
         self.window = seq_len + 1
         self.shards, self.starts, total = [], [], 0
@@ -32,8 +33,8 @@ class TokenWindows:
             path = directory / shard["file"]
             expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
             if not path.is_file() or path.stat().st_size != expected:
-                raise DataError(f"shard {path} is missing or not {expected} bytes as meta.json says; delete {directory} "
-                                "and run `scalevec data prepare` again")
+                raise DataError(f"shard {path} is missing or not {expected} bytes as meta.json says; "
+                                f"delete {directory} and run `scalevec data prepare` again")
             tokens = np.memmap(path, dtype=self.meta["dtype"], mode="r")
             count = len(tokens) // self.window
             if count:

@@ -24,8 +24,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from ..config import DataConfig
-from ..outputs import (OutputError, claim_directory, contains, first_line, parent_lock, remove_tree, replace_directory,
-                       writing)
+from ..outputs import (
+    OutputError,
+    claim_directory,
+    contains,
+    first_line,
+    parent_lock,
+    remove_tree,
+    replace_directory,
+    writing,
+)
 from .sources import DataError, SourceFile, read_documents, resolve_sources
 
 FORMAT = 2  # 2: splits record their bytes (bits per byte)

@@ -6,13 +6,13 @@ import glob
 import hashlib
 import json
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from ..config import BUNDLED_SOURCES
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
-PROSE_SOURCES = ("austen", "kjv_bible", "milton", "moby_dick", "shakespeare", "sotu", "wiki_vital_summaries")
-BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 

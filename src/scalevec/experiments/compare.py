@@ -9,10 +9,10 @@ import json
 import statistics
 from pathlib import Path
 
+from ..checkpoint import list_checkpoints
 from ..config import ConfigError, load_config
 from ..outputs import write_atomic, write_text_atomic
 from ..rundir import finished, read_metrics
-from ..train.checkpoint import list_checkpoints
 from ..train.trainer import Trainer
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -52,7 +52,7 @@ def summarize(out: Path, configs: dict) -> dict:
         rows[name] = {"final_val_loss": evals[-1]["val_loss"], "final_train_loss": evals[-1]["train_loss"],
                       "tokens": evals[-1]["tokens"], "tokens_per_s": statistics.median(speeds),
                       "curve": [(r["tokens"], r["val_loss"]) for r in evals]}
-    for name, row in rows.items():
+    for row in rows.values():
         row["val_loss_minus_baseline"] = row["final_val_loss"] - rows[baseline]["final_val_loss"]
     first = configs[baseline]
     return {"baseline": baseline, "seed": first.seed, "model": first.model.preset, "steps": first.train.steps,
@@ -101,7 +101,8 @@ def plot_curves(out: Path, summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in summary["strategies"].items():
         tokens, losses = zip(*row["curve"][1:] or row["curve"])  # the step-0 loss would flatten the plot
-        ax.plot([t / 1e6 for t in tokens], losses, marker="o", markersize=3, label=f"{name} ({row['final_val_loss']:.3f})")
+        ax.plot([t / 1e6 for t in tokens], losses, marker="o", markersize=3, label=f"{name} "
+                                                                                   f"({row['final_val_loss']:.3f})")
     ax.set(xlabel="training tokens (M)", ylabel="validation loss", title=f"{summary['model']}, seed {summary['seed']}")
     ax.grid(alpha=0.3)
     ax.legend()

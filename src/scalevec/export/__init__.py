@@ -1,5 +1,5 @@
-"""Taking a model out: folding scale vectors into weights."""
+"""Taking a model out: folding scale vectors into weights (`fold.py`), transformers checkpoints (`hf.py`)."""
 
-from .fold import fold_scales
 
-__all__ = ["fold_scales"]
+class ExportError(ValueError):
+    """A checkpoint cannot be written or read as asked; one line naming the problem and the options."""

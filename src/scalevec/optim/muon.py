@@ -10,9 +10,9 @@ and stacked 3-D tensors (MoE experts) orthogonalized per matrix in one batched i
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic
 NS_EPS = 1e-7
@@ -42,6 +42,13 @@ def update_scale(rows: int, cols: int, kind: str) -> float:
     if kind == "original":
         return math.sqrt(max(1.0, rows / cols))
     return 0.2 * math.sqrt(max(rows, cols))
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """isinstance(tensor, DTensor) without importing torch.distributed.tensor (0.65 s at start-up): no DTensor
+    can exist before that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class Muon(torch.optim.Optimizer):
@@ -79,7 +86,9 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])
                 sizes = list(blocks) or [p.shape[-2]]
-                if isinstance(p, DTensor):
+                if is_dtensor(p):
+                    from torch.distributed.tensor import distribute_tensor
+
                     # FSDP2 shards rows: orthogonalize the gathered full matrices, keep this rank's rows
                     full = update.full_tensor()
                     step = torch.cat([orthogonalize(u, group["ns_steps"], dtype)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..scales import ParamInfo
-from .muon import Muon
+from .muon import Muon, is_dtensor
 from .policy import param_groups
 
 
@@ -59,8 +59,5 @@ class Optimizers:
 
 
 def _fused_ok(groups: list[dict]) -> bool:
-    from torch.distributed.tensor import DTensor
-
     params = [p for g in groups for p in g["params"]]
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
-               for p in params)
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params)

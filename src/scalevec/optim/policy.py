@@ -6,7 +6,8 @@ means per parameterization (decoupled decay pulls the *parameter* toward 0):
 | parameterization | decayed parameters under a decaying policy | effect on effective γ |
 |---|---|---|
 | plain γ | γ | toward 0 |
-| OR β·α/RMS(α) | β (α only with optim.decay_or_direction) | magnitude toward 0; α's decay only keeps its norm, and so its effective learning rate, in check |
+| OR β·α/RMS(α) | β (α only with optim.decay_or_direction) | magnitude toward 0 (decaying α only keeps its
+  norm, and so its effective learning rate, in check) |
 | ER exp(β)·exp(α − mean α) | β and α | toward 1 (not 0) |
 
 Scale decay policies (strategy.scale_decay): `iwd` decays Input-Norm scales only (the paper's
@@ -96,13 +97,18 @@ def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> Non
 
 def param_groups(model: nn.Module, policy: str = "iwd", optim: OptimConfig | None = None,
                  infos: dict[str, ParamInfo] | None = None) -> list[dict]:
-    """Optimizer parameter groups of `model` (a scalevec Decoder or a model converted by `apply_strategy`)
-    under scale-decay `policy`, one per distinct rule, each with `names`, `optimizer`, `lr_mult`,
-    `weight_decay` and, for Muon, each matrix's logical `blocks`."""
-    from ..apply import param_info
+    """Optimizer parameter groups of `model` under scale-decay `policy`, one per distinct rule, each with
+    `names`, `optimizer`, `lr_mult`, `weight_decay` and, for Muon, each matrix's logical `blocks`.
 
+    `infos` (every parameter's role and kind) defaults to `model.param_info()`, which a scalevec Decoder
+    has and `apply_strategy` gives the models it converts.
+    """
     optim = OptimConfig() if optim is None else optim
-    infos = param_info(model) if infos is None else infos
+    if infos is None:
+        if not callable(getattr(model, "param_info", None)):
+            raise PolicyError(f"{type(model).__name__} has no param_info(); convert it with scalevec.apply_strategy "
+                              "or pass infos")
+        infos = model.param_info()
     rules = assign(infos, model, optim, policy)
     named = dict(model.named_parameters(remove_duplicate=False))
     groups: dict[Rule, dict] = {}

@@ -27,7 +27,8 @@ def preconditioner(parameterization: str, d: int) -> torch.Tensor:
 
 
 def measured_rates(parameterization: str, d: int) -> dict:
-    """Rate of γ's change along the magnitude direction and orthogonal to it, per unit gradient, from one small GD step."""
+    """Rate of γ's change along the magnitude direction and orthogonal to it, per unit gradient, from one small "
+      "GD step."""
     gen = torch.Generator().manual_seed(d)
     g = torch.randn(d, generator=gen, dtype=torch.float64)
     ones = torch.ones(d, dtype=torch.float64) / d**0.5
@@ -51,7 +52,8 @@ def run(out: Path, fast: bool = False) -> dict:
         results[param] = {}
         for d in dims:
             eig = torch.linalg.eigvalsh(preconditioner(param, d))
-            results[param][d] = {"eigen_max": eig.max().item(), "eigen_min": eig.min().item(), **measured_rates(param, d)}
+            results[param][d] = {"eigen_max": eig.max().item(), "eigen_min": eig.min().item(),
+                                 **measured_rates(param, d)}
     holds = all(abs(results[p][d]["magnitude_rate"] / d - 1) < 1e-3 and abs(results[p][d]["orthogonal_rate"] - 1) < 1e-3
                 for p in ("or", "er") for d in dims)
     summary = {"claim": "OR and ER move γ's magnitude d times faster than plain γ at init, its direction equally fast",

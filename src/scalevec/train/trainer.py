@@ -23,18 +23,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
+from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
 from ..config import Config, ConfigError, to_dict
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
-from ..data.sources import DataError
 from ..data.prepare import prepare
-from ..dist import all_mean, all_sum, barrier, init_world, wrap
+from ..data.sources import DataError
+from ..dist import all_mean, all_sum, barrier, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
 from ..outputs import append_line, writing
 from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
-from .checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
 from .diagnostics import scale_diagnostics
 
 
@@ -134,13 +134,13 @@ class Trainer:
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
-        wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
+        self.wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
             if world.size > 1 else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
         # static shapes: the short last validation batch gets its own graph instead of turning the training
         # graph dynamic (slower kernels, and a slower compile)
-        objective = functools.partial(lm_objective, wrapped, z_loss=t.z_loss)
+        objective = functools.partial(lm_objective, self.wrapped, z_loss=t.z_loss)
         self.objective = torch.compile(objective, dynamic=False) if t.compile else objective
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
@@ -318,19 +318,22 @@ class Trainer:
         t = self.config.train
         lr = lr_factor(self.config.schedule, self.step, t.steps)
         self.optimizers.set_lr_factor(lr)
-        ce_sum = 0.0
-        for _ in range(t.grad_accum):
+        ce_sum = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
             inputs, targets = self.loader.next_batch()
-            objective, ce = self._loss(inputs.to(self.device), targets.to(self.device))
-            (objective / t.grad_accum).backward()
-            ce_sum += ce.item()
+            with gradient_sync(self.wrapped, micro == t.grad_accum - 1):  # all-reduce once, on the last one
+                objective, ce = self._loss(inputs.to(self.device), targets.to(self.device))
+                (objective / t.grad_accum).backward()
+            ce_sum += ce.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        loss = all_mean(ce_sum / t.grad_accum, self.world)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        mean_ce = all_mean(ce_sum / t.grad_accum, self.world)
+        loss, grad_norm = torch.stack([mean_ce.float(), grad_norm.float()]).tolist()  # the step's one host sync
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if t.nonfinite == "stop":
                 raise TrainError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
-                                 f"{self.step + 1}; the last good checkpoint is kept (train.nonfinite=skip skips such steps)")
+                                 f"{self.step + 1}; the last good checkpoint is kept "
+                                 "(train.nonfinite=skip skips such steps)")
             self.skipped += 1
         else:
             self.optimizers.step()

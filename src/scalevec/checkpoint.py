@@ -1,4 +1,4 @@
-"""Atomic, verifiable checkpoints that never execute code when loaded.
+"""Atomic, verifiable checkpoints that never execute code when loaded, and reading a run's weights.
 
     checkpoints/step_00000100/
         model.safetensors   model weights                       (single process, DDP)
@@ -22,12 +22,20 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from ..dist import World, barrier
+import torch
+from safetensors.torch import load_file
+
+from .config import Config, load_config
+from .dist import World, barrier
+from .model import Decoder
+from .rundir import RunDirError
 
 PREFIX = "step_"
+SINGLE_PROCESS = World()
 T = TypeVar("T")
 
 
@@ -57,7 +65,7 @@ def _state_digest(state: dict) -> str:
 
 
 def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], state: dict, keep: int,
-                    world: World = World()) -> Path:
+                    world: World = SINGLE_PROCESS) -> Path:
     """Write checkpoint `step` under `root` atomically, then keep only the newest `keep`.
 
     Every rank calls this; `write_files(tmp_dir)` runs on every rank (a sharded save is collective),
@@ -167,3 +175,43 @@ def load_file_checked(path: Path, load: Callable[[Path], T]) -> T:
     except Exception as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(f"{path}: {type(err).__name__}: {message}") from None
+
+
+# -- reading a run's weights (export, generate, evaluation) ------------------------------------------------------
+
+def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
+    """The newest valid checkpoint's weights; an FSDP2 checkpoint's shards are gathered into full tensors."""
+
+    def read(path: Path, state: dict) -> dict[str, torch.Tensor]:
+        if not (path / "dcp").is_dir():
+            return load_file_checked(path / "model.safetensors", load_file)
+        from torch.distributed.checkpoint import load
+
+        full = {"model": Decoder(config.model, config.strategy, config.moe).state_dict()}
+        load(full, checkpoint_id=path / "dcp")
+        return full["model"]
+
+    try:
+        found = newest_usable(run_dir / "checkpoints", read)
+        if found is not None:
+            return found[1]
+        if config.train.init_from:  # an import not trained yet
+            return load_file_checked(Path(config.train.init_from), load_file)
+    except CheckpointError as err:
+        raise RunDirError(str(err)) from None
+    raise RunDirError(f"{run_dir} has no usable checkpoint; train it first (scalevec train --resume --out {run_dir})")
+
+
+def run_tokenizer(config: Config) -> Path | None:
+    path = Path(config.data.tokenizer) if config.data.tokenizer else Path(config.data.dir) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
+    """The run's config and its model with the newest usable checkpoint's weights."""
+    if not (run_dir / "config.toml").is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.toml); give the --out of a scalevec run")
+    config = load_config(run_dir / "config.toml")
+    model = Decoder(config.model, config.strategy, config.moe)
+    model.load_state_dict(run_weights(run_dir, config))
+    return config, model
