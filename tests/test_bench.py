@@ -61,6 +61,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
     assert saved["results"]["unified"]["memory_bytes"] < plain
 
 
+@pytest.mark.slow
 def test_compile_smoke():
     """The only torch.compile test (compiling costs tens of seconds on 2 cores): the trainer's compiled unit,
     model and loss in one graph, equals eager in loss and gradients."""

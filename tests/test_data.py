@@ -20,6 +20,7 @@ def quiet(*_):
     pass
 
 
+@pytest.mark.slow
 def test_same_inputs_give_byte_identical_output(small_data, tmp_path):
     again = prepare(DataConfig(dir=str(tmp_path / "again"), **SMALL), progress=False, log=quiet)
     files = sorted(p.name for p in small_data.iterdir())

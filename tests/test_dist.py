@@ -16,6 +16,8 @@ from scalevec.checkpoint import list_checkpoints, load_run_model, run_weights
 from scalevec.config import load_config, to_toml
 from scalevec.export.hf import export_run
 
+pytestmark = pytest.mark.slow  # subprocesses and many short training runs
+
 # Two ranks see the same global batch as one process (rank r takes every 2nd window), so the runs
 # agree up to the order of floating-point sums: losses within 1e-5, weights within 1e-5.
 TOLERANCE = 1e-5

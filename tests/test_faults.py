@@ -26,7 +26,7 @@ from scalevec import checkpoint as checkpoint_module
 from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import to_toml
-from scalevec.outputs import DirectoryLock, append_line
+from scalevec.outputs import DirectoryLock, append_line, file_sha256
 from scalevec.train.trainer import Trainer
 
 
@@ -80,6 +80,7 @@ def _spawn_train(config_path: Path, out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_killed_trainer_leaves_no_stale_lock_and_racing_starts_train_once(small_data, tmp_path):
     config = tiny_config(small_data, "train.steps=100000", "train.checkpoint_every=10", "train.eval_every=50000")
     path = tmp_path / "run.toml"
@@ -236,7 +237,7 @@ def _flip(path: Path) -> None:
 
 def _rehash(checkpoint: Path, state: dict) -> None:
     """Forge a consistent state.json (every hash recomputed), as an attacker or a buggy tool would."""
-    state["files"] = {name: checkpoint_module._sha256(checkpoint / name) for name in state["files"]}
+    state["files"] = {name: file_sha256(checkpoint / name) for name in state["files"]}
     state["sha256"] = checkpoint_module._state_digest(state)
     (checkpoint / "state.json").write_text(json.dumps(state))
 
@@ -375,6 +376,7 @@ def test_export_never_deletes_what_it_did_not_write(finished_run, tmp_path, caps
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_data_outputs_never_replace_what_they_did_not_write(finished_run, small_data, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path)
     user_dir = tmp_path / "mine"

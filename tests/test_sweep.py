@@ -15,6 +15,8 @@ from scalevec.config import ConfigError
 from scalevec.experiments.report import write_report
 from scalevec.experiments.sweep import load_suite, run_sweep
 
+pytestmark = pytest.mark.slow  # subprocesses and many short training runs
+
 SUITE = """
 description = "tiny test suite"
 baseline = "standard"

@@ -14,6 +14,7 @@ def lab(tmp_path_factory):
     return out, {name: run(out, fast=True) for name, run in EXPERIMENTS.items()}
 
 
+@pytest.mark.slow
 def test_every_experiment_writes_png_and_summary(lab):
     out, summaries = lab
     for name, summary in summaries.items():

@@ -48,6 +48,7 @@ def final_weights(run_dir):
     return load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_equal(small_data, tmp_path):
     config = tiny_config(small_data, "train.steps=300", "train.checkpoint_every=20", "train.eval_every=50")
     path = tmp_path / "run.toml"

@@ -61,7 +61,8 @@ def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool
     if linear.bias is not None:
         raise ExportError("projections with a bias are not supported; convert Llama/Qwen3 models without biases")
     # each wrapper owns its input scale (HG form); a shared scale is then installed in all of them
-    proj = Projection(linear.in_features, [branch], replace(s, heterogeneous=True), reads_norm, "rms", eps)
+    proj = Projection(d_in=linear.in_features, branches=[branch], strategy=replace(s, heterogeneous=True),
+                      reads_norm=reads_norm, norm="rms", eps=eps)
     proj.weight = linear.weight
     return proj
 
@@ -81,15 +82,15 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
         for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")), ("post_attention_layernorm", mlp,
                                                                                     ("gate", "up"))):
             gamma = getattr(layer, norm_name).weight.detach()
-            all_dnp = all(s.placement(n) == "dnp" for n in names)
             shared = None if s.heterogeneous else make_scale(gamma.numel(), s.scale, Role.INPUT,
-                                                             s.magnitude_on_dnp_inputs or not all_dnp)
+                                                             s.input_magnitude([s.placement(n) for n in names]))
             set_gamma(shared, gamma, norm_name)
             for n in names:
                 linear = getattr(owner, f"{n}_proj")
                 group = hd if n in ("q", "k", "v") else linear.out_features
                 size = hd if n in ("q", "k", "v") and s.qk_scale_shape == "head" else linear.out_features
-                proj = _projection(linear, Branch(n, linear.out_features, group, size), s, True, eps)
+                branch = Branch(name=n, out_features=linear.out_features, norm_group=group, out_scale_size=size)
+                proj = _projection(linear, branch, s, True, eps)
                 if n in proj.in_scales:
                     if shared is None:
                         set_gamma(proj.in_scales[n], gamma, norm_name)
@@ -104,7 +105,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
         for owner, n in ((attn, "o"), (mlp, "down")):
             if s.placement(n) != "standard":
                 linear = getattr(owner, f"{n}_proj")
-                branch = Branch(n, linear.out_features, linear.out_features, linear.out_features)
+                branch = Branch.whole(n, linear.out_features)
                 setattr(owner, f"{n}_proj", SingleProjection(_projection(linear, branch, s, False, eps)))
     final = make_scale(c.hidden_size, s.scale, Role.INPUT)
     set_gamma(final, model.model.norm.weight.detach(), "model.norm")

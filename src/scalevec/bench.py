@@ -40,14 +40,14 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 
 @dataclass
-class Arm:
+class TimedArm:
     name: str
     model: torch.nn.Module
     objective: object  # (inputs, targets) -> (objective, cross-entropy), as the trainer computes it
     optimizer: object
 
 
-def _saved_activation_bytes(arm: Arm, tokens: torch.Tensor) -> int:
+def _saved_activation_bytes(arm: TimedArm, tokens: torch.Tensor) -> int:
     storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -63,16 +63,16 @@ def _saved_activation_bytes(arm: Arm, tokens: torch.Tensor) -> int:
     return sum(size for ptr, size in storages.items() if ptr not in params)
 
 
-def _state_bytes(arm: Arm) -> int:
+def _state_bytes(arm: TimedArm) -> int:
     params = sum(p.numel() * p.element_size() for p in arm.model.parameters())
     return 4 * params  # weights, gradients and AdamW's two moments
 
 
-def _loss(arm: Arm, tokens: torch.Tensor) -> torch.Tensor:
+def _loss(arm: TimedArm, tokens: torch.Tensor) -> torch.Tensor:
     return arm.objective(tokens[:, :-1], tokens[:, 1:])[0]
 
 
-def _step(arm: Arm, tokens: torch.Tensor, device: torch.device, autocast) -> float:
+def _step(arm: TimedArm, tokens: torch.Tensor, device: torch.device, autocast) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -86,7 +86,7 @@ def _step(arm: Arm, tokens: torch.Tensor, device: torch.device, autocast) -> flo
     return time.perf_counter() - start
 
 
-def _hf_arm(config: Config, device) -> Arm:
+def _hf_arm(config: Config, device) -> TimedArm:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
@@ -100,7 +100,7 @@ def _hf_arm(config: Config, device) -> Arm:
         use_cache=False)).to(device)
     optimizer = torch.optim.AdamW(hf.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   fused=config.optim.fused)
-    return Arm("transformers-llama", hf, partial(lm_objective, lambda inputs: hf(inputs).logits), optimizer)
+    return TimedArm("transformers-llama", hf, partial(lm_objective, lambda inputs: hf(inputs).logits), optimizer)
 
 
 def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: int = 3, compile: bool = False,
@@ -118,7 +118,7 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         model = build_model(config.model, strat, config.seed, config.moe).to(device)
         model.checkpoint_blocks = activation_checkpointing
         optimizer = Optimizers(model, config.optim, strat.scale_decay)
-        arms.append(Arm(name, model, partial(lm_objective, model), optimizer))
+        arms.append(TimedArm(name, model, partial(lm_objective, model), optimizer))
     if hf:
         arms.append(_hf_arm(config, device))
     if compile:  # each arm's whole loss, model and cross-entropy, as one graph (as the trainer does)

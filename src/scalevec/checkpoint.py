@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from .config import Config, load_config
 from .dist import World, barrier
 from .model import Decoder
+from .outputs import file_sha256
 from .rundir import RunDirError
 
 PREFIX = "step_"
@@ -41,14 +42,6 @@ T = TypeVar("T")
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -83,7 +76,7 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
         barrier(world)
         if world.main:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            state = {**state, "step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+            state = {**state, "step": step, "files": {str(p.relative_to(tmp)): file_sha256(p) for p in files}}
             state["sha256"] = _state_digest(state)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             for path in [*files, tmp / "state.json"]:
@@ -122,7 +115,7 @@ def verify_checkpoint(path: Path) -> dict:
         if state.get("sha256") != _state_digest(state):
             raise CheckpointError(f"{path / 'state.json'} does not match its recorded SHA-256 (edited or corrupt)")
         for name, digest in state["files"].items():
-            if _sha256(path / name) != digest:
+            if file_sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} does not match its recorded SHA-256")
         return state
     except CheckpointError:

@@ -13,7 +13,7 @@ from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, 
 from .data.sources import DataError
 from .export import ExportError
 from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
-from .rundir import RunDirError, TrainError
+from .rundir import RunDirError, TrainError, check_run_dir
 from .strategy import UnknownPreset
 
 BAD_INPUT = (ConfigError, DataError, RunDirError, ExportError, UnknownPreset, OutputError)  # exit 2
@@ -150,6 +150,7 @@ def cmd_schedule(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .data.prepare import prepare
     from .dist import close_world
     from .train.trainer import Trainer
 
@@ -164,6 +165,8 @@ def cmd_train(args) -> None:
     else:
         config = _config_from(args.config, args.set)
     out = args.out or str(Path("runs") / Path(args.config).stem)
+    check_run_dir(Path(out), config, args.resume, args.overwrite)  # refuse before preparing anything
+    prepare(config.data, protect=Path(out))
     try:
         trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
         result = trainer.run()

@@ -324,7 +324,7 @@ def _coerce(key: str, value, hint):
     raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls, raw: dict, path: str):
+def _from_raw(cls, raw: dict, path: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
@@ -341,7 +341,7 @@ def _build(cls, raw: dict, path: str):
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (table), got {value!r}")
-            values[name] = _build(hint, value, key)
+            values[name] = _from_raw(hint, value, key)
         else:
             values[name] = _coerce(key, value, hint)
     return cls(**values)
@@ -391,7 +391,7 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
         if path[1:] == ["preset"] and path[0] in ("model", "strategy"):
             raw[path[0]] = {}  # a new preset replaces the section; later overrides apply on top of it
         _merge(raw, path, value)
-    config = _build(Config, raw, "")
+    config = _from_raw(Config, raw, "")
     validate(config)
     return config
 

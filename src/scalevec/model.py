@@ -51,9 +51,12 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.head_dim
         hd, q_out, kv_out = m.head_dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
         shape = lambda out: hd if s.qk_scale_shape == "head" else out  # noqa: E731
-        self.qkv = Projection(m.d_model, [Branch("q", q_out, hd, shape(q_out)), Branch("k", kv_out, hd, shape(kv_out)),
-                                          Branch("v", kv_out, hd, shape(kv_out))], s, True, m.norm, m.norm_eps)
-        self.o = Projection(q_out, [Branch("o", m.d_model, m.d_model, m.d_model)], s, False, m.norm, m.norm_eps)
+        branches = [Branch(name=n, out_features=out, norm_group=hd, out_scale_size=shape(out))
+                    for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
+        self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=True, norm=m.norm,
+                              eps=m.norm_eps)
+        self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,
+                            norm=m.norm, eps=m.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         """`kv`: this layer's cache [keys, values] (empty before the prompt), extended in place."""
@@ -78,9 +81,10 @@ class FeedForward(nn.Module):
     def __init__(self, m: ModelConfig, s: Strategy):
         super().__init__()
         ff = m.d_ff
-        self.gate_up = Projection(m.d_model, [Branch("gate", ff, ff, ff), Branch("up", ff, ff, ff)], s, True,
-                                  m.norm, m.norm_eps)
-        self.down = Projection(ff, [Branch("down", m.d_model, m.d_model, m.d_model)], s, False, m.norm, m.norm_eps)
+        self.gate_up = Projection(d_in=m.d_model, branches=[Branch.whole("gate", ff), Branch.whole("up", ff)],
+                                  strategy=s, reads_norm=True, norm=m.norm, eps=m.norm_eps)
+        self.down = Projection(d_in=ff, branches=[Branch.whole("down", m.d_model)], strategy=s, reads_norm=False,
+                               norm=m.norm, eps=m.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
@@ -133,7 +137,7 @@ class Decoder(nn.Module):
         moe = moe or MoEConfig()
         is_moe = [model.moe_experts > 0 and (i + 1) % model.moe_every == 0 for i in range(model.n_layers)]
         self.blocks = nn.ModuleList(Block(model, strategy, moe if is_moe[i] else None) for i in range(model.n_layers))
-        # the final norm feeds the head, a linear map: an Input-Norm (PAPER.md section 3)
+        # the final norm feeds the head, a linear map: an Input-Norm (docs/paper-notes.md section 3)
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
         self.checkpoint_blocks = False  # activation checkpointing: recompute each block in backward

@@ -57,8 +57,7 @@ class MoEFeedForward(nn.Module):
         self.in_scales, self.out_scales = nn.ModuleDict(), nn.ModuleDict()
         for name, placement in self.placements.items():
             if s.heterogeneous:
-                scale = make_scale((E, d) if per_expert else d, param, Role.INPUT,
-                                   s.magnitude_on_dnp_inputs or placement != "dnp")
+                scale = make_scale((E, d) if per_expert else d, param, Role.INPUT, s.input_magnitude([placement]))
                 if scale is not None:
                     self.in_scales[name] = scale
             if placement != "standard":
@@ -116,7 +115,7 @@ class MoEFeedForward(nn.Module):
     def grouped_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ends = counts.cumsum(0).to(torch.int32)
         gate_up = grouped_mm(rows, self.effective_gate_up().transpose(1, 2), ends)
-        # a one-hot matmul, not gamma[expert_of], whose backward (a scatter) made the layer 1.2x slower on an H200
+        # a one-hot matmul, not gamma[expert_of], whose backward is a slow scatter (benchmarks/README.md, MoE)
         one_hot = F.one_hot(expert_of, self.experts).to(gate_up.dtype)
         act = self.swiglu(gate_up, lambda gamma: one_hot @ gamma.to(gate_up.dtype))
         return grouped_mm(act, self.down.transpose(1, 2), ends)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,15 @@ def writing(what: str, after: str = "free space and run the command again",
         if is_disk_full(err):
             raise error(f"writing {what} failed (the disk is full or over quota: {first_line(err)}); {after}") from None
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks: the integrity record of checkpoints and data manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output_path(path: Path, flag: str) -> None:

@@ -42,6 +42,11 @@ class Branch:
     norm_group: int  # DNP normalizes over groups of this many outputs (head_dim for q, k, v)
     out_scale_size: int  # size of DNP's output scale: head_dim (`head` shape) or out_features
 
+    @classmethod
+    def whole(cls, name: str, out_features: int) -> Branch:
+        """A branch normalized and scaled over all its outputs (gate, up, down, o)."""
+        return cls(name=name, out_features=out_features, norm_group=out_features, out_scale_size=out_features)
+
 
 class Projection(nn.Module):
     """Fused linear maps reading one input, with the strategy's scale vectors around them.
@@ -63,13 +68,11 @@ class Projection(nn.Module):
         self.shared_scale: Scale | None = None
         self.in_scales = nn.ModuleDict()
         if reads_norm and not strategy.heterogeneous:
-            all_dnp = all(p == "dnp" for p in self.placements)
-            self.shared_scale = make_scale(d_in, param, Role.INPUT, strategy.magnitude_on_dnp_inputs or not all_dnp)
+            self.shared_scale = make_scale(d_in, param, Role.INPUT, strategy.input_magnitude(self.placements))
         else:
             for b, placement in zip(branches, self.placements):
                 if reads_norm or placement != "standard":
-                    is_dnp = placement == "dnp"
-                    scale = make_scale(d_in, param, Role.INPUT, strategy.magnitude_on_dnp_inputs or not is_dnp)
+                    scale = make_scale(d_in, param, Role.INPUT, strategy.input_magnitude([placement]))
                     if scale is not None:
                         self.in_scales[b.name] = scale
         dp_role = Role(strategy.dp_output_role)

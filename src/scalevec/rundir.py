@@ -140,7 +140,7 @@ def truncate_metrics(run_dir: Path, step: int, log=print) -> None:
     write_text_atomic(path, "".join(keep))
 
 
-def finished(run_dir: Path, steps: int) -> bool:
-    """Whether the run reached `steps` and wrote its final evaluation."""
+def final_eval(run_dir: Path, steps: int) -> dict | None:
+    """The last record of a run that reached `steps` and wrote its final evaluation; None before that."""
     rows = read_metrics(run_dir)
-    return bool(rows) and rows[-1]["step"] == steps and "val_loss" in rows[-1]
+    return rows[-1] if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1] else None

@@ -2,7 +2,7 @@
 
 A scale vector γ multiplies a normalized activation elementwise. Every parameterization below
 starts at effective γ = 1 and exposes its parameters with a `Kind`, so the optimizer can treat a
-magnitude differently from a direction. Where γ sits decides its `Role` (PAPER.md section 3):
+magnitude differently from a direction. Where γ sits decides its `Role` (docs/paper-notes.md section 3):
 an Input-Norm scale is read by a linear map and could be folded into it; an Output-Norm scale
 sets a scale nothing downstream can absorb.
 """
@@ -57,7 +57,7 @@ class Scale(nn.Module):
     (one per MoE expert), each with its own magnitude.
 
     `with_magnitude=False` drops OR's and ER's magnitude β: used where a following norm makes the
-    overall size of γ irrelevant, so β would only random-walk (PAPER.md section 4).
+    overall size of γ irrelevant, so β would only random-walk (docs/paper-notes.md section 4).
     """
 
     def __init__(self, size: int | tuple[int, ...], parameterization: str, role: Role, with_magnitude: bool = True):

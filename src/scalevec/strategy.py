@@ -7,17 +7,16 @@ A strategy is data. Each named preset is a small, documented difference from `st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 PARAMETERIZATIONS = ("fixed", "plain", "or", "er")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-READS_NORM = ("q", "k", "v", "gate", "up")  # projections fed by a block norm
 SCALE_DECAY_POLICIES = ("iwd", "all", "none")
 
 
 @dataclass
 class Strategy:
-    """Scale-vector design of a model (PAPER.md sections 3-4)."""
+    """Scale-vector design of a model (docs/paper-notes.md sections 3-4)."""
 
     preset: str = "standard"
     """Preset name these fields started from (`a+b` composes); fields set beside it override it."""
@@ -48,6 +47,12 @@ class Strategy:
         if projection in self.dnp:
             return "dnp"
         return "standard"
+
+    def input_magnitude(self, placements) -> bool:
+        """Whether an input-side scale read by branches of these placements gets a magnitude β: not when all
+        of them are DNP (their norm removes any overall factor, so β would get no gradient), unless
+        magnitude_on_dnp_inputs asks for it."""
+        return self.magnitude_on_dnp_inputs or any(p != "dnp" for p in placements)
 
 
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -91,4 +96,3 @@ def strategy(name: str, **overrides) -> Strategy:
     return replace(Strategy(**preset_values(name)), **overrides)
 
 
-STRATEGY_FIELDS = tuple(f.name for f in fields(Strategy))

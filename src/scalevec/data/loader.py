@@ -60,7 +60,7 @@ class TokenWindows:
 def check_compatible(windows: TokenWindows, tokenizer: str, model_vocab: int) -> None:
     """Refuse shards built with another tokenizer than the run's, or a vocabulary the model cannot embed."""
     if tokenizer:
-        from .prepare import file_sha256
+        from ..outputs import file_sha256
 
         if file_sha256(Path(tokenizer)) != windows.meta["tokenizer_sha256"]:
             raise DataError(f"the shards in {windows.directory} were built with another tokenizer than {tokenizer}; "
@@ -97,10 +97,6 @@ class Loader:
         indices = [self.window_index(p) for p in range(self.position, self.position + self.batch_size)]
         self.position += self.batch_size
         return self.windows.batch(indices)
-
-    @property
-    def epoch(self) -> float:
-        return self.position / self.per_rank
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "world_size": self.world_size,

@@ -28,6 +28,7 @@ from ..outputs import (
     OutputError,
     claim_directory,
     contains,
+    file_sha256,
     first_line,
     parent_lock,
     remove_tree,
@@ -39,10 +40,6 @@ from .sources import DataError, SourceFile, read_documents, resolve_sources
 FORMAT = 2  # 2: splits record their bytes (bits per byte)
 END_OF_TEXT = "<|endoftext|>"
 ENCODE_BATCH = 64  # documents per call into the Rust encoder
-
-
-def file_sha256(path: Path) -> str:
-    return SourceFile(path, str(path)).sha256()
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, progress: bool) -> Tokenizer:
@@ -148,6 +145,29 @@ def own_files(out: Path) -> list[str] | None:
     return ["meta.json", "tokenizer.json", *shards]
 
 
+def _inputs(data: DataConfig) -> tuple[list[SourceFile], dict, str]:
+    """(source files, what the output depends on, its digest) of a [data] section."""
+    files = resolve_sources(data.sources, data.inputs)
+    if data.tokenizer and not Path(data.tokenizer).is_file():
+        raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it empty")
+    with reading_inputs():
+        inputs = fingerprint(data, files)
+    return files, inputs, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(out: Path, digest: str) -> bool:
+    return own_files(out) is not None and json.loads((out / "meta.json").read_text()).get("fingerprint") == digest
+
+
+def require_prepared(data: DataConfig) -> Path:
+    """data.dir, once it holds the shards of exactly this [data] section (a run reads, never builds, its data)."""
+    out = Path(data.dir)
+    if not _up_to_date(out, _inputs(data)[2]):
+        raise DataError(f"data.dir {out} does not hold the shards of this config's [data] (missing or stale); "
+                        f"run `scalevec data prepare` with this config first (`scalevec train` does)")
+    return out
+
+
 def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite: bool = False,
             protect: Path | None = None, flag: str = "data.dir") -> Path:
     """Build (or find up to date) the token shards of `data` in `data.dir`; returns the directory.
@@ -165,27 +185,22 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
         claim_directory(out, None, True, flag)  # a file, or a path that cannot be written: refuse now
     except OutputError as err:
         raise DataError(str(err)) from None
-    files = resolve_sources(data.sources, data.inputs)
-    if data.tokenizer and not Path(data.tokenizer).is_file():
-        raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it empty")
-    with reading_inputs():
-        inputs = fingerprint(data, files)
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    files, inputs, digest = _inputs(data)
     with writing(f"the data directory {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
     with parent_lock(out):  # concurrent runs of a sweep prepare the same data once
-        if own_files(out) is not None and json.loads((out / "meta.json").read_text()).get("fingerprint") == digest:
+        if _up_to_date(out, digest):
             log(f"data in {out} is up to date")
             return out
         try:
             claim_directory(out, own_files(out), overwrite, flag, fix)
         except OutputError as err:
             raise DataError(str(err)) from None
-        _build(data, files, inputs, digest, out, progress, log)
+        _build_shards(data, files, inputs, digest, out, progress, log)
     return out
 
 
-def _build(data, files, inputs, digest, out: Path, progress, log) -> None:
+def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None:
     started = time.perf_counter()
     texts, per_source = [], []
     for source in files:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import lzma
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BUNDLED_SOURCES
+from ..outputs import file_sha256
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -26,11 +26,7 @@ class SourceFile:
     name: str  # a bundled source's name, or the user path as given
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
 
 def resolve_sources(sources: list[str], inputs: list[str]) -> list[SourceFile]:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from ..checkpoint import list_checkpoints
 from ..config import ConfigError, load_config
+from ..data.prepare import prepare
 from ..outputs import write_atomic, write_text_atomic
-from ..rundir import finished, read_metrics
+from ..rundir import final_eval, read_metrics
 from ..train.trainer import Trainer
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -29,20 +30,21 @@ def preset_path(name: str) -> Path:
 def run_comparison(source: Path, strategies: list[str], out: Path, overrides: list[str], command: str,
                    progress=None, log=print) -> dict:
     configs = {name: load_config(source, [*overrides, f"strategy.preset={name}"]) for name in strategies}
+    prepare(next(iter(configs.values())).data, progress=progress, log=log, protect=out)  # one [data] for all
     for name, config in configs.items():
         run_dir = out / name
-        if finished(run_dir, config.train.steps):
+        if final_eval(run_dir, config.train.steps) is not None:
             log(f"{name}: finished run found in {run_dir}")
             continue
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
         log(f"{name}: {'resuming' if resume else 'training'} in {run_dir}")
         Trainer(config, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log).run()
-    summary = summarize(out, configs)
+    summary = summarize_runs(out, configs)
     write_report(out, summary, command)
     return summary
 
 
-def summarize(out: Path, configs: dict) -> dict:
+def summarize_runs(out: Path, configs: dict) -> dict:
     baseline = next(iter(configs))
     rows = {}
     for name in configs:

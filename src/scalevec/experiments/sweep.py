@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, to_toml
-from ..rundir import read_metrics
+from ..rundir import final_eval
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
@@ -154,10 +154,8 @@ def overrides(arm: Arm, lr: float, seed: int) -> list[str]:
 
 
 def final_val_loss(path: Path, steps: int) -> float | None:
-    rows = read_metrics(path)
-    if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1]:
-        return rows[-1]["val_loss"]
-    return None
+    record = final_eval(path, steps)
+    return None if record is None else record["val_loss"]
 
 
 def best_lr(out: Path, suite: Suite, arm: Arm) -> float | None:

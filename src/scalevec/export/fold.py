@@ -1,4 +1,4 @@
-"""Fold every foldable scale vector into the adjacent weights (PAPER.md section 2).
+"""Fold every foldable scale vector into the adjacent weights (docs/paper-notes.md section 2).
 
 `W (γ ⊙ x̂) = (W diag γ) x̂`: an input-side scale is a column scaling of the next weight, and DP's
 output-side scale a row scaling. After folding, those scales are exactly 1 and the logits are

@@ -1,7 +1,7 @@
 """Muon for matrices, orthogonalized per logical matrix.
 
 Written here because torch 2.13's `torch.optim.Muon` takes only 2-D tensors and hard-codes a
-bf16 Newton-Schulz (about 100x slower than fp32 on CPU). Ours: the same update (momentum as an
+bf16 Newton-Schulz (bf16 math is far slower than fp32 on CPU). Ours: the same update (momentum as an
 EMA, optional Nesterov, decoupled decay, the same update-RMS scalings), a selectable Newton-Schulz
 dtype, fused storage split into its logical matrices (group key `blocks`: row counts, e.g. q, k, v),
 and stacked 3-D tensors (MoE experts) orthogonalized per matrix in one batched iteration.

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..scales import Kind, ParamInfo, Role
+from ..strategy import Strategy
 
 DECAYED_ROLES = {"iwd": {Role.INPUT}, "all": {Role.INPUT, Role.OUTPUT}, "none": set()}
 
@@ -95,15 +96,21 @@ def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> Non
                       "head) or untie the head", stacklevel=3)
 
 
-def param_groups(model: nn.Module, policy: str = "iwd", optim: OptimConfig | None = None,
+def param_groups(model: nn.Module, policy: str | None = None, optim: OptimConfig | None = None,
                  infos: dict[str, ParamInfo] | None = None) -> list[dict]:
     """Optimizer parameter groups of `model` under scale-decay `policy`, one per distinct rule, each with
     `names`, `optimizer`, `lr_mult`, `weight_decay` and, for Muon, each matrix's logical `blocks`.
+
+    `policy` defaults to the model's own strategy's `scale_decay` (a Decoder's `strategy`, or the one
+    `apply_strategy` recorded), so there is one default: the strategy's.
 
     `infos` (every parameter's role and kind) defaults to `model.param_info()`, which a scalevec Decoder
     has and `apply_strategy` gives the models it converts.
     """
     optim = OptimConfig() if optim is None else optim
+    if policy is None:
+        strategy = getattr(model, "strategy", None) or getattr(model, "scalevec_strategy", None)
+        policy = (strategy if isinstance(strategy, Strategy) else Strategy()).scale_decay
     if infos is None:
         if not callable(getattr(model, "param_info", None)):
             raise PolicyError(f"{type(model).__name__} has no param_info(); convert it with scalevec.apply_strategy "

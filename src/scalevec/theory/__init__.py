@@ -1,4 +1,4 @@
-"""Theory lab: the paper's claims (PAPER.md sections 2-4) as small deterministic experiments.
+"""Theory lab: the paper's claims (docs/paper-notes.md sections 2-4) as small deterministic experiments.
 
 Each experiment `run(out, fast)` measures its quantities with plain gradient descent (the
 theorems concern gradient flow / GD, not Adam or Muon), writes `NAME.png` and `NAME.json` to

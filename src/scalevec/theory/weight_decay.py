@@ -1,4 +1,4 @@
-"""Weight decay by norm role (PAPER.md section 3).
+"""Weight decay by norm role (docs/paper-notes.md section 3).
 
 - Input-Norm, y = W (γ ⊙ x̂): with decoupled decay on γ and W, the gradient terms of
   d(γ_j² − ||w_j||²)/dt cancel and decay shrinks the imbalance geometrically, so γ and w balance;

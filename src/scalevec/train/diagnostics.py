@@ -1,6 +1,6 @@
 """Scale-vector diagnostics, per role: effective γ, and for Input-Norm scales the balance
 γ_j² − Σ_f ||w_{f,j}||² over the matrices f the scale multiplies (conserved under gradient flow;
-weight decay drives it toward 0, PAPER.md section 2)."""
+weight decay drives it toward 0, docs/paper-notes.md section 2)."""
 
 from __future__ import annotations
 

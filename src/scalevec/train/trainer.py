@@ -1,7 +1,8 @@
 """The training loop: one run = one directory (rundir.py), written by one process at a time.
 
-Everything a start can refuse (config, memory, data, init and branch weights, the run directory)
-is checked before the run directory is written; a failed start leaves nothing behind.
+The data are prepared before (`scalevec train` and `compare` do it; data/prepare.py), so a
+Trainer only reads. Everything a start can refuse (config, memory, data, init and branch weights,
+the run directory) is checked before the run directory is written; a failed start leaves nothing.
 metrics.jsonl holds one record per logged step; val_loss and scale diagnostics at eval steps.
 """
 
@@ -27,12 +28,12 @@ from .._version import __version__
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
 from ..config import Config, ConfigError, to_dict
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
-from ..data.prepare import prepare
+from ..data.prepare import require_prepared
 from ..data.sources import DataError
 from ..dist import all_mean, all_sum, barrier, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
-from ..outputs import append_line, writing
+from ..outputs import append_line, contains, writing
 from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
 from .diagnostics import scale_diagnostics
@@ -43,8 +44,7 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
     """(objective, cross-entropy) of next-token prediction; `forward` maps tokens to logits.
 
     Compiled as one graph with the model, so the fp32 upcast, log-softmax and their backward fuse
-    instead of writing vocabulary-wide fp32 tensors (a cpu-7m step: 0.89-0.95x the time of compiling
-    the model alone; benchmarks/compile_scope.py).
+    instead of writing vocabulary-wide fp32 tensors (measured in benchmarks/compile_scope.py).
     """
     logits = forward(inputs).float().flatten(0, 1)
     ce = F.cross_entropy(logits, targets.flatten())
@@ -119,7 +119,10 @@ class Trainer:
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
         self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
-        data_dir = prepare(config.data, progress=self.progress, log=self.log, protect=self.run_dir)
+        if contains(config.data.dir, self.run_dir):
+            raise DataError(f"data.dir {config.data.dir} is or contains the run directory {self.run_dir}; "
+                            "choose another data.dir")
+        data_dir = require_prepared(config.data)
         self.windows = TokenWindows(data_dir, "train", t.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
         if len(self.val_windows) == 0:
