@@ -414,8 +414,13 @@ def test_overwrite_removes_only_what_a_run_writes(small_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "run.toml"), "--out", str(run)]) == 0
     (run / "notes.txt").write_text("mine")
+    (run / "init").mkdir()  # an import's weights: a new start from the import needs them
+    (run / "init" / "model.safetensors").write_bytes(b"weights")
+    old_checkpoint = list_checkpoints(run / "checkpoints")[-1]
+    (old_checkpoint / "marker").write_text("from the first run")
     assert main(["train", str(tmp_path / "run.toml"), "--out", str(run), "--overwrite"]) == 0
-    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "notes.txt").read_text() == "mine" and (run / "init" / "model.safetensors").read_bytes() == b"weights"
+    assert not (old_checkpoint / "marker").exists()  # the old run's checkpoints were replaced
     assert main(["train", str(tmp_path / "run.toml"), "--out", str(run), "--overwrite", "--resume"]) == 2
     assert "contradict" in one_line_error(capsys)
 

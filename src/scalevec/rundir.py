@@ -19,8 +19,9 @@ from .outputs import LOCK_NAME, DirectoryLock, OutputError, check_output_path, r
 
 CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.jsonl"
-# what a run (train, import, sweep) writes in its directory; --overwrite removes these and nothing else
-RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "checkpoints", "tensorboard", "init", "tokenizer.json", "data", "failed.txt")
+# what training writes in a run directory; --overwrite removes these and nothing else (an import's `init/`,
+# `tokenizer.json` and prepared `data/` stay: a new start from the import needs them)
+RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "checkpoints", "tensorboard", "failed.txt")
 
 
 class RunDirError(ValueError):
