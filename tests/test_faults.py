@@ -273,6 +273,9 @@ CORRUPTIONS = {
     "state.json truncated": lambda c: (c / "state.json").write_text((c / "state.json").read_text()[:40]),
     "state.json deleted": lambda c: (c / "state.json").unlink(),
     "state.json not UTF-8": lambda c: (c / "state.json").write_bytes(b"\xff\xfe" * 20),
+    "model tensor renamed, hashes forged": lambda c: (
+        save_file({f"x.{k}": v for k, v in load_file(c / "model.safetensors").items()}, c / "model.safetensors"),
+        _rehash(c, json.loads((c / "state.json").read_text()))),
     "model not safetensors, hashes forged": lambda c: (
         (c / "model.safetensors").write_bytes(b"garbage" * 10),
         _rehash(c, json.loads((c / "state.json").read_text()))),

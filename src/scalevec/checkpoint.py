@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from .config import Config, load_config
 from .dist import World, barrier
 from .model import Decoder
-from .outputs import file_sha256
+from .outputs import file_sha256, first_line
 from .rundir import RunDirError
 
 PREFIX = "step_"
@@ -121,7 +121,7 @@ def verify_checkpoint(path: Path) -> dict:
     except CheckpointError:
         raise
     except Exception as err:  # missing, truncated or unparsable file of any kind
-        raise CheckpointError(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise _unusable(path, err) from None
 
 
 def is_valid(path: Path) -> bool:
@@ -166,8 +166,11 @@ def load_file_checked(path: Path, load: Callable[[Path], T]) -> T:
         raise CheckpointError(f"{path} holds objects other than tensors and plain data (possibly code), which "
                               "torch.load(weights_only=True) refuses; do not load it") from None
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"{path}: {type(err).__name__}: {message}") from None
+        raise _unusable(path, err) from None
+
+
+def _unusable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: {type(err).__name__}: {first_line(err)}")
 
 
 # -- reading a run's weights (export, generate, evaluation) ------------------------------------------------------

@@ -154,7 +154,6 @@ def cmd_train(args) -> None:
     from .dist import close_world
     from .train.trainer import Trainer
 
-    _require(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other; pass one of them")
     if args.config is None:
         if not (args.resume and args.out):
             raise UsageError("give a CONFIG, or --resume --out RUN_DIR to continue a run with its saved config")

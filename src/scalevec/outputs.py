@@ -127,6 +127,20 @@ def replace_directory(tmp: Path, out: Path) -> None:
     remove_tree(old)
 
 
+@contextlib.contextmanager
+def new_directory(out: Path, what: str) -> Iterator[Path]:
+    """A temporary directory to fill; on success it replaces `out` whole (already claimed), on any failure it is
+    removed and `out` stays as it was. A failed write is one line naming `what`."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with writing(what, "nothing was changed; free space and run it again"):
+            tmp.mkdir(parents=True)
+            yield tmp
+            replace_directory(tmp, out)
+    finally:
+        remove_tree(tmp)
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

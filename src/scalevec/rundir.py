@@ -100,45 +100,38 @@ class RunDir:
                 self.path.rmdir()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of metrics.jsonl; a torn last line (a write cut short) is ignored."""
-    path = run_dir / METRICS_NAME
-    if not path.exists():
-        return []
-    rows, lines = [], path.read_text(errors="replace").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out") from None
-    return rows
-
-
-def truncate_metrics(run_dir: Path, step: int, log=print) -> None:
-    """Keep the records up to `step` (the checkpoint resumed from): later ones are written again.
-
-    A torn last line (a write cut short by a kill or a full disk) is dropped, and said.
-    """
-    path = run_dir / METRICS_NAME
-    if not path.exists():
-        return
-    keep, lines = [], [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+def _records(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+    """(line, record) pairs of a metrics file and whether its last line was torn (a write cut short by a kill
+    or a full disk: dropped); any other unparsable line is a RunDirError."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
     for number, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
+            records.append((line, json.loads(line)))
         except json.JSONDecodeError:
             if number < len(lines):
                 raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out"
                                   ) from None
-            log(f"dropped the torn last line of {path} (a write cut short)")
-            break
-        if row["step"] <= step:
-            keep.append(line + "\n")
-    write_text_atomic(path, "".join(keep))
+            return records, True
+    return records, False
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a torn last line is ignored."""
+    path = run_dir / METRICS_NAME
+    return [row for _, row in _records(path)[0]] if path.exists() else []
+
+
+def truncate_metrics(run_dir: Path, step: int, log=print) -> None:
+    """Keep the records up to `step` (the checkpoint resumed from): later ones are written again. A torn last
+    line is dropped, and said."""
+    path = run_dir / METRICS_NAME
+    if not path.exists():
+        return
+    records, torn = _records(path)
+    if torn:
+        log(f"dropped the torn last line of {path} (a write cut short)")
+    write_text_atomic(path, "".join(line + "\n" for line, row in records if row["step"] <= step))
 
 
 def final_eval(run_dir: Path, steps: int) -> dict | None:

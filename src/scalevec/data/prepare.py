@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import lzma
-import os
 import random
 import sys
 import time
@@ -26,13 +25,13 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..outputs import (
     OutputError,
+    check_output_path,
     claim_directory,
     contains,
     file_sha256,
     first_line,
+    new_directory,
     parent_lock,
-    remove_tree,
-    replace_directory,
     writing,
 )
 from .sources import DataError, SourceFile, read_documents, resolve_sources
@@ -182,7 +181,7 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
     fix = ("choose another path or pass --overwrite to replace it" if flag == "--out" else
            f"choose another {flag}, or replace it with `scalevec data prepare --out {out} --overwrite`")
     try:
-        claim_directory(out, None, True, flag)  # a file, or a path that cannot be written: refuse now
+        check_output_path(out, flag)  # a file, or a path that cannot be written: refuse now
     except OutputError as err:
         raise DataError(str(err)) from None
     files, inputs, digest = _inputs(data)
@@ -224,33 +223,27 @@ def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None
     dtype = np.uint16 if vocab < 2**16 else np.uint32
     eos_id = tokenizer.token_to_id(END_OF_TEXT)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        with writing(f"the data directory {out}", "nothing was changed; free space and run it again"):
-            tmp.mkdir(parents=True)
-            tokenizer.save(str(tmp / "tokenizer.json"))
-            total_bytes = sum(p["bytes"] for p in per_source)
-            encode_started = time.perf_counter()
-            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                      disable=None if progress is None else not progress) as bar:
-                splits = {name: write_shards(tokenizer, split_texts, tmp, name, dtype, data.shard_tokens, eos_id, bar)
-                          for name, split_texts in (("train", train_texts), ("val", val_texts))}
-            encode_seconds = time.perf_counter() - encode_started
-            meta = {
-                "format": FORMAT,
-                "fingerprint": digest,
-                "inputs": inputs,
-                "sources": per_source,
-                "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-                "vocab_size": vocab,
-                "eos_id": eos_id,
-                "dtype": np.dtype(dtype).name,
-                **splits,
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            replace_directory(tmp, out)
-    finally:
-        remove_tree(tmp)
+    with new_directory(out, f"the data directory {out}") as tmp:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        total_bytes = sum(p["bytes"] for p in per_source)
+        encode_started = time.perf_counter()
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                  disable=None if progress is None else not progress) as bar:
+            splits = {name: write_shards(tokenizer, split_texts, tmp, name, dtype, data.shard_tokens, eos_id, bar)
+                      for name, split_texts in (("train", train_texts), ("val", val_texts))}
+        encode_seconds = time.perf_counter() - encode_started
+        meta = {
+            "format": FORMAT,
+            "fingerprint": digest,
+            "inputs": inputs,
+            "sources": per_source,
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "vocab_size": vocab,
+            "eos_id": eos_id,
+            "dtype": np.dtype(dtype).name,
+            **splits,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     log(f"wrote {out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens, "
         f"vocab {vocab}, tokenized {total_bytes / 1e6 / encode_seconds:.1f} MB/s, "
         f"{time.perf_counter() - started:.0f}s in all")

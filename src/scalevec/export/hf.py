@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..checkpoint import load_run_model, run_tokenizer
 from ..config import Config, ModelConfig
 from ..model import Decoder
-from ..outputs import DirectoryLock, claim_directory, contains, remove_tree, replace_directory, writing
+from ..outputs import DirectoryLock, claim_directory, contains, new_directory
 from ..scales import Scale
 from . import ExportError
 from .fold import fold_scales
@@ -122,17 +122,11 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print) -> 
         files = _export_files(config, model, architecture, tokenizer)
     if tokenizer is None:
         log(f"warning: no tokenizer found for {run_dir}; exported the model without tokenizer files")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        with writing(f"the export {out}", "nothing was changed; free space and export again"):
-            tmp.mkdir(parents=True)
-            for name, write in files.items():
-                write(tmp / name)
-            manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture}
-            (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            replace_directory(tmp, out)
-    finally:
-        remove_tree(tmp)
+    with new_directory(out, f"the export {out}") as tmp:
+        for name, write in files.items():
+            write(tmp / name)
+        manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"exported {run_dir} as {architecture} to {out}")
     return architecture
 

@@ -33,7 +33,7 @@ from ..data.sources import DataError
 from ..dist import all_mean, all_sum, barrier, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
 from ..optim import Optimizers
-from ..outputs import append_line, contains, writing
+from ..outputs import append_line, contains, first_line, writing
 from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
 from .diagnostics import scale_diagnostics
@@ -157,7 +157,10 @@ class Trainer:
             if resume:
                 self._restore()
             if self.step == 0 and branch is not None:
-                self._apply_checkpoint(*branch)
+                try:
+                    self._apply_checkpoint(*branch)
+                except CheckpointError as err:
+                    raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
                 self.log(f"branched from {branch[0]} at step {self.step}")
             self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
         except BaseException:
@@ -235,14 +238,14 @@ class Trainer:
     def _restore(self) -> None:
         root = self.run_dir / "checkpoints"
         try:
-            found = newest_usable(root, self._read_checkpoint)
+            # applied inside the fallback loop: a checkpoint that reads but does not fit falls back too
+            found = newest_usable(root, lambda path, state: self._apply_checkpoint(
+                path, self._read_checkpoint(path, state)))
         except CheckpointError as err:
             raise RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite"
                               ) from None
         if found is None:
             self.log("no checkpoint yet; starting from step 0")
-        else:
-            self._apply_checkpoint(*found)
         if self.world.main:
             with writing(f"{self.metrics_path}", "free space and resume with --resume", TrainError):
                 truncate_metrics(self.run_dir, self.step if found else -1, self.log)
@@ -282,8 +285,8 @@ class Trainer:
                 self.model.load_state_dict(loaded["model"])
                 self.optimizers.load_state_dict(trainer_state["optimizers"])
             except (RuntimeError, KeyError, ValueError) as err:
-                raise CheckpointError(f"{path} does not fit this run's model or optimizer "
-                                      f"({str(err).strip().splitlines()[0]})") from None
+                raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})"
+                                      ) from None
         torch.set_rng_state(trainer_state["torch_rng"])
         if "cuda_rng" in trainer_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
