@@ -9,8 +9,9 @@ import pytest
 
 from scalevec.cli import main
 from scalevec.config import DataConfig
-from scalevec.data.loader import Loader, TokenWindows, check_compatible, validation_batches
-from scalevec.data.prepare import load_tokenizer, prepare
+from scalevec.data.loader import Loader, TokenWindows, check_compatible, validation_batches, validation_windows
+from scalevec.data.prepare import load_tokenizer, prepare, split_documents
+from scalevec.data.references import reference_losses
 from scalevec.data.sources import BUNDLED_SOURCES, CORPUS_DIR, DataError
 
 SMALL = dict(sources=["moby_dick", "milton"], vocab_size=512)
@@ -108,10 +109,70 @@ def test_two_ranks_see_every_window_once_per_epoch(small_data):
 def test_validation_budget_is_fixed_and_split_by_rank(small_data):
     windows = TokenWindows(small_data, "val", seq_len=32)
     assert len(windows) >= 8
-    full = np.concatenate([x for x, _ in validation_batches(windows, 3, budget_tokens=33 * 8)])
+    full = np.concatenate([x for _, x, _ in validation_batches(windows, 3, budget_tokens=33 * 8)])
     assert full.shape == (8, 32)
-    halves = [np.concatenate([x for x, _ in validation_batches(windows, 3, 33 * 8, r, 2)]) for r in range(2)]
+    halves = [np.concatenate([x for _, x, _ in validation_batches(windows, 3, 33 * 8, r, 2)]) for r in range(2)]
     assert sorted(map(bytes, full)) == sorted(map(bytes, np.concatenate(halves)))
+
+
+def test_split_is_stratified_by_source():
+    # source a: 10 documents, b: 3, c and d: one each (pooled)
+    sources = ["a"] * 10 + ["b"] * 3 + ["c", "d"]
+    sizes = [100] * 10 + [50, 60, 70] + [30, 40]
+    val = split_documents(sources, sizes, 0.2, seed=0)
+    assert sum(sizes[i] for i in val if sources[i] == "a") == 200  # a fifth of a's text
+    assert len([i for i in val if sources[i] == "b"]) == 1  # at least one document, never all
+    assert len([i for i in val if sources[i] in "cd"]) == 1  # c and d split as one pool
+    assert val == split_documents(sources, sizes, 0.2, seed=0)
+    assert split_documents(sources, sizes, 0.0, seed=0) == set()
+
+
+def test_validation_windows_cover_every_source_in_proportion(tmp_path):
+    data = DataConfig(dir=str(tmp_path / "d"), sources=["moby_dick", "milton", "kjv_bible"], vocab_size=512,
+                      val_fraction=0.05)
+    out = prepare(data, progress=False, log=lambda *_: None)
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):
+        spans = meta[split]["sources"]
+        assert [s["name"] for s in spans] == ["moby_dick", "milton", "kjv_bible"]  # the order of data.sources
+        assert sum(s["tokens"] for s in spans) == meta[split]["tokens"]
+        assert sum(s["bytes"] for s in spans) == meta[split]["bytes"]
+    windows = TokenWindows(out, "val", seq_len=64)
+    # a window's source is where its first token lies
+    ends = np.cumsum([s["tokens"] for s in meta["val"]["sources"]])
+    for i in range(0, len(windows), 7):
+        start = i * 65  # one shard
+        assert windows.source(i) == meta["val"]["sources"][int(np.searchsorted(ends, start, side="right"))]["name"]
+    chosen = validation_windows(windows, 65 * 60)
+    assert chosen == sorted(set(chosen)) and len(chosen) <= 60 + 3
+    counts = {name: sum(windows.source(i) == name for i in chosen) for name in ("kjv_bible", "milton", "moby_dick")}
+    train = {s["name"]: s["tokens"] / meta["train"]["tokens"] for s in meta["train"]["sources"]}
+    for name, count in counts.items():
+        assert count >= 1
+        available = sum(windows.source(i) == name for i in range(len(windows)))
+        assert count == min(available, max(1, round(60 * train[name])))
+    assert validation_windows(windows, 10**9) == list(range(len(windows)))
+
+
+def test_count_references_match_a_direct_computation(small_data):
+    refs = reference_losses(small_data, 32, 33 * 40)
+    train = TokenWindows(small_data, "train", 32)
+    stream = np.concatenate([np.asarray(s) for s in train.shards]).astype(np.int64)
+    vocab = train.meta["vocab_size"]
+    counts = np.bincount(stream, minlength=vocab)
+    unigram = (counts + 0.5) / (len(stream) + 0.5 * vocab)
+    pairs = np.zeros((vocab, vocab))
+    np.add.at(pairs, (stream[:-1], stream[1:]), 1)
+    k = refs["bigram_smoothing"]
+    bigram = (pairs + k * unigram[None, :]) / (pairs.sum(1, keepdims=True) + k)
+    val = TokenWindows(small_data, "val", 32)
+    chosen = np.stack([val.get(i) for i in validation_windows(val, 33 * 40)]).astype(np.int64)
+    assert refs["windows"] == len(chosen)
+    np.testing.assert_allclose(refs["unigram"]["loss"], -np.log(unigram[chosen[:, 1:]]).mean(), rtol=1e-12)
+    np.testing.assert_allclose(refs["bigram"]["loss"], -np.log(bigram[chosen[:, :-1], chosen[:, 1:]]).mean(),
+                               rtol=1e-12)
+    assert refs["bigram"]["loss"] < refs["unigram"]["loss"]
+    assert set(refs["bigram"]["by_source"]) <= {"moby_dick", "milton"}
 
 
 @pytest.mark.parametrize("make, kwargs, message", [

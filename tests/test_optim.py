@@ -12,6 +12,7 @@ from scalevec import ModelConfig, build_model, strategy
 from scalevec.config import MODEL_PRESETS, OptimConfig, ScheduleConfig
 from scalevec.model import Decoder
 from scalevec.optim import Muon, Optimizers, PolicyError, param_groups
+from scalevec.optim.policy import assign
 from scalevec.scales import Kind, Role
 from scalevec.schedule import lr_factor
 
@@ -115,12 +116,18 @@ class _no_warning:
         self.catcher.__exit__(*exc)
 
 
-def test_warns_when_decayed_input_scale_feeds_undecayed_matrix():
-    model = build_model(TINY, strategy("iwd"))
-    with pytest.warns(UserWarning, match="final_scale feeds undecayed tok_emb.weight"):
-        param_groups(model, "iwd", OptimConfig())
+def test_iwd_keeps_a_scale_undecayed_when_its_matrix_is_not_and_all_warns():
+    model = build_model(TINY, strategy("iwd"))  # tied head, embedding undecayed by default
     with _no_warning():
-        param_groups(model, "iwd", OptimConfig(embedding_weight_decay=0.1))
+        rules = assign(model.param_info(), model, OptimConfig(), "iwd")
+    assert rules["final_scale.weight"].weight_decay == 0.0
+    assert rules["blocks.0.attn.qkv.shared_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
+    with _no_warning():
+        rules = assign(model.param_info(), model, OptimConfig(embedding_weight_decay=0.1), "iwd")
+    assert rules["final_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
+    with pytest.warns(UserWarning, match="final_scale feeds undecayed tok_emb.weight"):
+        param_groups(model, "all", OptimConfig())
+    with _no_warning():
         param_groups(model, "none", OptimConfig())
 
 

@@ -37,11 +37,11 @@ def _require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def _reusable_output(out: Path, is_own, what: str) -> None:
+def _reusable_output(out: Path, is_own, what: str, flag: str = "--out") -> None:
     """--out of a command that continues its own earlier output: refuse any other non-empty directory."""
-    check_output_path(out, "--out")
+    check_output_path(out, flag)
     if out.is_dir() and any(out.iterdir()) and not is_own(out):
-        raise OutputError(f"--out {out} is a non-empty directory that is not {what}; choose another --out")
+        raise OutputError(f"{flag} {out} is a non-empty directory that is not {what}; choose another {flag}")
 
 
 def _is_comparison(out: Path) -> bool:
@@ -285,11 +285,13 @@ def cmd_sweep(args) -> None:
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     suite = load_suite(args.suite, args.scale, args.seeds)
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
-    _reusable_output(out, lambda path: (path / "suite.json").is_file(), "a sweep directory (no suite.json)")
-    result = run_sweep(suite, out, args.jobs)
-    write_report(out)
+    results = Path(args.results) if args.results else out
+    for path, flag in {out: "--out", results: "--results"}.items():
+        _reusable_output(path, lambda p: (p / "suite.json").is_file(), "a sweep directory (no suite.json)", flag)
+    result = run_sweep(suite, out, args.jobs, results=results)
+    write_report(results)
     failed = result["failed"]
-    print(f"sweep {suite.name}: {result['runs']} runs, {len(failed)} failed; report in {out}/report.md")
+    print(f"sweep {suite.name}: {result['runs']} runs, {len(failed)} failed; report in {results}/report.md")
     for path, error in failed.items():
         print(f"  failed: {path}: {error}")
 
@@ -299,7 +301,8 @@ def cmd_report(args) -> None:
 
     out = Path(args.dir)
     if not (out / "suite.json").is_file():
-        raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --out of `scalevec sweep`")
+        raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --results (or --out) of "
+                         "`scalevec sweep`")
     summary = write_report(out)
     print((out / "report.md").read_text())
     if not summary["arms"]:
@@ -381,10 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
     sweep.add_argument("--out", help="sweep directory (default runs/sweeps/<suite>-<scale>)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
+    sweep.add_argument("--results", help="where run records, suite.json and the report go (default: --out); "
+                                         "a sweep skips every run recorded there, e.g. in a results/ folder")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="tables and plots of a sweep directory")
-    report.add_argument("dir", help="the --out of `scalevec sweep`")
+    report.add_argument("dir", help="the --results (default --out) of `scalevec sweep`: its records and suite.json")
     report.set_defaults(func=cmd_report)
 
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")

@@ -21,6 +21,9 @@ PROSE_SOURCES = ("austen", "kjv_bible", "milton", "moby_dick", "shakespeare", "s
 BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")  # the bundled corpus (data/corpus/); python_docs is optional
 
 
+INIT_METHODS = ("normal", "fan_in")
+
+
 class ConfigError(ValueError):
     """Bad configuration; the message is one line naming the key and the fix."""
 
@@ -78,8 +81,14 @@ class ModelConfig:
     """Epsilon inside every norm."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
+    init: str = "normal"
+    """Matrix init: `normal` N(0, init_std²) at every width (GPT-2; the paper-sized presets), or `fan_in`
+    N(0, init_gain²/fan_in), width-aware (OLMo), so that small models start with the branch-to-residual
+    signal ratios of paper-sized ones (docs/init.md). o and down projections also get 1/sqrt(2·n_layers)."""
     init_std: float = 0.02
-    """Std of matrix and embedding init; o and down projections use init_std/sqrt(2·n_layers)."""
+    """Std of the embedding, and of every matrix under `init = "normal"`."""
+    init_gain: float = 1.0
+    """Gain of the `fan_in` init: a matrix's std is init_gain/sqrt(fan_in)."""
     moe_experts: int = 0
     """Experts per MoE FFN (0 = dense model)."""
     moe_top_k: int = 2
@@ -144,7 +153,8 @@ class DataConfig:
     shard_tokens: int = 1 << 26
     """Tokens per shard file."""
     val_tokens: int = 65536
-    """Fixed validation budget: the first windows of the validation split adding up to this many tokens."""
+    """Fixed validation set: windows adding up to this many tokens, evenly spaced over the validation split
+    (every source in proportion); the whole split if it is smaller."""
 
 
 @dataclass
@@ -415,8 +425,9 @@ def validate(config: Config) -> None:
            f"model head_dim = d_model/n_heads = {m.head_dim} is odd; RoPE needs an even head_dim, "
            "change d_model or n_heads")
     _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
-    _check(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
-           "model.norm_eps, model.init_std and model.rope_theta must be positive")
+    _check(m.norm_eps > 0 and m.init_std > 0 and m.init_gain > 0 and m.rope_theta > 0,
+           "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")
+    _check(m.init in INIT_METHODS, f"model.init={m.init!r}; choose one of {', '.join(INIT_METHODS)}")
     _check(m.moe_experts >= 0, f"model.moe_experts={m.moe_experts} must be >= 0 (0 = dense)")
     if m.moe_experts:
         _check(0 < m.moe_top_k <= m.moe_experts,

@@ -153,13 +153,17 @@ class Decoder(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Matrices and embeddings from a generator seeded by (seed, parameter name), so every
         strategy gets bit-identical matrices from the same seed; scales start at effective γ = 1."""
-        std, out_std = self.config.init_std, self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        m = self.config
         for name, info in self.param_info().items():
             if info.kind.is_scale:
                 continue
             param = self.get_parameter(name)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            sigma = out_std if name.endswith(("attn.o.weight", "ffn.down.weight", "ffn.down")) else std
+            fan_in = param.shape[-1]  # matrices are stored (..., out, in)
+            sigma = m.init_gain / math.sqrt(fan_in) if m.init == "fan_in" and info.kind != Kind.EMBEDDING \
+                else m.init_std
+            if name.endswith(("attn.o.weight", "ffn.down.weight", "ffn.down")):  # residual outputs: GPT-2 scaling
+                sigma /= math.sqrt(2 * m.n_layers)
             param.copy_(torch.randn(param.shape, generator=gen) * sigma)
         for module in self.modules():
             if hasattr(module, "reset_to_identity"):

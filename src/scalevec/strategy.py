@@ -37,7 +37,7 @@ class Strategy:
     dp_output_role: str = "input"
     """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
     scale_decay: str = "none"
-    """Weight decay of scale vectors: `iwd` (Input-Norm only), `all`, `none`."""
+    """Weight decay of scale vectors: `iwd` (Input-Norm scales whose matrices decay too), `all`, `none`."""
     expert_scales: str = "per_expert"
     """MoE under HG: gate/up scales `per_expert` or `shared` by all experts of a layer."""
 
@@ -68,7 +68,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "dnp": ("Dual normalized placement on q, k, gate, up.", {"dnp": ["q", "k", "gate", "up"]}),
     "or": ("Every scale as β·α/RMS(α).", {"scale": "or"}),
     "er": ("Every scale as exp(β)·exp(α - mean α).", {"scale": "er"}),
-    "iwd": ("Decay Input-Norm scales, never Output-Norm scales.", {"scale_decay": "iwd"}),
+    "iwd": ("Decay Input-Norm scales (those whose matrices decay too), never Output-Norm scales.",
+            {"scale_decay": "iwd"}),
     "wd-all": ("Decay every scale vector.", {"scale_decay": "all"}),
     "unified": (
         "The paper's strategy: HG + DNP on q, k, gate, up + OR + IWD.",

@@ -28,7 +28,7 @@ class TokenWindows:
                             f"--out {directory}`")
         self.meta = json.loads(meta_path.read_text())
         self.window = seq_len + 1
-        self.shards, self.starts, total = [], [], 0
+        self.shards, self.starts, self.offsets, total, offset = [], [], [], 0, 0
         for shard in self.meta[split]["shards"]:
             path = directory / shard["file"]
             expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
@@ -40,8 +40,14 @@ class TokenWindows:
             if count:
                 self.shards.append(tokens)
                 self.starts.append(total)
+                self.offsets.append(offset)
                 total += count
+            offset += shard["tokens"]
         self.count = total
+        # each source's documents are consecutive in a split (prepare keeps them grouped): its span of tokens
+        spans = self.meta[split].get("sources", [])
+        self.source_names = [s["name"] for s in spans]
+        self.source_ends = np.cumsum([s["tokens"] for s in spans]).tolist()
 
     def __len__(self) -> int:
         return self.count
@@ -50,6 +56,14 @@ class TokenWindows:
         shard = bisect.bisect_right(self.starts, index) - 1
         offset = (index - self.starts[shard]) * self.window
         return self.shards[shard][offset:offset + self.window]
+
+    def source(self, index: int) -> str:
+        """The source a window starts in ("" for data prepared before sources were recorded)."""
+        if not self.source_names:
+            return ""
+        shard = bisect.bisect_right(self.starts, index) - 1
+        start = self.offsets[shard] + (index - self.starts[shard]) * self.window
+        return self.source_names[min(bisect.bisect_right(self.source_ends, start), len(self.source_names) - 1)]
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of shape (len(indices), seq_len)."""
@@ -111,10 +125,31 @@ class Loader:
         self.position = state["position"]
 
 
-def validation_batches(windows: TokenWindows, batch_size: int, budget_tokens: int, rank: int = 0,
-                       world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed validation budget: the first windows of the split, rank r taking every w-th."""
+def validation_windows(windows: TokenWindows, budget_tokens: int) -> list[int]:
+    """The fixed validation set: windows adding up to `budget_tokens`, each source's share of them its share
+    of the training tokens, evenly spaced within the source (the first windows of the split would be one or two
+    works); every window when the budget covers the split."""
     count = min(len(windows), budget_tokens // windows.window)
-    mine = list(range(rank, count - count % world_size, world_size))
+    if count == len(windows) or not windows.source_names:
+        return [i * len(windows) // count for i in range(count)]
+    by_source: dict[str, list[int]] = {}
+    for index in range(len(windows)):
+        by_source.setdefault(windows.source(index), []).append(index)
+    train = {s["name"]: s["tokens"] for s in windows.meta["train"]["sources"]}
+    total = sum(train.get(name, 0) for name in by_source)
+    chosen = []
+    for name, members in by_source.items():
+        share = round(count * train.get(name, 0) / total) if total else len(members)
+        take = min(len(members), max(1, share))
+        chosen += [members[i * len(members) // take] for i in range(take)]
+    return sorted(chosen)
+
+
+def validation_batches(windows: TokenWindows, batch_size: int, budget_tokens: int, rank: int = 0,
+                       world_size: int = 1) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(window sources, inputs, targets) of the fixed validation set, rank r taking every w-th window."""
+    chosen = validation_windows(windows, budget_tokens)
+    mine = chosen[rank:len(chosen) - len(chosen) % world_size:world_size]
     for start in range(0, len(mine), batch_size):
-        yield windows.batch(mine[start:start + batch_size])
+        indices = mine[start:start + batch_size]
+        yield [windows.source(i) for i in indices], *windows.batch(indices)

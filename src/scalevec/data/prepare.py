@@ -36,7 +36,7 @@ from ..outputs import (
 )
 from .sources import DataError, SourceFile, read_documents, resolve_sources
 
-FORMAT = 2  # 2: splits record their bytes (bits per byte)
+FORMAT = 3  # 2: splits record their bytes (bits per byte); 3: a split stratified by source, spans per source
 END_OF_TEXT = "<|endoftext|>"
 ENCODE_BATCH = 64  # documents per call into the Rust encoder
 
@@ -75,27 +75,39 @@ def fingerprint(data: DataConfig, files: list[SourceFile]) -> dict:
     }
 
 
-def split_documents(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
-    """Indices of validation documents: a seeded shuffle, taken until val_fraction of the text."""
+def split_documents(sources: list[str], sizes: list[int], val_fraction: float, seed: int) -> set[int]:
+    """Indices of validation documents, stratified by source: each source of two or more documents gives
+    about val_fraction of its text (at least one document, never all), from a seeded shuffle; single-document
+    sources (e.g. a folder of .txt files) are split as one pool. So every source the split can hold is in it."""
     if val_fraction <= 0:
         return set()
     if len(sizes) < 2:
         raise DataError("need at least 2 documents to split train/validation; add data or set "
                         "data.val_fraction=0")
-    order = list(range(len(sizes)))
-    random.Random(seed).shuffle(order)
-    budget, val, taken = val_fraction * sum(sizes), set(), 0
-    for index in order[:-1]:  # the last one always stays in train
-        if taken >= budget:
-            break
-        val.add(index)
-        taken += sizes[index]
+    groups: dict[str, list[int]] = {}
+    for index, source in enumerate(sources):
+        groups.setdefault(source, []).append(index)
+    pool = [i for members in groups.values() if len(members) == 1 for i in members]
+    strata = [members for members in groups.values() if len(members) > 1] + ([pool] if len(pool) > 1 else [])
+    rng, val = random.Random(seed), set()
+    for members in strata:
+        order = list(members)
+        rng.shuffle(order)
+        budget, taken = val_fraction * sum(sizes[i] for i in members), 0
+        for index in order[:-1]:  # the last one always stays in train
+            if taken >= budget:
+                break
+            val.add(index)
+            taken += sizes[index]
     return val
 
 
-def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, dtype, shard_tokens: int,
+def write_shards(tokenizer: Tokenizer, docs: list[tuple[str, str]], out: Path, split: str, dtype, shard_tokens: int,
                  eos_id: int | None, progress) -> dict:
+    """Encode (source, text) documents, grouped by source, into shards; the split's summary for meta.json,
+    with each source's consecutive token span (`sources`, in shard order) for per-source evaluation."""
     shards, current, current_len, total, total_bytes = [], [], 0, 0, 0
+    sources: list[dict] = []
 
     def flush():
         nonlocal current, current_len
@@ -105,10 +117,16 @@ def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, 
             shards.append({"file": name, "tokens": current_len})
         current, current_len = [], 0
 
-    for start in range(0, len(texts), ENCODE_BATCH):
-        batch = texts[start:start + ENCODE_BATCH]
-        for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+    for start in range(0, len(docs), ENCODE_BATCH):
+        batch = docs[start:start + ENCODE_BATCH]
+        encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
+        for (source, text), encoding in zip(batch, encodings, strict=True):
             ids = encoding.ids + ([eos_id] if eos_id is not None else [])
+            if not sources or sources[-1]["name"] != source:
+                sources.append({"name": source, "tokens": 0, "bytes": 0, "documents": 0})
+            sources[-1]["tokens"] += len(ids)
+            sources[-1]["bytes"] += len(text.encode())
+            sources[-1]["documents"] += 1
             array = np.asarray(ids, dtype=np.int64)
             while len(array):
                 piece, array = array[:shard_tokens - current_len], array[shard_tokens - current_len:]
@@ -117,11 +135,11 @@ def write_shards(tokenizer: Tokenizer, texts: list[str], out: Path, split: str, 
                 total += len(piece)
                 if current_len == shard_tokens:
                     flush()
-        batch_bytes = sum(len(t.encode()) for t in batch)
+        batch_bytes = sum(len(text.encode()) for _, text in batch)
         total_bytes += batch_bytes
         progress.update(batch_bytes)
     flush()
-    return {"tokens": total, "documents": len(texts), "bytes": total_bytes, "shards": shards}
+    return {"tokens": total, "documents": len(docs), "bytes": total_bytes, "shards": shards, "sources": sources}
 
 
 @contextlib.contextmanager
@@ -201,7 +219,7 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
 
 def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None:
     started = time.perf_counter()
-    texts, per_source = [], []
+    texts, per_source = [], []  # texts: (source name, document), grouped by source
     for source in files:
         with reading_inputs():
             docs = [t for t in read_documents(source, data.jsonl_field, data.parquet_column) if t]
@@ -209,8 +227,9 @@ def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None
             raise DataError(f"input {source.name} holds no text; remove it or fill it")
         per_source.append({"name": source.name, "sha256": inputs["sources"][len(per_source)]["sha256"],
                            "documents": len(docs), "bytes": sum(len(t.encode()) for t in docs)})
-        texts.extend(docs)
-    val = split_documents([len(t) for t in texts], data.val_fraction, data.split_seed)
+        texts.extend((source.name, doc) for doc in docs)
+    val = split_documents([name for name, _ in texts], [len(t) for _, t in texts], data.val_fraction,
+                          data.split_seed)
     train_texts = [t for i, t in enumerate(texts) if i not in val]
     val_texts = [t for i, t in enumerate(texts) if i in val]
 
@@ -218,7 +237,8 @@ def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None
         tokenizer = load_tokenizer(data.tokenizer)
     else:
         log(f"training a byte-level BPE tokenizer (vocab {data.vocab_size}) on {len(train_texts)} documents")
-        tokenizer = train_tokenizer(train_texts, data.vocab_size, sys.stderr.isatty() if progress is None else progress)
+        tokenizer = train_tokenizer([text for _, text in train_texts], data.vocab_size,
+                                    sys.stderr.isatty() if progress is None else progress)
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab < 2**16 else np.uint32
     eos_id = tokenizer.token_to_id(END_OF_TEXT)

@@ -5,7 +5,6 @@ a fit of loss against compute with the compute-efficiency multiplier of each str
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -15,11 +14,13 @@ import numpy as np
 
 from ..config import load_config
 from ..outputs import write_atomic, write_text_atomic
-from ..rundir import read_metrics
-from .sweep import Arm, Suite, final_val_loss, run_dir
+from .stats import VERDICT_RULE, holm, paired, verdict
+from .sweep import Arm, Suite, overrides, read_record, tried_lrs
 
 MIN_SIZES_FOR_FIT = 5
 BOOTSTRAP = 200  # seed resamples for the multiplier's interval
+MIN_EXPONENT, MAX_EXPONENT = 0.01, 2.0  # outside: the fit is degenerate (e.g. an exponent of 20), not reported
+TARGET_EFFECT = 0.02  # nats: the difference the seed count is planned to detect (power is reported for it)
 
 
 @dataclass
@@ -28,63 +29,50 @@ class Run:
     curve: list[tuple[int, float]]
     train_seconds: float
     tokens: int
+    val_bpb: float | None
 
 
-def read_run(path: Path, steps: int) -> Run | None:
-    if final_val_loss(path, steps) is None:
+def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Run | None:
+    record = read_record(results, arm, lr, seed, decay_from)
+    if record is None:
         return None
-    rows = read_metrics(path)
-    seconds, previous = 0.0, 0
-    for row in rows:
-        if "tokens_per_s" in row:
-            seconds += (row["tokens"] - previous) / row["tokens_per_s"]
-            previous = row["tokens"]
-    return Run(rows[-1]["val_loss"], [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r], seconds,
-               rows[-1]["tokens"])
-
-
-def bits_per_byte(out: Path) -> float | None:
-    """Validation tokens per byte of the sweep's data, to turn nats per token into bits per byte."""
-    config = load_config(out / "suite.toml")
-    meta_path = Path(config.data.dir) / "meta.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if not meta["val"].get("bytes"):
-        return None
-    return meta["val"]["tokens"] / meta["val"]["bytes"] / math.log(2)
+    final = record["final"]
+    return Run(final["val_loss"], [(r["tokens"], r["val_loss"]) for r in record["curve"]], record["train_seconds"],
+               final["tokens"], final.get("val_bpb"))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def analyse(out: Path) -> dict:
+def analyse(results: Path) -> dict:
+    """Everything the report shows, from `suite.json` and the run records under `results`."""
     from scipy import stats
 
-    suite = Suite(**json.loads((out / "suite.json").read_text()))
-    steps = suite.steps()
-    per_byte = bits_per_byte(out)
+    suite = Suite(**json.loads((results / "suite.json").read_text()))
     arms = {}
     for arm in suite.arms():
-        lrs = suite.lrs_for(arm)
-        lr_curve = {lr: read_run(run_dir(out, arm, lr, suite.lr_seed), steps) for lr in lrs}
-        finished = {lr: run.val_loss for lr, run in lr_curve.items() if run is not None}
+        finished = tried_lrs(results, suite, arm)
         if not finished:
             continue
         best = min(finished, key=finished.get)
-        seeds = {s: read_run(run_dir(out, arm, best, s), steps) for s in suite.seeds}
+        grid = sorted(finished)
+        seeds = {s: read_run(results, arm, best, s) for s in suite.seeds}
         seeds = {s: run for s, run in seeds.items() if run is not None}
+        if not seeds:
+            continue
         mean, std = _mean_std([r.val_loss for r in seeds.values()])
-        arms[arm] = {"arm": arm.path, "best_lr": best, "best_lr_at_edge": len(lrs) > 1 and best in (min(lrs), max(lrs)),
-                     "lr_curve": {str(lr): loss for lr, loss in finished.items()},
+        bpb = [r.val_bpb for r in seeds.values() if r.val_bpb is not None]
+        arms[arm] = {"arm": arm.path, "best_lr": best, "best_lr_at_edge": len(grid) > 1 and best in (grid[0], grid[-1]),
+                     "lr_curve": {str(lr): finished[lr] for lr in grid},
                      "seeds": {str(s): r.val_loss for s, r in seeds.items()}, "mean": mean, "std": std,
-                     "bits_per_byte": mean * per_byte if per_byte else None,
+                     "bits_per_byte": statistics.mean(bpb) if bpb else None,
                      "train_seconds": statistics.mean(r.train_seconds for r in seeds.values()),
                      "tokens": next(iter(seeds.values())).tokens,
+                     "curves": {str(s): r.curve for s, r in seeds.items()},
                      "curve": _mean_curve([r.curve for r in seeds.values()])}
     for arm, row in arms.items():
-        row["wsd"] = wsd_study(out, suite, arm, row)
+        row["wsd"] = wsd_study(results, suite, arm, row)
     for arm, row in arms.items():
         base = arms.get(Arm(suite.baseline, arm.size, arm.optimizer, arm.schedule))
         for point, base_point in zip(row["wsd"], base["wsd"] if base else []):
@@ -98,19 +86,103 @@ def analyse(out: Path) -> dict:
         if len(diffs) >= 2 and arm.strategy != suite.baseline:
             row["p_value"] = float(stats.ttest_rel([row["seeds"][s] for s in common],
                                                    [base["seeds"][s] for s in common]).pvalue)
+    records = _all_records(results)
+    wall = [r["wall_seconds"] for r in records if r.get("wall_seconds")]
+    threads = suite.base_config().train.threads or 1
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
-            "cpu_hours": suite.cpu_hours, "steps": steps, "arms": list(arms.values()),
+            "cpu_hours": suite.cpu_hours, "steps": suite.steps(), "runs_recorded": len(records),
+            "cpu_hours_measured": sum(wall) * threads / 3600 if wall else None,
+            **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
+            "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
             "scaling": scaling_fit(suite, arms)}
 
 
-def wsd_study(out: Path, suite: Suite, arm: Arm, row: dict) -> list[dict]:
+def _all_records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / "records").rglob("*.json"))]
+
+
+def study_facts(results: Path, suite: Suite, arms: dict) -> dict:
+    """What a reader needs to judge the runs: tokens per non-embedding parameter, the count-based references
+    on the same validation windows, the validation sources, and how much weight decay acted (Σ lr·wd)."""
+    import torch
+
+    from ..model import Decoder
+    from ..schedule import lr_factor
+    from ..strategy import strategy as make_strategy
+
+    facts: dict = {"tokens_per_non_embedding_parameter": {}, "lr_wd_sum": {}}
+    for arm, row in arms.items():
+        config = load_config(suite.config, overrides(suite, arm, row["best_lr"], 0))
+        if arm.size not in facts["tokens_per_non_embedding_parameter"]:
+            with torch.device("meta"):
+                model = Decoder(config.model, make_strategy("standard"), config.moe)
+            embedding = sum(p.numel() for n, p in model.named_parameters() if n in ("tok_emb.weight", "head.weight"))
+            non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+            facts["tokens_per_non_embedding_parameter"][arm.size] = row["tokens"] / non_embedding
+        o, steps = config.optim, config.train.steps
+        lr_sum = sum(lr_factor(config.schedule, step, steps) for step in range(steps))
+        matrix_lr = o.muon_lr if o.name == "muon" else o.lr
+        facts["lr_wd_sum"][arm.path] = {"matrices": lr_sum * matrix_lr * o.weight_decay,
+                                        "scales": lr_sum * o.lr * o.scale_lr_mult * o.scale_weight_decay,
+                                        "embedding": lr_sum * o.lr * o.embedding_lr_mult * o.embedding_weight_decay}
+    path = results / "references.json"
+    references = json.loads(path.read_text()) if path.is_file() else None
+    facts["bigram_val_loss"] = references["bigram"]["loss"] if references else None
+    facts["unigram_val_loss"] = references["unigram"]["loss"] if references else None
+    facts["references"] = references
+    facts["val_sources"] = sorted(references["bigram"]["by_source"]) if references else None
+    return facts
+
+
+def analyses(suite: Suite, arms: dict) -> list[dict]:
+    """Each analysis of the suite (a family of claims, arm against baseline) in each setting (size, optimizer,
+    schedule): paired Δ with intervals, Holm over the family, verdict, power, and Δ over training."""
+    families = suite.analyses or [{"name": "all", "baseline": suite.baseline, "claim": suite.description,
+                                   "arms": {s: None for s in suite.strategies if s != suite.baseline}}]
+    settings = dict.fromkeys((a.size, a.optimizer, a.schedule) for a in arms)
+    out = []
+    for family in families:
+        for size, optimizer, schedule in settings:
+            base = arms.get(Arm(family["baseline"], size, optimizer, schedule))
+            if base is None:
+                continue
+            members = {name: expected for name, expected in family["arms"].items()
+                       if Arm(name, size, optimizer, schedule) in arms}
+            rows = []
+            for name, expected in members.items():
+                row = arms[Arm(name, size, optimizer, schedule)]
+                common = sorted(set(row["seeds"]) & set(base["seeds"]), key=int)
+                if not common:
+                    continue
+                result = paired([row["seeds"][s] - base["seeds"][s] for s in common], len(members), TARGET_EFFECT)
+                rows.append({"arm": name, "expected": expected, **result,
+                             "delta_curve": _delta_curve(row["curves"], base["curves"], common)})
+            for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+                row["p_holm"] = adjusted
+                row["verdict"] = verdict(row, row["expected"])
+            out.append({"name": family["name"], "claim": family.get("claim", ""), "baseline": family["baseline"],
+                        "setting": f"{size}/{optimizer}-{schedule}", "baseline_mean": base["mean"], "arms": rows})
+    return out
+
+
+def _delta_curve(curves: dict, base: dict, seeds: list[str]) -> list[dict]:
+    """Paired Δ of validation loss at each evaluation, with its 95% interval over seeds."""
+    length = min(min(len(curves[s]), len(base[s])) for s in seeds)
+    points = []
+    for i in range(length):
+        result = paired([curves[s][i][1] - base[s][i][1] for s in seeds], 1, TARGET_EFFECT)
+        points.append({"tokens": curves[seeds[0]][i][0], "delta": result["delta"], "ci95": result["ci95"]})
+    return points
+
+
+def wsd_study(results: Path, suite: Suite, arm: Arm, row: dict) -> list[dict]:
     """Per decay point: validation loss in the stable phase there, and after the decay launched from it."""
     points = []
     for point in suite.decay_points(arm):
         stable, decayed = [], []
         for seed in row["seeds"]:
-            main = read_run(run_dir(out, arm, row["best_lr"], int(seed)), suite.steps())
-            branch = read_run(run_dir(out, arm, row["best_lr"], int(seed), point), suite.decay_steps(point))
+            main = read_run(results, arm, row["best_lr"], int(seed))
+            branch = read_run(results, arm, row["best_lr"], int(seed), point)
             if main is None or branch is None:
                 continue
             at = main.tokens * point / suite.steps()
@@ -139,6 +211,9 @@ def _fit_law(points: list[tuple[float, float]]):
                                p0=(1.0, 0.3, loss.min() * 0.9), maxfev=20000)[0]
     except RuntimeError:  # no convergence
         return None
+    a, b, floor = fitted
+    if not (a > 0 and MIN_EXPONENT <= b <= MAX_EXPONENT):  # degenerate: a multiplier from it would mean nothing
+        return None
     return (*fitted, c.min())
 
 
@@ -165,12 +240,10 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
     from ..model import Decoder
     from ..strategy import strategy as make_strategy
     from ..summary import flops_per_token
-    from .sweep import overrides
-
     groups: dict[tuple, list] = {}
     tokens_per_parameter = {}  # how far from compute-optimal the ladder trains, for the report to say
     for arm, row in arms.items():
-        config = load_config(suite.config, overrides(arm, suite.lrs_for(arm)[0], 0))
+        config = load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], 0))
         with torch.device("meta"):
             model = Decoder(config.model, make_strategy(arm.strategy), config.moe)
         row["compute"] = flops_per_token(model) * row["tokens"]
@@ -207,11 +280,13 @@ def write_report(out: Path) -> dict:
     _plots(out, summary)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# Suite `{summary['suite']}` ({summary['scale']} scale)", "", summary["description"], "",
-             f"{summary['steps']} steps per run; each arm at its own best learning rate (swept with one seed), then "
-             f"paired seeds at that rate. Declared budget: {summary['cpu_hours']} CPU-hours on 2 cores. Runs stay "
-             "within one epoch of the training data.", "",
-             "| arm | best lr | seeds | final val loss | Δ vs baseline (paired) | p (paired t) | bits/byte | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{summary['steps']} steps per run; each arm at its own best learning rate (swept with the LR seed), then "
+             f"paired seeds at that rate. Runs recorded: {summary['runs_recorded']}"
+             + (f", {summary['cpu_hours_measured']:.2f} CPU-hours measured" if summary["cpu_hours_measured"] else "")
+             + f" (declared budget {summary['cpu_hours']} CPU-hours).", ""]
+    lines += _facts_lines(summary)
+    lines += ["| arm | best lr | seeds | final val loss | Δ vs baseline (paired) | p (paired t) | bits/byte "
+              "| train s |", "|---|---|---|---|---|---|---|---|"]
     for row in summary["arms"]:
         edge = " (edge)" if row["best_lr_at_edge"] else ""
         diff = "—" if row["diff_mean"] is None or row["arm"].startswith(summary["baseline"] + "/") else \
@@ -220,9 +295,10 @@ def write_report(out: Path) -> dict:
         bpb = "—" if row["bits_per_byte"] is None else f"{row['bits_per_byte']:.4f}"
         lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {len(row['seeds'])} | {row['mean']:.4f} ± "
                      f"{row['std']:.4f} | {diff} | {p} | {bpb} | {row['train_seconds']:.0f} |")
-    lines += ["", "± is the standard deviation over seeds; * marks p < 0.05. `(edge)`: the best learning rate is at "
-              "the edge of the grid, so a better one may lie outside it.", "",
-              "![loss curves](curves.png)", "", "![learning rates](lr.png)", ""]
+    lines += ["", "± is the standard deviation over seeds; * marks p < 0.05 (uncorrected). `(edge)`: the best learning "
+              "rate is at the edge of the grid, so a better one may lie outside it.", ""]
+    lines += _analysis_lines(summary)
+    lines += ["![loss curves](curves.png)", "", "![learning rates](lr.png)", ""]
     wsd_rows = [(row["arm"], p) for row in summary["arms"] for p in row["wsd"]]
     if wsd_rows:
         lines += ["WSD: decays launched from stable-phase checkpoints (validation loss in the stable phase at the "
@@ -249,6 +325,52 @@ def write_report(out: Path) -> dict:
         lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary
+
+
+def _facts_lines(summary: dict) -> list[str]:
+    lines = []
+    ratios = summary["tokens_per_non_embedding_parameter"]
+    if ratios:
+        lines.append("Training tokens per non-embedding parameter: " + ", ".join(f"{r:.1f} ({size})"
+                                                                                for size, r in ratios.items()) + ".")
+    if summary["bigram_val_loss"] is not None:
+        lines.append(f"Count-based references on the same validation windows ({', '.join(summary['val_sources'])}): "
+                     f"unigram {summary['unigram_val_loss']:.4f}, bigram {summary['bigram_val_loss']:.4f} nats per "
+                     "token (tables of the training split).")
+        above = [row["arm"] for row in summary["arms"] if row["mean"] >= summary["bigram_val_loss"]]
+        lines.append("Every arm is below the bigram reference." if not above else
+                     f"Not below the bigram reference: {', '.join(above)}; differences there say little.")
+    sums = summary["lr_wd_sum"]
+    if sums:
+        scales = [v["scales"] for v in sums.values()]
+        lines.append(f"Weight decay that acted, Σ lr·wd over a run at each arm's best LR: scales {min(scales):.2f}-"
+                     f"{max(scales):.2f}, matrices {min(v['matrices'] for v in sums.values()):.2f}-"
+                     f"{max(v['matrices'] for v in sums.values()):.2f} (an undriven parameter shrinks by 1 − e^-Σ).")
+    return [*lines, ""] if lines else []
+
+
+def _number(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _analysis_lines(summary: dict) -> list[str]:
+    lines = []
+    for analysis in summary["analyses"]:
+        if not analysis["arms"]:
+            continue
+        lines += [f"## {analysis['name']} ({analysis['setting']}, baseline `{analysis['baseline']}` "
+                  f"{analysis['baseline_mean']:.4f})", "", analysis["claim"], "",
+                  "| arm | seeds | Δ | 95% interval | p | p (Holm) | paper | verdict | power at 0.02 | MDE (80%) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in analysis["arms"]:
+            interval = "—" if row["ci95"] is None else f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+            lines.append(f"| {row['arm']} | {row['n']} | {row['delta']:+.4f} | {interval} | {_number(row['p'], '.3g')} "
+                         f"| {_number(row['p_holm'], '.3g')} | {_number(row['expected'], '+.3f')} | {row['verdict']} | "
+                         f"{_number(row['power'], '.2f')} | {_number(row['mde'], '.4f')} |")
+        lines.append("")
+    if lines:
+        lines += [VERDICT_RULE, "", "![gap over training](gap.png)", ""]
+    return lines
 
 
 def _plots(out: Path, summary: dict) -> None:
@@ -296,3 +418,25 @@ def _plots(out: Path, summary: dict) -> None:
     draw("curves.png", summary["suite"], curve, xlabel="training tokens (M)", ylabel="validation loss (seed mean)")
     draw("lr.png", "LR sensitivity", lr_curve, xscale="log", xlabel="learning rate",
          ylabel="final validation loss (one seed)")
+    families = [a for a in summary["analyses"] if any(row["delta_curve"] for row in a["arms"])]
+    if families:
+        fig, grid = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
+        for ax, analysis in zip(grid.flat, families):
+            for row in analysis["arms"]:
+                points = row["delta_curve"][1:]  # step 0 is identical in a pair only if the init is
+                if not points:
+                    continue
+                tokens = [p["tokens"] / 1e6 for p in points]
+                line = ax.plot(tokens, [p["delta"] for p in points], label=row["arm"],
+                               color=colour.get(row["arm"]))[0]
+                if all(p["ci95"] for p in points):
+                    ax.fill_between(tokens, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points],
+                                    color=line.get_color(), alpha=0.15)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set(title=f"{analysis['name']} ({analysis['setting']})", xlabel="training tokens (M)",
+                   ylabel=f"Δ val loss vs {analysis['baseline']}")
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        write_atomic(out / "gap.png", lambda path: fig.savefig(path, dpi=100, format="png"))
+        plt.close(fig)

@@ -9,6 +9,16 @@ Same seed, same initial matrices and batch order in every arm: comparisons are p
 Each run is a `scalevec train` subprocess with its own run directory; a finished run is skipped,
 a partial one resumed, a failed one recorded in its `failed.txt` and retried on the next sweep.
 
+Records: each finished run leaves a small JSON record (resolved config, final metrics, the validation
+curve, wall time) under `RESULTS/records/`, the same tree as the runs. The report reads only the
+records and `suite.json`, so RESULTS (e.g. a folder of `results/` in the repository) regenerates its
+report without the runs, and a sweep on another machine skips every recorded run.
+
+Study options of a suite scale: `variants` (named arms that are a strategy plus config overrides,
+e.g. another init), `analyses` (families of arm-vs-baseline claims with the paper's effect, for
+verdicts: see stats.py), `extend_lrs` (extend an LR grid whose best value is at an edge, by a
+factor of 2, up to this many times), and [config.model] fields kept on top of every size preset.
+
 WSD studies (`wsd_decays`): a WSD run's stable phase is a constant-LR run, so its checkpoints there
 launch extra decays (`train.branch_from`) at fractions of the stable phase; the report then shows
 the gap to the baseline during the stable phase and after each decay.
@@ -20,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,7 +39,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, to_toml
-from ..rundir import final_eval
+from ..outputs import write_text_atomic
+from ..rundir import final_eval, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
@@ -63,6 +75,9 @@ class Suite:
     cpu_hours: float = 0.0
     wsd_decays: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    analyses: list[dict] = field(default_factory=list)
+    extend_lrs: int = 0
 
     def arms(self) -> list[Arm]:
         return [Arm(st, si, o, sc) for si in self.sizes for o in self.optimizers for sc in self.schedules
@@ -73,7 +88,7 @@ class Suite:
 
     def base_config(self):
         """The suite's config with its first size (every run overrides the size anyway)."""
-        return load_config(self.config, [] if self.sizes[0] == CONFIG_SIZE else [f"model.preset={self.sizes[0]}"])
+        return load_config(self.config, size_overrides(self, self.sizes[0]))
 
     def steps(self) -> int:
         return self.base_config().train.steps
@@ -113,8 +128,14 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
         suite.seeds = list(range(seeds))
     if suite.baseline not in suite.strategies:
         raise ConfigError(f"suite {suite.name}: baseline {suite.baseline!r} is not among its strategies")
+    for analysis in suite.analyses:
+        names = [analysis.get("baseline"), *analysis.get("arms", {})]
+        missing = [n for n in names if n not in suite.strategies]
+        if missing or not analysis.get("name"):
+            raise ConfigError(f"suite {suite.name}: analysis {analysis.get('name')!r} needs a name, and its baseline "
+                              f"and arms among the strategies (not: {', '.join(map(str, missing))})")
     for arm in suite.arms():  # every arm's config is checked now, not when its run starts
-        load_config(suite.config, overrides(arm, suite.lrs_for(arm)[0], suite.lr_seed))
+        load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], suite.lr_seed))
     return suite
 
 
@@ -133,7 +154,7 @@ class RunSpec:
         return run_dir(out, self.arm, self.lr, self.seed, self.decay_from)
 
     def overrides(self, out: Path, suite: Suite) -> list[str]:
-        sets = overrides(self.arm, self.lr, self.seed)
+        sets = overrides(suite, self.arm, self.lr, self.seed)
         if suite.decay_points(self.arm):
             sets.append("train.keep_checkpoints=1000000")  # the decays branch from stable-phase checkpoints
         if self.decay_from:
@@ -146,48 +167,111 @@ class RunSpec:
         return suite.decay_steps(self.decay_from) if self.decay_from else suite.steps()
 
 
-def overrides(arm: Arm, lr: float, seed: int) -> list[str]:
+def size_overrides(suite: Suite, size: str) -> list[str]:
+    """A size preset replaces the [model] section: the suite's own [model] fields are set again on top."""
+    if size == CONFIG_SIZE:
+        return []
+    model = {k: v for k, v in suite.config.get("model", {}).items() if k != "preset"}
+    return [f"model.preset={size}", *(f"model.{key}={json.dumps(value)}" for key, value in model.items())]
+
+
+def overrides(suite: Suite, arm: Arm, lr: float, seed: int) -> list[str]:
     lr_key = "optim.muon_lr" if arm.optimizer == "muon" else "optim.lr"
-    size = [] if arm.size == CONFIG_SIZE else [f"model.preset={arm.size}"]
-    return [*size, f"strategy.preset={arm.strategy}", f"optim.name={arm.optimizer}", f"schedule.name={arm.schedule}",
-            f"{lr_key}={lr}", f"seed={seed}"]
+    strategy = suite.variants.get(arm.strategy, [f"strategy.preset={arm.strategy}"])
+    return [*size_overrides(suite, arm.size), *strategy, f"optim.name={arm.optimizer}",
+            f"schedule.name={arm.schedule}", f"{lr_key}={lr}", f"seed={seed}"]
 
 
-def final_val_loss(path: Path, steps: int) -> float | None:
-    record = final_eval(path, steps)
-    return None if record is None else record["val_loss"]
+def record_path(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Path:
+    run = run_dir(results / "records", arm, lr, seed, decay_from)
+    return run.parent / f"{run.name}.json"
 
 
-def best_lr(out: Path, suite: Suite, arm: Arm) -> float | None:
-    losses = {lr: final_val_loss(run_dir(out, arm, lr, suite.lr_seed), suite.steps()) for lr in suite.lrs_for(arm)}
-    finished = {lr: loss for lr, loss in losses.items() if loss is not None}
-    return min(finished, key=finished.get) if finished else None
+def make_record(path: Path, wall_seconds: float | None) -> dict:
+    """What the report needs of a finished run: resolved config, final metrics, validation curve, time."""
+    rows = read_metrics(path)
+    seconds, previous = 0.0, 0
+    for row in rows:
+        if "tokens_per_s" in row:
+            seconds += (row["tokens"] - previous) / row["tokens_per_s"]
+            previous = row["tokens"]
+    keep = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "val_loss_by_source")
+    return {"config": tomllib.loads((path / "config.toml").read_text()),
+            "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
+            "train_seconds": seconds, "wall_seconds": wall_seconds,
+            "curve": [{key: row[key] for key in ("tokens", "val_loss", "val_loss_by_source") if key in row}
+                      for row in rows if "val_loss" in row]}
 
 
-def _run(spec: RunSpec, suite: Suite, out: Path, base: Path, threads: int) -> tuple[Path, str | None]:
+def read_record(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> dict | None:
+    path = record_path(results, arm, lr, seed, decay_from)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def final_val_loss(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> float | None:
+    record = read_record(results, arm, lr, seed, decay_from)
+    return None if record is None else record["final"]["val_loss"]
+
+
+def tried_lrs(results: Path, suite: Suite, arm: Arm) -> dict[float, float]:
+    """Final validation loss of every recorded learning rate of an arm with the LR seed (the grid and any
+    extension of it)."""
+    losses = {}
+    for path in (results / "records" / arm.path).glob(f"lr*/seed{suite.lr_seed}.json"):
+        lr = float(path.parent.name[2:])
+        losses[lr] = json.loads(path.read_text())["final"]["val_loss"]
+    return losses
+
+
+def best_lr(results: Path, suite: Suite, arm: Arm) -> float | None:
+    losses = tried_lrs(results, suite, arm)
+    return min(losses, key=losses.get) if losses else None
+
+
+def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, threads: int) -> tuple[Path, str | None]:
     path = spec.path(out)
     command = [sys.executable, "-m", "scalevec", "train", str(base), "--out", str(path),
                *[x for o in [*spec.overrides(out, suite), f"train.threads={threads}"] for x in ("--set", o)]]
     if path.exists():
         command.append("--resume")
+    started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / "failed.txt").write_text(result.stderr[-4000:])
         return path, result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
     (path / "failed.txt").unlink(missing_ok=True)
+    _write_record(spec, suite, out, results, time.perf_counter() - started)
     return path, None
 
 
-def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print) -> dict:
-    from ..data.prepare import prepare
+def _write_record(spec: RunSpec, suite: Suite, out: Path, results: Path, wall_seconds: float | None) -> bool:
+    """Record a finished run (False if it has not finished)."""
+    if final_eval(spec.path(out), spec.steps(suite)) is None:
+        return False
+    target = record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, json.dumps(make_record(spec.path(out), wall_seconds), indent=1) + "\n")
+    return True
 
+
+def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path | None = None) -> dict:
+    """Run what `results` has no record of yet (results defaults to out), recording each run as it ends."""
+    from ..data.prepare import prepare
+    from ..data.references import reference_losses
+
+    results = out if results is None else results
     out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     base = out / "suite.toml"
     config = suite.base_config()
     base.write_text(to_toml(config))
-    (out / "suite.json").write_text(json.dumps(asdict(suite), indent=1) + "\n")
+    for folder in {out, results}:
+        write_text_atomic(folder / "suite.json", json.dumps(asdict(suite), indent=1) + "\n")
     data_dir = prepare(config.data, log=log)
+    if not (results / "references.json").is_file():
+        references = reference_losses(data_dir, config.train.seq_len, config.data.val_tokens)
+        write_text_atomic(results / "references.json", json.dumps(references, indent=1) + "\n")
     if suite.scale == "gpu":
         meta = json.loads((data_dir / "meta.json").read_text())
         t = config.train
@@ -202,21 +286,36 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print) -> dict:
     total = len(lr_phase) + sum(len([s for s in suite.seeds if s != suite.lr_seed])
                                 + len(suite.seeds) * len(suite.decay_points(arm)) for arm in arms)
     with tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
+        def recorded(spec: RunSpec) -> bool:  # a run finished before records existed is recorded now
+            return record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from).is_file() or \
+                _write_record(spec, suite, out, results, None)
+
         def execute(specs: list[RunSpec]) -> None:
-            todo = [s for s in specs if final_val_loss(s.path(out), s.steps(suite)) is None]
+            todo = [s for s in specs if not recorded(s)]
             bar.update(len(specs) - len(todo))
             with ThreadPoolExecutor(jobs) as pool:
-                for path, error in pool.map(lambda spec: _run(spec, suite, out, base, threads), todo):
+                for path, error in pool.map(lambda spec: _run(spec, suite, out, results, base, threads), todo):
                     if error:
                         failures[str(path)] = error
                         log(f"run {path} failed: {error}")
                     bar.update(1)
 
         execute(lr_phase)
-        best = {arm: best_lr(out, suite, arm) for arm in arms}
+        for _ in range(suite.extend_lrs):  # until every arm's best learning rate is inside its grid
+            extra = []
+            for arm in arms:
+                losses = tried_lrs(results, suite, arm)
+                best = min(losses, key=losses.get) if len(losses) > 1 else None
+                if best is not None and best in (min(losses), max(losses)):
+                    extra.append(RunSpec(arm, best * 2 if best == max(losses) else best / 2, suite.lr_seed))
+            if not extra:
+                break
+            bar.total += len(extra)
+            execute(extra)
+        best = {arm: best_lr(results, suite, arm) for arm in arms}
         execute([RunSpec(arm, lr, seed) for arm, lr in best.items() if lr is not None
                  for seed in suite.seeds if seed != suite.lr_seed])
         execute([RunSpec(arm, lr, seed, point) for arm, lr in best.items() if lr is not None
-                 for seed in suite.seeds if final_val_loss(run_dir(out, arm, lr, seed), suite.steps()) is not None
+                 for seed in suite.seeds if final_val_loss(results, arm, lr, seed) is not None
                  for point in suite.decay_points(arm)])
     return {"runs": total, "failed": failures, "best_lr": {arm.path: lr for arm, lr in best.items()}}

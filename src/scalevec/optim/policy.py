@@ -11,7 +11,9 @@ means per parameterization (decoupled decay pulls the *parameter* toward 0):
 | ER exp(β)·exp(α − mean α) | β and α | toward 1 (not 0) |
 
 Scale decay policies (strategy.scale_decay): `iwd` decays Input-Norm scales only (the paper's
-rule), `all` every scale, `none` no scale. DP's output-side scale is an Input scale by default
+rule), and among them only those whose matrices decay too: the paper's argument for decaying γ is the
+balance of γ·w, which needs both sides decayed, so a final norm feeding a tied, undecayed embedding
+keeps its γ undecayed; `all` decays every scale, `none` no scale. DP's output-side scale is an Input scale by default
 (strategy.dp_output_role). A parameter the loss does not depend on (`ParamInfo.invariant`) is never decayed.
 """
 
@@ -79,15 +81,24 @@ def assign(infos: dict[str, ParamInfo], model: nn.Module, optim: OptimConfig, sc
             raise PolicyError(f"parameter {name} ({info.role.value}, {info.kind.value}) matches no rule of the table")
         rule = table[(info.role, info.kind)]
         rules[name] = replace(rule, weight_decay=0.0) if info.invariant else rule
+    if scale_decay == "iwd":
+        for name in _unbalanced(infos, rules):
+            rules[name] = replace(rules[name], weight_decay=0.0)
     _warn_unbalanced(infos, rules)
     return rules
 
 
+def _unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> list[str]:
+    """Decayed Input scales that feed an undecayed matrix."""
+    return [name for name, info in infos.items() if info.role is Role.INPUT and rules[name].weight_decay > 0
+            and any(rules[matrix].weight_decay == 0 for matrix, _, _ in info.feeds)]
+
+
 def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> None:
-    """IWD's balance argument (γ² vs ||w||²) needs the matrices a decayed Input scale feeds to decay too."""
-    pairs = sorted({(name.rsplit(".", 1)[0], matrix) for name, info in infos.items()
-                    if info.role is Role.INPUT and rules[name].weight_decay > 0
-                    for matrix, _, _ in info.feeds if rules[matrix].weight_decay == 0})
+    """The balance argument (γ² vs ||w||²) needs the matrices a decayed Input scale feeds to decay too
+    (`iwd` keeps such scales undecayed; `all` decays them as asked, with this warning)."""
+    pairs = sorted({(name.rsplit(".", 1)[0], matrix) for name in _unbalanced(infos, rules)
+                    for matrix, _, _ in infos[name].feeds if rules[matrix].weight_decay == 0})
     if pairs:
         scale, matrix = pairs[0]
         warnings.warn(f"decayed Input scale {scale} feeds undecayed {matrix}"

@@ -29,6 +29,7 @@ from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save
 from ..config import Config, ConfigError, to_dict
 from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
 from ..data.prepare import require_prepared
+from ..data.references import bits_per_byte
 from ..data.sources import DataError
 from ..dist import all_mean, all_sum, barrier, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
@@ -307,18 +308,30 @@ class Trainer:
         return objective, ce
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
+        """Mean loss per token on the fixed validation set, overall (and in bits per byte) and per source."""
         self.model.eval()
-        total, count = 0.0, 0
+        names = self.val_windows.source_names or [""]
+        sums, counts = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
         t = self.config.train
-        for inputs, targets in validation_batches(self.val_windows, t.eval_batch_size, self.config.data.val_tokens,
-                                                  self.world.rank, self.world.size):
-            _, ce = self._loss(inputs.to(self.device), targets.to(self.device))
-            total += ce.item() * len(inputs)
-            count += len(inputs)
+        for sources, inputs, targets in validation_batches(self.val_windows, t.eval_batch_size,
+                                                           self.config.data.val_tokens, self.world.rank,
+                                                           self.world.size):
+            with self.autocast:
+                logits = self.wrapped(inputs.to(self.device))
+            losses = F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device), reduction="none")
+            for source, loss in zip(sources, losses.mean(1).tolist(), strict=True):
+                sums[source] += loss
+                counts[source] += 1
         self.model.train()
-        total, count = all_sum([total, count], self.world)
-        return total / count if count else float("nan")
+        totals = all_sum([*sums.values(), *counts.values()], self.world)
+        sums, counts = dict(zip(names, totals[:len(names)])), dict(zip(names, totals[len(names):]))
+        loss = sum(sums.values()) / sum(counts.values()) if sum(counts.values()) else float("nan")
+        split = self.val_windows.meta["val"]
+        record = {"val_loss": loss, "val_bpb": bits_per_byte(loss, split["tokens"], split["bytes"])}
+        if self.val_windows.source_names:
+            record["val_loss_by_source"] = {name: sums[name] / counts[name] for name in names if counts[name]}
+        return record
 
     def _train_step(self) -> dict:
         t = self.config.train
@@ -378,8 +391,8 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def _eval_record(self) -> dict:
-        val_loss, model = self.evaluate(), self._full_model()
-        return {"val_loss": val_loss, "scales": scale_diagnostics(model, self.infos) if model is not None else {}}
+        evaluation, model = self.evaluate(), self._full_model()
+        return {**evaluation, "scales": scale_diagnostics(model, self.infos) if model is not None else {}}
 
     def _full_model(self) -> Decoder | None:
         """The model with plain tensors: under FSDP2 an unsharded copy on rank 0 (None elsewhere; a collective)."""
