@@ -75,8 +75,8 @@ def test_cli_entry_point_exit_code():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "scalevec: error: unknown key model.bogus; valid keys of model: preset, vocab_size, d_model, n_layers, "
-        "n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm, norm_eps, tie_embeddings, init_std, moe_experts, "
-        "moe_top_k, moe_d_expert, moe_shared_expert, moe_every"]
+        "n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm, norm_eps, tie_embeddings, init, init_std, "
+        "init_gain, moe_experts, moe_top_k, moe_d_expert, moe_shared_expert, moe_every"]
 
 
 def test_info_reports_counts(capsys):

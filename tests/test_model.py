@@ -13,7 +13,8 @@ from scalevec.model import Decoder
 from scalevec.scales import Kind
 from scalevec.strategy import PRESETS
 
-TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16)
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
+                   init="normal")
 
 STRATEGIES = [
     *[strategy(name) for name in PRESETS],

@@ -184,6 +184,10 @@ def test_shipped_suites_load_at_both_scales():
         for scale in ("cpu", "gpu"):
             suite = load_suite(name, scale)
             assert suite.baseline in suite.strategies and suite.arms()
+    for name in ("study-pilot", "study-improvements", "study-weight-decay", "study-optimizers", "study-ladder"):
+        suite = load_suite(name, "cpu")
+        assert suite.lr_seed not in suite.seeds and suite.extend_lrs > 0  # the LR seed is not a test seed
+        assert all(suite.base_config().model.init == "fan_in" for _ in [0])
     improvements = load_suite("improvements", "cpu")
     assert {"qknorm", "dnp+none", "unified", "or+iwd", "dnp+or"} <= set(improvements.strategies)
 
@@ -278,3 +282,91 @@ def test_scaling_fit_needs_every_size_finished():
     suite, arms = synthetic_scaling(1.5, noise=0.0)
     partial = scaling_fit(suite, {arm: row for arm, row in arms.items() if arm.size != "cpu-7m"})
     assert not partial["estimable"] and "fewer than 5 sizes" in partial["reason"]
+
+
+STUDY = """
+[cpu.variants]
+"standard-normal" = ["strategy.preset=standard", "model.init=normal"]
+
+[[cpu.analyses]]
+name = "paper"
+claim = "hg helps"
+baseline = "standard"
+arms = {{ hg = -0.02, "standard-normal" = "control" }}
+"""
+
+
+def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(small_data, tmp_path):
+    text = SUITE.format(strategies='["standard", "hg", "standard-normal"]', data=small_data, model=TINY_MODEL)
+    text = text.replace("lrs = [0.003, 0.01]", "lrs = [0.003, 0.01]\nextend_lrs = 1", 1)
+    text = text.replace("lr_seed = 0\nseeds = [0, 1, 2]", "lr_seed = 7\nseeds = [0, 1, 2]", 1)
+    text = text.replace("[cpu.config]", STUDY.format() + "\n[cpu.config]", 1)
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    suite = load_suite(str(path), "cpu")
+    out, results = tmp_path / "runs", tmp_path / "results"
+    run_sweep(suite, out, log=lambda *_: None, results=results)
+    records = sorted(p.relative_to(results) for p in (results / "records").rglob("*.json"))
+    lr_runs = [p for p in records if p.name == "seed7.json"]
+    assert len(lr_runs) >= 2 * 3 and len(records) == len(lr_runs) + 3 * 3  # 3 test seeds per arm, none is seed 7
+    record = json.loads((results / records[0]).read_text())
+    assert record["config"]["model"]["d_model"] == 32 and record["final"]["step"] == 8
+    assert set(record["final"]["val_loss_by_source"]) <= {"moby_dick", "milton"} and record["curve"][-1]["val_loss"]
+    variant = json.loads(next((results / "records" / "standard-normal").rglob("seed0.json")).read_text())
+    assert variant["config"]["model"]["init"] == "normal" and variant["config"]["strategy"]["preset"] == "standard"
+    # a best LR at the edge of the grid was extended once, by a factor of 2
+    for arm in ("standard", "hg", "standard-normal"):
+        losses = {float(p.parent.name[2:]): json.loads(p.read_text())["final"]["val_loss"]
+                  for p in (results / "records" / arm).rglob("seed7.json")}
+        grid = sorted(losses)
+        assert grid in ([0.003, 0.01], [0.0015, 0.003, 0.01], [0.003, 0.01, 0.02]), grid
+        if len(grid) == 2:
+            assert min(losses, key=losses.get) not in grid, "an edge best was not extended"
+
+    summary = write_report(results)
+    (analysis,) = summary["analyses"]
+    rows = {row["arm"]: row for row in analysis["arms"]}
+    arms = {row["arm"].split("/")[0]: row for row in summary["arms"]}
+    diffs = [arms["hg"]["seeds"][s] - arms["standard"]["seeds"][s] for s in ("0", "1", "2")]
+    assert rows["hg"]["delta"] == pytest.approx(statistics.mean(diffs), abs=1e-12)
+    from scipy import stats
+    t = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3 ** 0.5
+    assert rows["hg"]["ci95"] == pytest.approx([statistics.mean(diffs) - t, statistics.mean(diffs) + t])
+    low, high = sorted([rows["hg"]["p"], rows["standard-normal"]["p"]])
+    holm = {low: min(1.0, 2 * low), high: max(min(1.0, 2 * low), high)}  # Holm over a family of two
+    assert rows["hg"]["p_holm"] == pytest.approx(holm[rows["hg"]["p"]])
+    assert rows["standard-normal"]["verdict"] == "control"
+    assert rows["hg"]["verdict"] in ("consistent", "contradicts", "inconclusive")
+    assert 0 < summary["bigram_val_loss"] < summary["unigram_val_loss"]
+    assert set(summary["val_sources"]) <= {"moby_dick", "milton"}
+    assert summary["tokens_per_non_embedding_parameter"]["config"] == pytest.approx(8 * 4 * 32 / _non_embedding())
+    report = (results / "report.md").read_text()
+    assert "## paper" in report and "inconclusive" in report and (results / "gap.png").is_file()
+
+    # a new machine: nothing but the results folder
+    import shutil
+    shutil.rmtree(out)
+    before = {p: p.stat().st_mtime_ns for p in (results / "records").rglob("*.json")}
+    assert write_report(results)["analyses"][0]["arms"] == summary["analyses"][0]["arms"]
+    run_sweep(suite, tmp_path / "elsewhere", log=lambda *_: None, results=results)
+    assert not any((tmp_path / "elsewhere").rglob("metrics.jsonl")), "a recorded run was run again"
+    assert {p: p.stat().st_mtime_ns for p in (results / "records").rglob("*.json")} == before
+
+
+def _non_embedding():
+    d, layers, heads, kv, ff = 32, 1, 4, 2, 64
+    head = d // heads
+    return layers * (d * (heads + 2 * kv) * head + d * d + 3 * d * ff + 2 * d) + d  # matrices and plain γs
+
+
+def test_analysis_arms_must_name_an_effect_or_control(small_data, tmp_path):
+    text = SUITE.format(strategies='["standard", "hg"]', data=small_data, model=TINY_MODEL)
+    bad = text.replace("[cpu.config]", '[[cpu.analyses]]\nname = "x"\nbaseline = "standard"\narms = { hg = "better" }'
+                                       "\n\n[cpu.config]", 1)
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(ConfigError, match="give the paper's effect in nats"):
+        load_suite(str(tmp_path / "bad.toml"), "cpu")
+    missing = bad.replace('hg = "better"', "dp = -0.02")
+    (tmp_path / "missing.toml").write_text(missing)
+    with pytest.raises(ConfigError, match="among the strategies"):
+        load_suite(str(tmp_path / "missing.toml"), "cpu")

@@ -35,21 +35,25 @@ MODEL_PRESETS: dict[str, dict] = {
     "cpu-2m": dict(d_model=160, n_layers=5, n_heads=5, n_kv_heads=1, d_ff=448),
     "cpu-3m": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512),
     "cpu-7m": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704),
+    # the study's size ladder around cpu-0.5m (same family: head_dim 24-40, d_ff about 3x d_model)
+    "cpu-d48": dict(d_model=48, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=128),
+    "cpu-d80": dict(d_model=80, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=256),
     "cpu-moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, moe_experts=4, moe_top_k=2,
                     moe_d_expert=192),
-    # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head)
+    # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head), the GPT-2 init
     "gpu-0.12b": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                      d_ff=2048, max_seq_len=2048, tie_embeddings=False),
+                      d_ff=2048, max_seq_len=2048, tie_embeddings=False, init="normal"),
     "gpu-0.25b": dict(vocab_size=32768, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4,
-                      d_ff=2816, max_seq_len=2048, tie_embeddings=False),
+                      d_ff=2816, max_seq_len=2048, tie_embeddings=False, init="normal"),
     "gpu-0.5b": dict(vocab_size=32768, d_model=1280, n_layers=24, n_heads=20, n_kv_heads=4,
-                     d_ff=3584, max_seq_len=2048, tie_embeddings=False),
+                     d_ff=3584, max_seq_len=2048, tie_embeddings=False, init="normal"),
     "gpu-1b": dict(vocab_size=32768, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8,
-                   d_ff=5632, max_seq_len=2048, tie_embeddings=False),
+                   d_ff=5632, max_seq_len=2048, tie_embeddings=False, init="normal"),
     "gpu-moe-0.5b": dict(vocab_size=32768, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=2816,
-                         moe_experts=16, moe_top_k=2, moe_d_expert=512, max_seq_len=2048, tie_embeddings=False),
+                         moe_experts=16, moe_top_k=2, moe_d_expert=512, max_seq_len=2048, tie_embeddings=False,
+                         init="normal"),
     "gpu-2b": dict(vocab_size=32768, d_model=2560, n_layers=26, n_heads=32, n_kv_heads=8,
-                   d_ff=6912, max_seq_len=2048, tie_embeddings=False),
+                   d_ff=6912, max_seq_len=2048, tie_embeddings=False, init="normal"),
 }
 
 
@@ -81,14 +85,15 @@ class ModelConfig:
     """Epsilon inside every norm."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
-    init: str = "normal"
-    """Matrix init: `normal` N(0, init_std²) at every width (GPT-2; the paper-sized presets), or `fan_in`
-    N(0, init_gain²/fan_in), width-aware (OLMo), so that small models start with the branch-to-residual
-    signal ratios of paper-sized ones (docs/init.md). o and down projections also get 1/sqrt(2·n_layers)."""
+    init: str = "fan_in"
+    """Matrix init: `fan_in` N(0, init_gain²/fan_in), width-aware (the cpu presets and custom shapes), or
+    `normal` N(0, init_std²) at every width (GPT-2; the paper-sized gpu presets, where 0.02 is near
+    1/sqrt(d)). o and down projections also get 1/sqrt(2·n_layers). docs/init.md: why, and the measurements."""
     init_std: float = 0.02
     """Std of the embedding, and of every matrix under `init = "normal"`."""
-    init_gain: float = 1.0
-    """Gain of the `fan_in` init: a matrix's std is init_gain/sqrt(fan_in)."""
+    init_gain: float = 0.35
+    """Gain of the `fan_in` init (a matrix's std is init_gain/sqrt(fan_in)); 0.35 gives the cpu presets the
+    branch-to-residual signal ratios of gpu-0.12b at init (benchmarks/init_statistics.py)."""
     moe_experts: int = 0
     """Experts per MoE FFN (0 = dense model)."""
     moe_top_k: int = 2

@@ -66,6 +66,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "hg": ("Branch-specific input scales for q, k, v and gate, up.", {"heterogeneous": True}),
     "dp": ("Dual placement on q, k, gate, up.", {"dp": ["q", "k", "gate", "up"]}),
     "dnp": ("Dual normalized placement on q, k, gate, up.", {"dnp": ["q", "k", "gate", "up"]}),
+    "dnp-ffn": ("DNP on gate and up only: normalizes the FFN's hidden pre-activations (DNP without QK-norm).",
+                {"dnp": ["gate", "up"]}),
     "or": ("Every scale as β·α/RMS(α).", {"scale": "or"}),
     "er": ("Every scale as exp(β)·exp(α - mean α).", {"scale": "er"}),
     "iwd": ("Decay Input-Norm scales (those whose matrices decay too), never Output-Norm scales.",

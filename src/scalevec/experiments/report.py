@@ -15,7 +15,7 @@ import numpy as np
 from ..config import load_config
 from ..outputs import write_atomic, write_text_atomic
 from .stats import VERDICT_RULE, holm, paired, verdict
-from .sweep import Arm, Suite, overrides, read_record, tried_lrs
+from .sweep import CONTROL, Arm, Suite, non_embedding_parameters, overrides, read_record, tried_lrs
 
 MIN_SIZES_FOR_FIT = 5
 BOOTSTRAP = 200  # seed resamples for the multiplier's interval
@@ -87,11 +87,10 @@ def analyse(results: Path) -> dict:
             row["p_value"] = float(stats.ttest_rel([row["seeds"][s] for s in common],
                                                    [base["seeds"][s] for s in common]).pvalue)
     records = _all_records(results)
-    wall = [r["wall_seconds"] for r in records if r.get("wall_seconds")]
-    threads = suite.base_config().train.threads or 1
+    cpu_seconds = [r["wall_seconds"] * r["config"]["train"]["threads"] for r in records if r.get("wall_seconds")]
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
             "cpu_hours": suite.cpu_hours, "steps": suite.steps(), "runs_recorded": len(records),
-            "cpu_hours_measured": sum(wall) * threads / 3600 if wall else None,
+            "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
             "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
             "scaling": scaling_fit(suite, arms)}
@@ -104,21 +103,14 @@ def _all_records(results: Path) -> list[dict]:
 def study_facts(results: Path, suite: Suite, arms: dict) -> dict:
     """What a reader needs to judge the runs: tokens per non-embedding parameter, the count-based references
     on the same validation windows, the validation sources, and how much weight decay acted (Σ lr·wd)."""
-    import torch
-
-    from ..model import Decoder
     from ..schedule import lr_factor
-    from ..strategy import strategy as make_strategy
 
     facts: dict = {"tokens_per_non_embedding_parameter": {}, "lr_wd_sum": {}}
     for arm, row in arms.items():
         config = load_config(suite.config, overrides(suite, arm, row["best_lr"], 0))
         if arm.size not in facts["tokens_per_non_embedding_parameter"]:
-            with torch.device("meta"):
-                model = Decoder(config.model, make_strategy("standard"), config.moe)
-            embedding = sum(p.numel() for n, p in model.named_parameters() if n in ("tok_emb.weight", "head.weight"))
-            non_embedding = sum(p.numel() for p in model.parameters()) - embedding
-            facts["tokens_per_non_embedding_parameter"][arm.size] = row["tokens"] / non_embedding
+            facts["tokens_per_non_embedding_parameter"][arm.size] = row["tokens"] / non_embedding_parameters(
+                config.model)
         o, steps = config.optim, config.train.steps
         lr_sum = sum(lr_factor(config.schedule, step, steps) for step in range(steps))
         matrix_lr = o.muon_lr if o.name == "muon" else o.lr
@@ -144,7 +136,7 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
     for family in families:
         for size, optimizer, schedule in settings:
             base = arms.get(Arm(family["baseline"], size, optimizer, schedule))
-            if base is None:
+            if base is None or f"{optimizer}-{schedule}" not in family.get("settings", [f"{optimizer}-{schedule}"]):
                 continue
             members = {name: expected for name, expected in family["arms"].items()
                        if Arm(name, size, optimizer, schedule) in arms}
@@ -155,7 +147,7 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
                 if not common:
                     continue
                 result = paired([row["seeds"][s] - base["seeds"][s] for s in common], len(members), TARGET_EFFECT)
-                rows.append({"arm": name, "expected": expected, **result,
+                rows.append({"arm": name, "expected": None if expected == CONTROL else expected, **result,
                              "delta_curve": _delta_curve(row["curves"], base["curves"], common)})
             for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
                 row["p_holm"] = adjusted
@@ -185,7 +177,7 @@ def wsd_study(results: Path, suite: Suite, arm: Arm, row: dict) -> list[dict]:
             branch = read_run(results, arm, row["best_lr"], int(seed), point)
             if main is None or branch is None:
                 continue
-            at = main.tokens * point / suite.steps()
+            at = main.tokens * point / suite.steps(arm)
             stable.append([loss for tokens, loss in main.curve if tokens <= at][-1])
             decayed.append(branch.val_loss)
         if stable:

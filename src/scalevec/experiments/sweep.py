@@ -27,6 +27,7 @@ the gap to the baseline during the stable phase and after each decay.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from ..rundir import final_eval, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
+CONTROL = "control"  # an analysis arm the paper makes no claim about
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Suite:
     variants: dict[str, list[str]] = field(default_factory=dict)
     analyses: list[dict] = field(default_factory=list)
     extend_lrs: int = 0
+    tokens_per_parameter: float = 0.0  # > 0: each size trains this many tokens per non-embedding parameter
 
     def arms(self) -> list[Arm]:
         return [Arm(st, si, o, sc) for si in self.sizes for o in self.optimizers for sc in self.schedules
@@ -90,8 +93,11 @@ class Suite:
         """The suite's config with its first size (every run overrides the size anyway)."""
         return load_config(self.config, size_overrides(self, self.sizes[0]))
 
-    def steps(self) -> int:
-        return self.base_config().train.steps
+    def steps(self, arm: Arm | None = None) -> int:
+        """Steps of a run of `arm` (of the first size if None)."""
+        if arm is None:
+            return self.base_config().train.steps
+        return load_config(self.config, size_overrides(self, arm.size)).train.steps
 
     def decay_points(self, arm: Arm) -> list[int]:
         """Stable-phase checkpoint steps of a WSD arm's runs that launch extra decays."""
@@ -134,6 +140,10 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
         if missing or not analysis.get("name"):
             raise ConfigError(f"suite {suite.name}: analysis {analysis.get('name')!r} needs a name, and its baseline "
                               f"and arms among the strategies (not: {', '.join(map(str, missing))})")
+        for arm, expected in analysis["arms"].items():
+            if expected != CONTROL and (isinstance(expected, bool) or not isinstance(expected, (int, float))):
+                raise ConfigError(f"suite {suite.name}: analysis {analysis['name']!r} arm {arm!r}: give the paper's "
+                                  f"effect in nats (negative = lower loss) or \"{CONTROL}\", not {expected!r}")
     for arm in suite.arms():  # every arm's config is checked now, not when its run starts
         load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], suite.lr_seed))
     return suite
@@ -164,15 +174,36 @@ class RunSpec:
         return sets
 
     def steps(self, suite: Suite) -> int:
-        return suite.decay_steps(self.decay_from) if self.decay_from else suite.steps()
+        return suite.decay_steps(self.decay_from) if self.decay_from else suite.steps(self.arm)
 
 
 def size_overrides(suite: Suite, size: str) -> list[str]:
-    """A size preset replaces the [model] section: the suite's own [model] fields are set again on top."""
+    """A size preset replaces the [model] section: the suite's own [model] fields are set again on top; with
+    tokens_per_parameter, the size also sets train.steps."""
     if size == CONFIG_SIZE:
-        return []
-    model = {k: v for k, v in suite.config.get("model", {}).items() if k != "preset"}
-    return [f"model.preset={size}", *(f"model.{key}={json.dumps(value)}" for key, value in model.items())]
+        sets = []
+    else:
+        model = {k: v for k, v in suite.config.get("model", {}).items() if k != "preset"}
+        sets = [f"model.preset={size}", *(f"model.{key}={json.dumps(value)}" for key, value in model.items())]
+    if suite.tokens_per_parameter > 0:
+        config = load_config(suite.config, sets)
+        t = config.train
+        steps = math.ceil(suite.tokens_per_parameter * non_embedding_parameters(config.model)
+                          / (t.batch_size * t.seq_len * t.grad_accum))
+        sets.append(f"train.steps={steps}")
+    return sets
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters of a standard model of this shape, less the token embedding and output head."""
+    import torch
+
+    from ..model import Decoder
+    from ..strategy import Strategy
+
+    with torch.device("meta"):
+        decoder = Decoder(model, Strategy())
+    return sum(p.numel() for n, p in decoder.named_parameters() if n not in ("tok_emb.weight", "head.weight"))
 
 
 def overrides(suite: Suite, arm: Arm, lr: float, seed: int) -> list[str]:
@@ -279,7 +310,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
         if meta["train"]["tokens"] < needed:
             raise ConfigError(f"gpu suites need your own data: {data_dir} has {meta['train']['tokens']:,} training "
                               f"tokens, a run needs {needed:,}; prepare more data and set data.* in the suite")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = config.train.threads or max(1, (os.cpu_count() or 1) // jobs)
     failures: dict[str, str] = {}
     arms = suite.arms()
     lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
@@ -306,7 +337,8 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             for arm in arms:
                 losses = tried_lrs(results, suite, arm)
                 best = min(losses, key=losses.get) if len(losses) > 1 else None
-                if best is not None and best in (min(losses), max(losses)):
+                extended = len(set(losses) - set(suite.lrs_for(arm)))
+                if best is not None and best in (min(losses), max(losses)) and extended < suite.extend_lrs:
                     extra.append(RunSpec(arm, best * 2 if best == max(losses) else best / 2, suite.lr_seed))
             if not extra:
                 break
