@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, load_config, to_dict, validate
+from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, load_config, to_dict, to_toml, validate
 from .data.sources import DataError
 from .export import ExportError
 from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
@@ -149,6 +149,74 @@ def cmd_schedule(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_env(args) -> None:
+    """Versions, threads and devices: what a bug report needs."""
+    import importlib.metadata
+    import os
+    import platform
+
+    import torch
+
+    from ._version import __version__
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    report = {"scalevec": __version__, "python": platform.python_version(), "platform": platform.platform(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+              "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "packages": {name: version(name) for name in ("numpy", "tokenizers", "safetensors", "scipy", "matplotlib",
+                                                            "tqdm", "transformers", "accelerate", "tensorboard",
+                                                            "wandb", "pyarrow")}}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for key, value in report.items():
+        if key == "packages":
+            print("packages: " + ", ".join(f"{k} {v}" for k, v in value.items() if v) +
+                  "; not installed: " + (", ".join(k for k, v in value.items() if not v) or "none"))
+        else:
+            print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+def _dry_run(config, out: Path, resume: bool) -> None:
+    """What `train` would do, from the config alone: nothing is written or prepared."""
+    import torch
+
+    from .data.prepare import require_prepared
+    from .model import Decoder
+    from .optim import param_groups
+    from .summary import summarize
+    from .train.trainer import check_memory, resolve_device
+
+    check_memory(config, resolve_device(config.train.device))
+    with torch.device("meta"):
+        model = Decoder(config.model, config.strategy, config.moe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = param_groups(model, config.strategy.scale_decay, config.optim)
+    summary, t = summarize(model), config.train
+    tokens = t.steps * t.batch_size * t.grad_accum * t.seq_len
+    try:
+        meta = json.loads((require_prepared(config.data) / "meta.json").read_text())
+        data = (f"data.dir {config.data.dir} is prepared: {meta['train']['tokens']:,} training tokens, so "
+                f"{tokens / meta['train']['tokens']:.2f} epochs")
+    except DataError:
+        data = f"data.dir {config.data.dir} is missing or stale: `scalevec train` would prepare it first"
+    print(f"dry run: {'resume' if resume else 'start'} {out}; config valid; nothing written")
+    print(f"model: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} non-embedding), "
+          f"{len(groups)} optimizer groups")
+    print(f"training: {t.steps:,} steps x {t.batch_size * t.grad_accum * t.seq_len:,} tokens = {tokens:,} tokens per "
+          f"rank ({tokens / summary['non_embedding_parameters']:.1f} per non-embedding parameter)")
+    print(data)
+    for message in caught:
+        print(f"warning: {message.message}")
+
+
 def cmd_train(args) -> None:
     from .data.prepare import prepare
     from .dist import close_world
@@ -164,7 +232,13 @@ def cmd_train(args) -> None:
     else:
         config = _config_from(args.config, args.set)
     out = args.out or str(Path("runs") / Path(args.config).stem)
+    if args.print_config:
+        print(to_toml(config), end="")
+        return
     check_run_dir(Path(out), config, args.resume, args.overwrite)  # refuse before preparing anything
+    if args.dry_run:
+        _dry_run(config, Path(out), args.resume)
+        return
     prepare(config.data, protect=Path(out))
     try:
         trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
@@ -310,7 +384,10 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = OneLineParser(prog="scalevec", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"scalevec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     info = sub.add_parser("info", help="parameter counts by role and kind, scale fraction, FLOPs")
@@ -326,7 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, run directory, memory and data; print the plan; write nothing")
     train.set_defaults(func=cmd_train)
+
+    env = sub.add_parser("env", help="versions, threads and devices, for bug reports")
+    env.add_argument("--json", action="store_true")
+    env.set_defaults(func=cmd_env)
 
     compare = sub.add_parser("compare", help="the main job: baseline vs unified, same seed/data/budget, report")
     compare.add_argument("--preset", default="demo", help="a shipped comparison config (default demo)")

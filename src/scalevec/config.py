@@ -22,6 +22,7 @@ BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")  # the bundled corpus (data/co
 
 
 INIT_METHODS = ("normal", "fan_in")
+LOGGER_NAMES = ("tensorboard", "csv", "wandb")  # train/loggers.py
 
 
 class ConfigError(ValueError):
@@ -267,8 +268,13 @@ class TrainConfig:
     branch_from: str = ""
     """Another run's checkpoint directory to continue from in this new run (weights, optimizer, data position,
     step): e.g. a WSD decay launched from a stable-phase checkpoint."""
-    tensorboard: bool = False
-    """Also log to TensorBoard (needs `pip install 'scalevec[tensorboard]'`)."""
+    loggers: list[str] = field(default_factory=list)
+    """Also log metrics to: `tensorboard`, `csv` (RUN_DIR/metrics.csv), `wandb` (extras `scalevec[tensorboard]`,
+    `scalevec[wandb]`); metrics.jsonl is always written."""
+    wandb_project: str = "scalevec"
+    """W&B project of `wandb` logging."""
+    wandb_mode: str = "offline"
+    """W&B mode: `offline` (sync later with `wandb sync`), `online` or `disabled`."""
 
 
 @dataclass
@@ -495,6 +501,11 @@ def validate(config: Config) -> None:
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
     _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
+    unknown = [name for name in t.loggers if name not in LOGGER_NAMES]
+    _check(not unknown, f"train.loggers has {unknown[0] if unknown else ''!r}; choose from {', '.join(LOGGER_NAMES)} "
+                        "(metrics.jsonl is always written)")
+    _check(t.wandb_mode in ("offline", "online", "disabled"),
+           f"train.wandb_mode={t.wandb_mode!r}; choose offline, online or disabled")
     _check(config.dist.mode in ("ddp", "fsdp2"), f"dist.mode={config.dist.mode!r}; choose ddp or fsdp2")
     d = config.data
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")

@@ -21,7 +21,7 @@ CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.jsonl"
 # what training writes in a run directory; --overwrite removes these and nothing else (an import's `init/`,
 # `tokenizer.json` and prepared `data/` stay: a new start from the import needs them)
-RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "checkpoints", "tensorboard", "failed.txt")
+RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "metrics.csv", "checkpoints", "tensorboard", "wandb", "failed.txt")
 
 
 class RunDirError(ValueError):

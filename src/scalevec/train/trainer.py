@@ -38,6 +38,7 @@ from ..outputs import append_line, contains, first_line, writing
 from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
 from .diagnostics import scale_diagnostics
+from .loggers import LOGGERS, ProgressLines, check_loggers
 
 
 def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
@@ -54,7 +55,8 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
     return ce + z_loss * torch.logsumexp(logits, -1).pow(2).mean(), ce
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device of train.device (`auto`: cuda when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -107,8 +109,9 @@ class Trainer:
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
         t = config.train
         check_run_dir(self.run_dir, config, resume, overwrite)
-        self.device = _device(t.device)
+        self.device = resolve_device(t.device)
         check_memory(config, self.device)
+        check_loggers(t.loggers)
         if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and self.device.type == "cpu":
             raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
                               "only); use moe.dispatch=auto or padded, or train.compile=false")
@@ -163,7 +166,10 @@ class Trainer:
                 except CheckpointError as err:
                     raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
                 self.log(f"branched from {branch[0]} at step {self.step}")
-            self.tensorboard = self._tensorboard() if t.tensorboard and world.main else None
+            self.loggers = [LOGGERS[name](self.run_dir, config, resume) for name in t.loggers] if world.main else []
+            lines = not sys.stderr.isatty() if progress is None else False  # a log file or a job: plain lines
+            if lines and world.main:
+                self.loggers.append(ProgressLines(t.steps, self.step))
         except BaseException:
             self.close(failed=not resume)
             raise
@@ -192,13 +198,6 @@ class Trainer:
                 raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
                                   "use weights written for this config")
         self.model.load_state_dict(state)
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("train.tensorboard=true needs tensorboard; pip install 'scalevec[tensorboard]'") from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- state -------------------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -385,10 +384,8 @@ class Trainer:
         with writing(f"{self.metrics_path}", "the last checkpoint is intact; free space and resume with --resume",
                      TrainError):
             append_line(self.metrics_path, json.dumps(record))
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
+        for logger in self.loggers:
+            logger.log(record)
 
     def _eval_record(self) -> dict:
         evaluation, model = self.evaluate(), self._full_model()
@@ -438,7 +435,7 @@ class Trainer:
                 bar.update(1)
         finally:
             bar.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            for logger in self.loggers:
+                logger.close()
             self.close()
         return last
