@@ -109,3 +109,96 @@ def test_version_env_print_config_and_dry_run(small_data, tmp_path, capsys):
     assert f"{40 * 4 * 32:,} tokens" in text
     assert main(["train", str(path), "--out", str(out), "--dry-run", "--set", "model.n_heads=3"]) == 2
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def eval_run(small_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    Trainer(tiny_config(small_data, "train.steps=10"), run, progress=False, log=quiet).run()
+    return run
+
+
+def reference_losses(model, tokens, seq_len, stride):
+    """Each target j scored from the first window that reaches it: start b = smallest multiple of stride
+    with b + seq_len >= j, one forward pass per target (independent of the batched implementation)."""
+    import math
+
+    import torch
+    total = 0.0
+    with torch.no_grad():
+        for j in range(1, len(tokens)):
+            start = max(0, math.ceil((j - seq_len) / stride)) * stride
+            logits = model(torch.tensor([tokens[start:j]]))[0, -1].double()
+            total -= torch.log_softmax(logits, -1)[tokens[j]].item()
+    return total, len(tokens) - 1
+
+
+def test_eval_matches_a_hand_written_reference(eval_run, small_data, tmp_path):
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    from scalevec.evaluate import evaluate, load_model
+
+    texts = ["Call me Ishmael. Some years ago, never mind how long precisely.", "Of Man's first disobedience, and the "
+             "fruit of that forbidden tree", "It is a truth universally acknowledged."]
+    (tmp_path / "a.txt").write_text(texts[0])
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts[1:]) + "\n")
+    pq.write_table(pa.table({"content": texts}), tmp_path / "c.parquet")
+    model, tokenizer_path = load_model(eval_run)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+
+    def stream(docs):
+        ids = [eos]
+        for doc in docs:
+            ids += tokenizer.encode(doc).ids + [eos]
+        return ids[:-1]
+
+    inputs = [(tmp_path / "a.txt", texts[:1]), (tmp_path / "b.jsonl", texts[1:]), (tmp_path / "c.parquet", texts)]
+    for seq_len, stride in ((16, 16), (16, 5), (7, 1)):
+        result = evaluate(eval_run, [p for p, _ in inputs], seq_len=seq_len, stride=stride, jsonl_field="body",
+                          parquet_column="content", progress=False)
+        total, count, num_bytes = 0.0, 0, 0
+        for row, (path, docs) in zip(result["inputs"], inputs):
+            nats, targets = reference_losses(model, stream(docs), seq_len, stride)
+            assert row["input"] == str(path) and row["documents"] == len(docs) and row["tokens"] == targets
+            assert row["loss"] == pytest.approx(nats / targets, abs=1e-6)
+            assert row["perplexity"] == pytest.approx(math.exp(nats / targets), rel=1e-6)
+            assert row["bytes"] == sum(len(d.encode()) for d in docs)
+            assert row["bits_per_byte"] == pytest.approx(nats / math.log(2) / row["bytes"], abs=1e-6)
+            total, count, num_bytes = total + nats, count + targets, num_bytes + row["bytes"]
+        assert result["overall"]["loss"] == pytest.approx(total / count, abs=1e-6)
+        assert result["overall"]["bits_per_byte"] == pytest.approx(total / math.log(2) / num_bytes, abs=1e-6)
+    # a prepared data directory built with the run's tokenizer: its validation split as stored
+    meta = json.loads((small_data / "meta.json").read_text())
+    (row,) = evaluate(eval_run, [small_data], progress=False)["inputs"]
+    assert row["tokens"] == meta["val"]["tokens"] - 1 and row["bytes"] == meta["val"]["bytes"]
+
+
+def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
+    from scalevec.config import DataConfig
+    from scalevec.data.prepare import prepare
+
+    (tmp_path / "a.txt").write_text("some text to score, long enough for a window or two")
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "empty.txt").write_text("")
+    other = prepare(DataConfig(dir=str(tmp_path / "other"), sources=["milton"], vocab_size=300), progress=False,
+                    log=quiet)
+    cases = [([str(tmp_path / "missing.txt")], [], "not found"), ([str(tmp_path / "a.csv")], [], "unsupported type"),
+             ([str(tmp_path / "empty.txt")], [], "no text to score"), ([str(other)], [], "another tokenizer"),
+             ([str(tmp_path / "a.txt")], ["--stride", "40", "--seq-len", "16"], "--stride 40"),
+             ([str(tmp_path / "a.txt")], ["--seq-len", "33"], "max_seq_len 32"),
+             ([str(tmp_path / "a.txt")], ["--batch-size", "0"], "--batch-size 0")]
+    for data, extra, message in cases:
+        argv = ["eval", str(eval_run), *[x for d in data for x in ("--data", d)], *extra]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path / "a.txt")]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+    assert main(["eval", str(eval_run), "--data", str(tmp_path / "a.txt"), "--json", "--seq-len", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seq_len"] == 8 and result["stride"] == 8 and result["overall"]["tokens"] > 0

@@ -316,9 +316,8 @@ def cmd_generate(args) -> None:
     import torch
     from tokenizers import Tokenizer
 
-    from .checkpoint import load_run_model, run_tokenizer
+    from .evaluate import load_model
     from .generate import generate
-    from .hf_import import convert_from_hf, read_hf_dir
 
     _require(math.isfinite(args.temperature) and args.temperature >= 0,
              f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
@@ -326,18 +325,7 @@ def cmd_generate(args) -> None:
     _require(args.top_k >= 0, f"--top-k {args.top_k} must be >= 0 (0 = off)")
     _require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     _require(args.seed >= 0, f"--seed {args.seed} must be >= 0")
-    source = Path(args.source)
-    if (source / "config.toml").is_file():
-        config, model = load_run_model(source)
-        tokenizer_path = run_tokenizer(config)
-    elif (source / "config.json").is_file():
-        hf, state = read_hf_dir(source)
-        _, model, _ = convert_from_hf(hf, state, "standard", warm_start=False)
-        tokenizer_path = source / "tokenizer.json"
-    else:
-        raise UsageError(f"{source} is neither a run directory (config.toml) nor an export (config.json)")
-    if tokenizer_path is None or not tokenizer_path.is_file():
-        raise UsageError(f"no tokenizer.json found for {source}; generation needs the model's tokenizer")
+    model, tokenizer_path = load_model(args.source)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
@@ -349,6 +337,26 @@ def cmd_generate(args) -> None:
     out = generate(model, torch.tensor([ids]), min(args.max_new_tokens, room), args.temperature, args.top_k,
                    args.top_p, seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>"))
     print(tokenizer.decode(out[0].tolist()))
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+
+    _require(args.seq_len is None or args.seq_len >= 1, f"--seq-len {args.seq_len} must be at least 1")
+    _require(args.stride is None or args.stride >= 1, f"--stride {args.stride} must be at least 1")
+    _require(args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1")
+    result = evaluate(args.source, args.data, args.seq_len, args.stride, args.batch_size, args.field, args.column,
+                      args.device)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{result['source']}: windows of {result['seq_len']} tokens, stride {result['stride']}")
+    print("| input | documents | tokens | loss | perplexity | bits/byte |\n|---|---|---|---|---|---|")
+    for row in [*result["inputs"], {"input": "all", "documents": sum(r["documents"] for r in result["inputs"]),
+                                    **result["overall"]}]:
+        bpb = "—" if row["bits_per_byte"] is None else f"{row['bits_per_byte']:.4f}"
+        print(f"| {row['input']} | {row['documents']:,} | {row['tokens']:,} | {row['loss']:.4f} | "
+              f"{row['perplexity']:.2f} | {bpb} |")
 
 
 def cmd_sweep(args) -> None:
@@ -461,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or an export on your text")
+    ev.add_argument("source", help="run directory or exported model directory")
+    ev.add_argument("--data", action="append", required=True,
+                    help=".txt, .jsonl or .parquet file, or a prepared data directory (repeatable)")
+    ev.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    ev.add_argument("--stride", type=int, help="tokens between window starts (default: the window length; "
+                                               "smaller gives each token more context)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    ev.add_argument("--field", default="text", help="text field of .jsonl records")
+    ev.add_argument("--column", default="text", help="text column of .parquet files")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     sweep = sub.add_parser("sweep", help="run a paper suite's grid (resumable), then write its report")
     sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
