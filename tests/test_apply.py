@@ -10,18 +10,18 @@ from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param
 transformers = pytest.importorskip("transformers")
 
 
-def hf_model(architecture: str, tie: bool):
+def hf_model(architecture: str, tie: bool, head_dim: int = 8):
     cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
                        else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
     config = config_cls(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
                         tie_word_embeddings=tie)
     torch.manual_seed(0)
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+                p.copy_(1 + 0.3 * torch.randn_like(p).clamp(-3, 3))  # γ > 0, as ER needs
     return model
 
 
@@ -32,9 +32,9 @@ def logits(model, tokens):
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er+iwd"])
-@pytest.mark.parametrize("tie", [False, True])
-def test_apply_strategy_keeps_logits_and_covers_parameters(architecture, name, tie):
-    model = hf_model(architecture, tie)
+@pytest.mark.parametrize("tie, head_dim", [(False, 8), (True, 8), (False, 16)])
+def test_apply_strategy_keeps_logits_and_covers_parameters(architecture, name, tie, head_dim):
+    model = hf_model(architecture, tie, head_dim)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     before = logits(model, tokens)
     apply_strategy(model, name)

@@ -33,7 +33,7 @@ def test_resolved_toml_round_trips(tmp_path):
     (["model.tie_embeddings=3"], "model.tie_embeddings: expected bool"),
     (["model.d_model=100", "model.n_heads=3"], "model.d_model=100 is not divisible by model.n_heads=3"),
     (["model.n_kv_heads=3"], "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
-    (["model.d_model=36", "model.n_heads=4"], "RoPE needs an even head_dim"),
+    (["model.d_model=36", "model.n_heads=4"], "RoPE needs an even head size"),
     (["strategy.preset=unifed"], "unknown strategy preset 'unifed'"),
     (["model.preset=cpu-moe", "moe.dispatch=bmm"], "moe.dispatch='bmm'; choose auto, grouped or padded"),
     (["model.preset=cpu-moe", "model.moe_d_expert=100"], "the expert width 100 must be multiples of 8"),
@@ -75,8 +75,8 @@ def test_cli_entry_point_exit_code():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "scalevec: error: unknown key model.bogus; valid keys of model: preset, vocab_size, d_model, n_layers, "
-        "n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm, norm_eps, tie_embeddings, init, init_std, "
-        "init_gain, moe_experts, moe_top_k, moe_d_expert, moe_shared_expert, moe_every"]
+        "n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, rope_theta, norm, norm_eps, tie_embeddings, init, "
+        "init_std, init_gain, moe_experts, moe_top_k, moe_d_expert, moe_shared_expert, moe_every"]
 
 
 def test_info_reports_counts(capsys):

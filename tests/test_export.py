@@ -83,13 +83,12 @@ def test_export_refuses_what_llama_cannot_express(small_data, tmp_path, name, ca
     assert not (tmp_path / "hf").exists()
 
 
-def random_hf(tmp_path, architecture="llama", tie=False):
+def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8):
     cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
                        else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
     config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie,
-                        rms_norm_eps=1e-6)
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
+                        tie_word_embeddings=tie, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = cls(config)
     with torch.no_grad():
@@ -101,16 +100,21 @@ def random_hf(tmp_path, architecture="llama", tie=False):
     return path
 
 
-def test_import_export_round_trips_identical_tensors(tmp_path):
+@pytest.mark.parametrize("architecture, head_dim", [("llama", 8), ("qwen3", 16), ("llama", 12)])
+def test_import_export_round_trips_identical_tensors(tmp_path, architecture, head_dim):
     from safetensors.torch import load_file
 
-    source = random_hf(tmp_path)
+    source = random_hf(tmp_path, architecture, head_dim=head_dim)  # Qwen3's real layouts: head_dim != width/heads
     import_hf(source, "standard", tmp_path / "run", warm_start=False, log=quiet)
     export_run(tmp_path / "run", tmp_path / "again", log=quiet)
     before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys()
     for name in before:
         assert torch.equal(before[name], after[name]), name
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["head_dim"] == head_dim and config["hidden_size"] == 32
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(hf_logits(tmp_path / "again", tokens), hf_logits(source, tokens), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])

@@ -157,7 +157,7 @@ def test_dnp_on_qk_is_qk_norm(shape):
     x = torch.randn(2, 5, TINY.d_model)
     q, k, _ = qkv(x)
     gamma_in = qkv.shared_scale()
-    H, Hkv, hd = TINY.n_heads, TINY.n_kv_heads, TINY.head_dim
+    H, Hkv, hd = TINY.n_heads, TINY.n_kv_heads, TINY.head_size
     W = qkv.weight.detach()
     q_ref = explicit_qk_norm((x * gamma_in) @ W[: H * hd].t(), H, hd, qkv.out_scales["q"](), TINY.norm_eps)
     k_ref = explicit_qk_norm((x * gamma_in) @ W[H * hd: (H + Hkv) * hd].t(), Hkv, hd, qkv.out_scales["k"](),

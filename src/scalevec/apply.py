@@ -74,9 +74,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
         raise ExportError(f"apply_strategy supports Llama and Qwen3 models, not {c.model_type!r}")
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
         s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dp=[p for p in s.dp if p not in ("q", "k")])
-    eps, hd = c.rms_norm_eps, c.hidden_size // c.num_attention_heads
-    if getattr(c, "head_dim", None) not in (None, hd):
-        raise ExportError("apply_strategy needs head_dim == hidden_size / num_attention_heads")
+    eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")), ("post_attention_layernorm", mlp,

@@ -94,7 +94,7 @@ def _hf_arm(config: Config, device) -> TimedArm:
     m = config.model
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_size,
         max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attn_implementation="sdpa",
         use_cache=False)).to(device)

@@ -74,6 +74,8 @@ class ModelConfig:
     """Query heads; d_model must be divisible by it."""
     n_kv_heads: int = 2
     """Key/value heads (GQA); n_heads must be divisible by it."""
+    head_dim: int = 0
+    """Width of each attention head (0 = d_model / n_heads); Qwen3 and Gemma set it apart from the width."""
     d_ff: int = 384
     """SwiGLU hidden width."""
     max_seq_len: int = 256
@@ -107,8 +109,9 @@ class ModelConfig:
     """Every this-many-th block has an MoE FFN (1 = all; 2 = blocks 2, 4, ...), the others dense."""
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """Width of one attention head: head_dim, or d_model / n_heads when head_dim is 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass
@@ -426,15 +429,16 @@ def validate(config: Config) -> None:
     m, s = config.model, config.strategy
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    _check(m.d_model % m.n_heads == 0,
+    _check(m.head_dim >= 0, f"model.head_dim={m.head_dim} must be >= 0 (0 = d_model / n_heads)")
+    _check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-           "choose d_model a multiple of n_heads")
+           "choose d_model a multiple of n_heads, or set model.head_dim")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
            "choose n_kv_heads dividing n_heads")
-    _check(m.head_dim % 2 == 0,
-           f"model head_dim = d_model/n_heads = {m.head_dim} is odd; RoPE needs an even head_dim, "
-           "change d_model or n_heads")
+    _check(m.head_size % 2 == 0,
+           f"model head size {m.head_size} (model.head_dim, or d_model/n_heads) is odd; RoPE needs an even head "
+           "size: change model.head_dim, d_model or n_heads")
     _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
     _check(m.norm_eps > 0 and m.init_std > 0 and m.init_gain > 0 and m.rope_theta > 0,
            "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")

@@ -65,7 +65,6 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
               (rope.get("rope_type", rope.get("type", "default")) == "default", "only default RoPE is supported")]
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    checks.append((head_dim * heads == hf["hidden_size"], "head_dim must equal hidden_size / num_attention_heads"))
     for ok, message in checks:
         if not ok:
             raise ExportError(f"unsupported checkpoint: {message}")
@@ -73,13 +72,14 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return ModelConfig(preset="", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                        n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
+                       head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
                        max_seq_len=hf["max_position_embeddings"], rope_theta=float(theta),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False)
                        ), architecture
 
 
 def expected_hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.head_size
     shapes = {"model.embed_tokens.weight": (m.vocab_size, d), "model.norm.weight": (d,)}
     if not m.tie_embeddings:
         shapes["lm_head.weight"] = (m.vocab_size, d)

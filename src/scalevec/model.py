@@ -48,8 +48,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, m: ModelConfig, s: Strategy):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.head_dim
-        hd, q_out, kv_out = m.head_dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.head_size
+        hd, q_out, kv_out = m.head_size, m.n_heads * m.head_size, m.n_kv_heads * m.head_size
         shape = lambda out: hd if s.qk_scale_shape == "head" else out  # noqa: E731
         branches = [Branch(name=n, out_features=out, norm_group=hd, out_scale_size=shape(out))
                     for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
@@ -141,7 +141,7 @@ class Decoder(nn.Module):
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
         self.checkpoint_blocks = False  # activation checkpointing: recompute each block in backward
-        cos, sin = rope_tables(model.head_dim, model.max_seq_len, model.rope_theta)
+        cos, sin = rope_tables(model.head_size, model.max_seq_len, model.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -56,7 +56,7 @@ def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
 def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
-    q_out, kv_out = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    q_out, kv_out = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
     state = {"model.embed_tokens.weight": folded.tok_emb.weight,
              "model.norm.weight": _gamma(folded.final_scale, m.d_model)}
     if folded.head is not None:
@@ -75,7 +75,7 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
         if architecture == "qwen3":
             for name in ("q", "k"):
                 scale = qkv.out_scales[name] if name in qkv.out_scales else None
-                state[f"{p}.self_attn.{name}_norm.weight"] = _gamma(scale, m.head_dim)
+                state[f"{p}.self_attn.{name}_norm.weight"] = _gamma(scale, m.head_size)
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
@@ -84,7 +84,7 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None) -> dict:
         "architectures": ["LlamaForCausalLM" if architecture == "llama" else "Qwen3ForCausalLM"],
         "model_type": architecture, "vocab_size": m.vocab_size, "hidden_size": m.d_model,
         "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size, "hidden_act": "silu",
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "rope_scaling": None,
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,

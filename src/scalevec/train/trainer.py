@@ -70,7 +70,7 @@ def check_memory(config: Config, device: torch.device) -> None:
     A lower bound from the shapes alone (matrices, embeddings, RoPE tables), so even absurd sizes answer at once.
     """
     m, t = config.model, config.train
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.head_size
     moe_layers = m.n_layers // m.moe_every if m.moe_experts else 0
     ffn = 3 * d * (moe_layers * m.moe_experts * (m.moe_d_expert or m.d_ff) + (m.n_layers - moe_layers) * m.d_ff)
     attention = m.n_layers * d * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
