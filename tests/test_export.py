@@ -205,3 +205,20 @@ def test_generate_cli(small_data, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "run"), "--prompt", "Call me", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("Call me")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_export_dtype_stores_the_rounded_fp32_export(small_data, tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    make_run(tmp_path / "run", small_data, strategy("hg+or"))
+    export_run(tmp_path / "run", tmp_path / "fp32", log=quiet)
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "low"), "--dtype", dtype]) == 0
+    full, low = load_file(tmp_path / "fp32" / "model.safetensors"), load_file(tmp_path / "low" / "model.safetensors")
+    assert full.keys() == low.keys()
+    for name in full:  # folded in fp32, then rounded once
+        assert low[name].dtype == getattr(torch, dtype) and torch.equal(low[name], full[name].to(low[name].dtype))
+    config = json.loads((tmp_path / "low" / "config.json").read_text())
+    assert config["torch_dtype"] == dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "low")
+    assert model.dtype == getattr(torch, dtype)

@@ -303,7 +303,7 @@ def cmd_bench(args) -> None:
 def cmd_export(args) -> None:
     from .export.hf import export_run
 
-    export_run(Path(args.run_dir), Path(args.to), overwrite=args.overwrite)
+    export_run(Path(args.run_dir), Path(args.to), overwrite=args.overwrite, dtype=args.dtype)
 
 
 def cmd_import(args) -> None:
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
     export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
     export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the stored weights (the scales are folded in float32 first)")
     export.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", help="convert a Llama/Qwen3 safetensors checkpoint to a strategy (a run directory)")

@@ -29,6 +29,7 @@ from . import ExportError
 from .fold import fold_scales
 
 EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_architecture(config: Config) -> str:
@@ -79,7 +80,7 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
-def hf_config(m: ModelConfig, architecture: str, eos_id: int | None) -> dict:
+def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str = "float32") -> dict:
     config = {
         "architectures": ["LlamaForCausalLM" if architecture == "llama" else "Qwen3ForCausalLM"],
         "model_type": architecture, "vocab_size": m.vocab_size, "hidden_size": m.d_model,
@@ -88,7 +89,7 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None) -> dict:
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "rope_scaling": None,
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": m.init_std, "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": "float32",
+        "initializer_range": m.init_std, "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
         "use_cache": True,
     }
     if architecture == "llama":
@@ -107,9 +108,12 @@ def exported_files(out: Path) -> list[str] | None:
         return None
 
 
-def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print) -> str:
+def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print, dtype: str = "float32") -> str:
     """Write the run's newest valid checkpoint as a transformers checkpoint in `out`, replacing only an earlier
-    export (recognized by its manifest) unless `overwrite`."""
+    export (recognized by its manifest) unless `overwrite`. The scales are folded in float32 and the folded
+    weights then stored in `dtype` (float32, bfloat16 or float16)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if contains(run_dir, out) or contains(out, run_dir):
         raise ExportError(f"--to {out} overlaps the run directory {run_dir} it exports; choose a path outside the run")
     claim_directory(out, exported_files(out), overwrite, "--to")
@@ -119,19 +123,20 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print) -> 
         config, model = load_run_model(run_dir)
         architecture = hf_architecture(config)
         tokenizer = run_tokenizer(config)
-        files = _export_files(config, model, architecture, tokenizer)
+        files = _export_files(config, model, architecture, tokenizer, dtype)
     if tokenizer is None:
         log(f"warning: no tokenizer found for {run_dir}; exported the model without tokenizer files")
     with new_directory(out, f"the export {out}") as tmp:
         for name, write in files.items():
             write(tmp / name)
-        manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture}
+        manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture,
+                    "dtype": dtype}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"exported {run_dir} as {architecture} to {out}")
     return architecture
 
 
-def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: Path | None) -> dict:
+def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: Path | None, dtype: str) -> dict:
     """File name -> a function writing it to the path it is given."""
     eos_id = None
     if tokenizer is not None:
@@ -142,9 +147,9 @@ def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: 
     def text(payload: dict):
         return lambda path: path.write_text(json.dumps(payload, indent=1) + "\n")
 
-    state = hf_state(model, architecture)
+    state = {name: tensor.to(DTYPES[dtype]) for name, tensor in hf_state(model, architecture).items()}
     files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
-             "config.json": text(hf_config(config.model, architecture, eos_id)),
+             "config.json": text(hf_config(config.model, architecture, eos_id, dtype)),
              "generation_config.json": text({"eos_token_id": eos_id, "pad_token_id": eos_id})}
     if tokenizer is not None:
         files["tokenizer.json"] = lambda path: shutil.copyfile(tokenizer, path)
