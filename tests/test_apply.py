@@ -80,3 +80,49 @@ def test_apply_strategy_on_our_decoder():
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), before, atol=1e-4, rtol=1e-4)
     assert sorted(param_info(model)) == sorted(n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+dp+er+iwd", "dp+or"])
+def test_unapply_saves_a_plain_model_that_reloads_with_the_same_logits(tmp_path, architecture, name):
+    from scalevec import OptimConfig, Optimizers, unapply
+
+    model = hf_model(architecture, tie=name == "or")
+    apply_strategy(model, name)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    opt = Optimizers(model, OptimConfig(lr=0.02))  # train a little, so every scale differs from its init
+    for _ in range(3):
+        model(tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = logits(model, tokens)
+    unapply(model)
+    assert not hasattr(model, "scalevec_strategy")
+    torch.testing.assert_close(logits(model, tokens), trained, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = type(model).from_pretrained(tmp_path / "plain", output_loading_info=True)
+    reloaded, info = reloaded
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(reloaded.eval(), tokens), trained, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, name", [("llama", "unified"), ("llama", "qknorm"), ("qwen3", "dnp")])
+def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
+    from scalevec import fold_scales, unapply
+    from scalevec.export import ExportError
+
+    model = hf_model(architecture, tie=False)
+    apply_strategy(model, name)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = logits(model, tokens)
+    with pytest.raises(ExportError, match="unapply: DNP on"):
+        unapply(model)
+    with pytest.raises(TypeError, match="use scalevec.unapply"):
+        fold_scales(model)
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    torch.testing.assert_close(logits(model, tokens), out)
+    with pytest.raises(ExportError, match="not a transformers model converted"):
+        unapply(hf_model(architecture, tie=False))

@@ -130,7 +130,7 @@ def test_roles_kinds_and_muon_per_expert():
     assert infos["blocks.0.ffn.in_scales.gate.direction"].role.value == "input"
     assert infos["blocks.0.ffn.out_scales.up.direction"].role.value == "output"
     opt = Optimizers(model, OptimConfig(name="muon"), "iwd")
-    muon = opt.optimizers["muon"].param_groups[0]
+    muon = opt.inner["muon"].param_groups[0]
     blocks = dict(zip(muon["names"], muon["blocks"]))
     assert blocks["blocks.0.ffn.gate_up"] == (24, 24)
     assert "blocks.0.ffn.router" not in blocks  # routers stay on AdamW

@@ -232,7 +232,7 @@ def test_muon_stacked_experts_are_per_matrix():
 def test_muon_groups_use_logical_blocks_of_the_model():
     model = build_model(TINY, strategy("unified"))
     opt = Optimizers(model, OptimConfig(name="muon"), "iwd")
-    muon_group = opt.optimizers["muon"].param_groups[0]
+    muon_group = opt.inner["muon"].param_groups[0]
     blocks = dict(zip(muon_group["names"], muon_group["blocks"]))
     assert blocks["blocks.0.attn.qkv.weight"] == (32, 16, 16)
     assert blocks["blocks.0.ffn.gate_up.weight"] == (48, 48)

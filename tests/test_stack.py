@@ -202,3 +202,130 @@ def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
     assert main(["eval", str(eval_run), "--data", str(tmp_path / "a.txt"), "--json", "--seq-len", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["seq_len"] == 8 and result["stride"] == 8 and result["overall"]["tokens"] > 0
+
+
+def _toy_model():
+    from scalevec import ModelConfig, build_model, strategy
+    return build_model(ModelConfig(preset="", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   d_ff=48, max_seq_len=16), strategy("unified"), seed=1)
+
+
+def _train(model, opt, steps, scheduler=None, seed=0):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = torch.randint(0, 64, (4, 17), generator=gen)
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_role_optimizer_is_one_torch_optimizer_equal_to_its_parts(name):
+    import copy
+
+    import torch
+
+    from scalevec import OptimConfig, Optimizers
+    from scalevec.optim import Muon, param_groups
+
+    optim = OptimConfig(name=name, lr=0.01, muon_lr=0.03)
+    model, reference = _toy_model(), _toy_model()
+    opt = Optimizers(model, optim)
+    assert isinstance(opt, torch.optim.Optimizer) and {g["optimizer"] for g in opt.param_groups} == (
+        {"adamw", "muon"} if name == "muon" else {"adamw"})
+    # the same update as separate AdamW and Muon over the table's groups
+    groups = param_groups(reference, None, optim)
+    for g in groups:
+        g["lr"] = (optim.muon_lr if g["optimizer"] == "muon" else optim.lr) * g["lr_mult"]
+    parts = [torch.optim.AdamW([g for g in groups if g["optimizer"] == "adamw"], betas=(optim.beta1, optim.beta2),
+                               eps=optim.eps, fused=True)]
+    if name == "muon":
+        parts.append(Muon([g for g in groups if g["optimizer"] == "muon"], lr=optim.muon_lr))
+
+    class Both:
+        def step(self):
+            for part in parts:
+                part.step()
+
+        def zero_grad(self):
+            for part in parts:
+                part.zero_grad()
+
+    _train(model, opt, 3)
+    _train(reference, Both(), 3)
+    for (n, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), n
+    # state_dict round trip: a fresh optimizer continues exactly
+    resumed_model = copy.deepcopy(model)
+    resumed = Optimizers(resumed_model, optim)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, 2, seed=1)
+    _train(resumed_model, resumed, 2, seed=1)
+    for (n, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_role_optimizer_reads_scalevec_0_1_checkpoints_and_keeps_lr_ratios_under_schedulers():
+    import copy
+    from collections import defaultdict
+
+    import torch
+
+    from scalevec import OptimConfig, Optimizers
+
+    optim = OptimConfig(name="muon", lr=0.01, muon_lr=0.03, scale_lr_mult=0.5)
+    model = _toy_model()
+    opt = Optimizers(model, optim)
+    _train(model, opt, 2)
+    legacy = {}  # scalevec 0.1's format: one state dict per optimizer, each holding its own parameters' state
+    for kind, inner in opt.inner.items():
+        own, shared = {p for g in inner.param_groups for p in g["params"]}, inner.state
+        inner.state = defaultdict(dict, {p: s for p, s in shared.items() if p in own})
+        legacy[kind] = copy.deepcopy(inner.state_dict())
+        inner.state = shared
+    twin = copy.deepcopy(model)
+    loaded = Optimizers(twin, optim)
+    loaded.load_state_dict(legacy)
+    _train(model, opt, 2, seed=3)
+    _train(twin, loaded, 2, seed=3)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+    fresh = Optimizers(_toy_model(), optim)
+    peaks = [g["lr"] for g in fresh.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 1 / (1 + step))
+    for _ in range(3):
+        fresh.step()
+        scheduler.step()
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx([p / 4 for p in peaks])
+    assert len(set(peaks)) > 1  # the groups keep their own rates (AdamW, Muon, scale multiplier)
+
+
+def test_trainer_example_in_the_docs_runs_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import re
+    from pathlib import Path
+
+    import torch
+
+    text = (Path(__file__).parent.parent / "docs" / "trainer.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    scope = {"OUT": str(tmp_path / "out")}
+    exec(compile(code, "docs/trainer.md", "exec"), scope)
+    trainer, model = scope["trainer"], scope["model"]
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 6 and all(map(lambda x: x == x, losses))
+    assert (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").is_file()
+    # resuming from the step-3 checkpoint reaches the same weights as the straight run
+    straight = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scope2 = {"OUT": str(tmp_path / "out")}
+    checkpoint = str(tmp_path / "out" / "checkpoint-3")
+    code2 = code.replace("trainer.train()", f"trainer.train(resume_from_checkpoint={checkpoint!r})")
+    exec(compile(code2, "docs/trainer.md", "exec"), scope2)
+    for name, p in scope2["model"].named_parameters():
+        torch.testing.assert_close(p.detach(), straight[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -10,8 +10,9 @@ from ._version import __version__
 from .config import Config, ConfigError, ModelConfig, OptimConfig, load_config
 from .strategy import Strategy, strategy
 
-_LAZY = {"apply_strategy": "apply", "param_info": "apply", "param_groups": "optim", "fold_scales": "export.fold",
-         "Decoder": "model", "build_model": "model", "Optimizers": "optim", "evaluate": "evaluate"}
+_LAZY = {"apply_strategy": "apply", "unapply": "apply", "param_info": "apply", "param_groups": "optim",
+         "fold_scales": "export.fold", "Decoder": "model", "build_model": "model", "Optimizers": "optim",
+         "evaluate": "evaluate"}
 __all__ = ["Config", "ConfigError", "ModelConfig", "OptimConfig", "Strategy", "load_config", "strategy", *_LAZY,
            "__version__"]
 

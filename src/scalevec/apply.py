@@ -75,6 +75,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
         s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dp=[p for p in s.dp if p not in ("q", "k")])
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")), ("post_attention_layernorm", mlp,
@@ -128,6 +129,72 @@ def apply_strategy(model: nn.Module, strategy: str | Strategy) -> nn.Module:
             setattr(model, name, getattr(converted, name))
         return model
     return _apply_to_hf(model, s)
+
+
+def _plain_form_problem(model: nn.Module) -> str | None:
+    """Why a converted model has no plain Llama/Qwen3 form (None if it has one)."""
+    s, c = getattr(model, "scalevec_strategy", None), getattr(model, "config", None)
+    if s is None or c is None:
+        return "it is not a transformers model converted by apply_strategy"
+    plain_dnp = {"q", "k"} if c.model_type == "qwen3" and s.qk_scale_shape == "head" else set()
+    if set(s.dnp) - plain_dnp:
+        return (f"DNP on {', '.join(sorted(set(s.dnp) - plain_dnp))} adds norms a {c.model_type} model does not have "
+                "(only Qwen3's q_norm/k_norm are DNP on q, k)")
+    return None
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    return linear
+
+
+def _norm(cls: type, gamma: torch.Tensor, eps: float) -> nn.Module:
+    norm = cls(gamma.numel(), eps=eps).to(device=gamma.device, dtype=gamma.dtype)
+    norm.weight.copy_(gamma)
+    return norm
+
+
+@torch.no_grad()
+def unapply(model: nn.Module) -> nn.Module:
+    """Undo `apply_strategy` on a transformers model, in place: the plain Llama/Qwen3 with the same logits,
+    whose `save_pretrained` output reloads as that architecture. A scale shared by a norm's branches goes
+    back into the norm's weight; per-branch (HG) and DP scales are folded into the projections' weights;
+    OR/ER scales become their effective γ. Refused, before anything changes, for strategies whose norms
+    the architecture lacks (DNP on gate/up, unified)."""
+    problem = _plain_form_problem(model)
+    if problem:
+        raise ExportError(f"unapply: {problem}; train on, or export from a strategy without them")
+    c, norm_cls = model.config, model.scalevec_norm_class
+    eps = c.rms_norm_eps
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")),
+                                        ("post_attention_layernorm", mlp, ("gate", "up"))):
+            projections = {n: getattr(owner, f"{n}_proj").projection for n in names}
+            scales = {n: p.in_scales[n] if n in p.in_scales else None for n, p in projections.items()}
+            first = scales[names[0]]
+            shared = first is not None and all(scale is first for scale in scales.values())
+            gamma = first() if shared else torch.ones(c.hidden_size, device=layer.mlp.down_proj.weight.device)
+            for n, proj in projections.items():
+                weight = proj.weight
+                if scales[n] is not None and not shared:
+                    weight = weight * scales[n]()
+                if proj.placements[0] == "dp" and n in proj.out_scales:
+                    weight = weight * proj.out_scales[n]().unsqueeze(1)
+                setattr(owner, f"{n}_proj", _linear(weight))
+                if proj.placements[0] == "dnp":  # Qwen3's q_norm / k_norm
+                    setattr(attn, f"{n}_norm", _norm(norm_cls, proj.out_scales[n](), eps))
+            setattr(layer, norm_name, _norm(norm_cls, gamma.to(weight.dtype), eps))
+        for owner, n in ((attn, "o"), (mlp, "down")):
+            wrapped = getattr(owner, f"{n}_proj")
+            if isinstance(wrapped, SingleProjection):
+                setattr(owner, f"{n}_proj", _linear(wrapped.projection.effective_weight()))
+    final = model.model.norm.scale
+    model.model.norm = _norm(norm_cls, final() if final is not None else torch.ones(c.hidden_size), eps)
+    for name in ("scalevec_strategy", "scalevec_norm_class", "param_info"):
+        delattr(model, name)
+    return model
 
 
 def param_info(model: nn.Module) -> dict[str, ParamInfo]:

@@ -65,7 +65,12 @@ def fold_scales(model: Decoder, untie: bool = False, keep_norm_weights: bool = F
     input embedding too), unless `untie=True`, which gives the model its own folded head.
     `keep_norm_weights=True` leaves the scales a standard checkpoint stores as norm weights (one
     shared scale per block norm, the final norm's) and folds only the rest (HG, DP).
+    A transformers model converted by `apply_strategy` is refused before anything changes: `scalevec.unapply`
+    folds it back into its own architecture.
     """
+    if not isinstance(model, Decoder):
+        raise TypeError(f"fold_scales takes a scalevec Decoder, not {type(model).__name__}; for a transformers model "
+                        "converted by apply_strategy use scalevec.unapply(model)")
     for module in model.modules():
         if isinstance(module, Projection):
             _fold_projection(module, keep_norm_weights)

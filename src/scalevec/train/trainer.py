@@ -208,7 +208,7 @@ class Trainer:
             from torch.distributed.checkpoint import save
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_state, optim_state = get_state_dict(self.model, list(self.optimizers.optimizers.values()))
+            model_state, optim_state = get_state_dict(self.model, [self.optimizers])
         else:
             trainer_state["optimizers"] = self.optimizers.state_dict()
         numpy_state, python_state = np.random.get_state(), random.getstate()
@@ -275,7 +275,7 @@ class Trainer:
             from torch.distributed.checkpoint import load
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-            optimizers = list(self.optimizers.optimizers.values())
+            optimizers = [self.optimizers]
             model_state, optim_state = get_state_dict(self.model, optimizers)
             shards = {"model": model_state, "optim": optim_state}
             load(shards, checkpoint_id=path / "dcp")
