@@ -83,12 +83,17 @@ def test_export_refuses_what_llama_cannot_express(small_data, tmp_path, name, ca
     assert not (tmp_path / "hf").exists()
 
 
-def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8):
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 64: every band of head_dim 8
+
+
+def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8, rope=None):
     cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
                        else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
     config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
-                        tie_word_embeddings=tie, rms_norm_eps=1e-6)
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                        max_position_embeddings=256 if rope else 64, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+                        **({"rope_parameters": rope} if rope else {}))
     torch.manual_seed(0)
     model = cls(config)
     with torch.no_grad():
@@ -100,11 +105,15 @@ def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8):
     return path
 
 
-@pytest.mark.parametrize("architecture, head_dim", [("llama", 8), ("qwen3", 16), ("llama", 12)])
-def test_import_export_round_trips_identical_tensors(tmp_path, architecture, head_dim):
+@pytest.mark.parametrize("architecture, head_dim, rope", [("llama", 8, None), ("qwen3", 16, None), ("llama", 12, None),
+                                                          ("llama", 8, LLAMA3_ROPE), ("qwen3", 16, LLAMA3_ROPE)])
+def test_import_export_round_trips_identical_tensors(tmp_path, architecture, head_dim, rope):
     from safetensors.torch import load_file
 
-    source = random_hf(tmp_path, architecture, head_dim=head_dim)  # Qwen3's real layouts: head_dim != width/heads
+    from scalevec.checkpoint import load_run_model
+
+    # Qwen3's real layouts (head_dim apart from width/heads) and Llama 3.1's RoPE scaling
+    source = random_hf(tmp_path, architecture, head_dim=head_dim, rope=rope)
     import_hf(source, "standard", tmp_path / "run", warm_start=False, log=quiet)
     export_run(tmp_path / "run", tmp_path / "again", log=quiet)
     before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
@@ -113,8 +122,14 @@ def test_import_export_round_trips_identical_tensors(tmp_path, architecture, hea
         assert torch.equal(before[name], after[name]), name
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["head_dim"] == head_dim and config["hidden_size"] == 32
-    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(hf_logits(tmp_path / "again", tokens), hf_logits(source, tokens), atol=1e-5, rtol=1e-5)
+    assert config["rope_parameters"]["rope_type"] == (rope or {"rope_type": "default"})["rope_type"]
+    tokens = torch.randint(0, 512, (2, 200 if rope else 20), generator=torch.Generator().manual_seed(2))
+    expected = hf_logits(source, tokens)
+    torch.testing.assert_close(hf_logits(tmp_path / "again", tokens), expected, atol=1e-5, rtol=1e-5)
+    _, ours = load_run_model(tmp_path / "run")
+    assert ours.config.rope_scaling == ("llama3" if rope else "none")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])

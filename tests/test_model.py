@@ -1,5 +1,6 @@
 """Issue "Foundation": every strategy against a naive reference, seeds, folding, QK-norm, roles."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -178,3 +179,22 @@ def test_every_parameter_has_exactly_one_role_and_kind(preset, strat):
     names = [n for n, _ in model.named_parameters()]
     assert len(names) == len(set(names))
     assert sorted(infos) == sorted(names)
+
+
+def test_llama3_rope_scaling_matches_the_bands_of_llama_3_1():
+    from scalevec.model import rope_frequencies
+
+    m = replace(TINY, d_model=32, n_heads=4, rope_theta=10000.0, rope_scaling="llama3", rope_factor=8.0,
+                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_seq_len=64)
+    plain = rope_frequencies(replace(m, rope_scaling="none"))
+    scaled = rope_frequencies(m)
+    wavelength = 2 * math.pi / plain
+    assert torch.equal(plain, 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    short, long = wavelength < 64 / 4, wavelength > 64 / 1
+    assert torch.equal(scaled[short], plain[short])  # high frequencies kept
+    torch.testing.assert_close(scaled[long], plain[long] / 8)  # low frequencies stretched 8x
+    middle = ~short & ~long
+    ratio = 64 / wavelength[middle]
+    smooth = (ratio - 1) / 3
+    torch.testing.assert_close(scaled[middle], (1 - smooth) * plain[middle] / 8 + smooth * plain[middle])
+    assert middle.any() and short.any() and long.any()

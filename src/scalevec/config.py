@@ -82,6 +82,18 @@ class ModelConfig:
     """Longest sequence (RoPE table size)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: `none`, or `llama3` (Llama 3.1: wavelengths beyond rope_original_max_seq_len /
+    rope_low_freq_factor are stretched by rope_factor, those below .../rope_high_freq_factor kept, a smooth band
+    between)."""
+    rope_factor: float = 8.0
+    """`llama3` scaling: how much the low frequencies are stretched."""
+    rope_low_freq_factor: float = 1.0
+    """`llama3` scaling: low-frequency boundary (original context / wavelength)."""
+    rope_high_freq_factor: float = 4.0
+    """`llama3` scaling: high-frequency boundary (original context / wavelength)."""
+    rope_original_max_seq_len: int = 8192
+    """`llama3` scaling: the context length the frequencies were trained for."""
     norm: str = "rms"
     """Parameter-free normalization: `rms` (RMSNorm) or `layer` (LayerNorm without bias)."""
     norm_eps: float = 1e-6
@@ -443,6 +455,11 @@ def validate(config: Config) -> None:
     _check(m.norm_eps > 0 and m.init_std > 0 and m.init_gain > 0 and m.rope_theta > 0,
            "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")
     _check(m.init in INIT_METHODS, f"model.init={m.init!r}; choose one of {', '.join(INIT_METHODS)}")
+    _check(m.rope_scaling in ("none", "llama3"), f"model.rope_scaling={m.rope_scaling!r}; choose none or llama3")
+    _check(m.rope_scaling == "none" or (m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                        and m.rope_original_max_seq_len > 0),
+           "model.rope_scaling=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < rope_high_freq_factor and "
+           "rope_original_max_seq_len > 0")
     _check(m.moe_experts >= 0, f"model.moe_experts={m.moe_experts} must be >= 0 (0 = dense)")
     if m.moe_experts:
         _check(0 < m.moe_top_k <= m.moe_experts,

@@ -62,20 +62,27 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     checks = [(hf.get("hidden_act", "silu") == "silu", "hidden_act must be silu"),
               (not hf.get("attention_bias", False), "attention_bias must be false"),
               (not hf.get("mlp_bias", False), "mlp_bias must be false"),
-              (rope.get("rope_type", rope.get("type", "default")) == "default", "only default RoPE is supported")]
+              (rope.get("rope_type", rope.get("type", "default")) in ("default", "llama3"),
+               "only default and llama3 RoPE are supported")]
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     for ok, message in checks:
         if not ok:
             raise ExportError(f"unsupported checkpoint: {message}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {}
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                       rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]),
+                       rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
     return ModelConfig(preset="", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                        n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
                        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
                        max_seq_len=hf["max_position_embeddings"], rope_theta=float(theta),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False)
-                       ), architecture
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+                       **scaling), architecture
 
 
 def expected_hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:

@@ -33,10 +33,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim), HF Llama's rotate-half layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+def rope_frequencies(m: ModelConfig) -> torch.Tensor:
+    """Inverse wavelengths of the rotary pairs, with Llama 3.1's scaling under rope_scaling = llama3."""
+    head = m.head_size
+    inv_freq = 1.0 / m.rope_theta ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
+    if m.rope_scaling == "none":
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    ratio = m.rope_original_max_seq_len / wavelength  # context over wavelength: low for low frequencies
+    smooth = ((ratio - m.rope_low_freq_factor) / (m.rope_high_freq_factor - m.rope_low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / m.rope_factor + smooth * inv_freq
+
+
+def rope_tables(m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head size), HF Llama's rotate-half layout."""
+    angles = torch.outer(torch.arange(m.max_seq_len, dtype=torch.float64), rope_frequencies(m))
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -141,7 +152,7 @@ class Decoder(nn.Module):
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
         self.checkpoint_blocks = False  # activation checkpointing: recompute each block in backward
-        cos, sin = rope_tables(model.head_size, model.max_seq_len, model.rope_theta)
+        cos, sin = rope_tables(model)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -92,6 +92,12 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str 
         "initializer_range": m.init_std, "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
         "use_cache": True,
     }
+    if m.rope_scaling == "llama3":  # transformers 5 reads rope_parameters, 4.x rope_scaling
+        scaling = {"rope_type": "llama3", "factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
+                   "high_freq_factor": m.rope_high_freq_factor,
+                   "original_max_position_embeddings": m.rope_original_max_seq_len}
+        config["rope_parameters"] = {**scaling, "rope_theta": m.rope_theta}
+        config["rope_scaling"] = scaling
     if architecture == "llama":
         config["mlp_bias"] = False
     else:
