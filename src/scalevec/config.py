@@ -407,6 +407,16 @@ def _merge(raw: dict, path: list[str], value) -> None:
     node[path[-1]] = value
 
 
+def _migrate(raw: dict) -> dict:
+    """Keys of earlier versions, so their configs and run directories still load: scalevec 0.1's
+    `train.tensorboard = true` is `train.loggers = ["tensorboard"]`."""
+    train = raw.get("train")
+    if isinstance(train, dict) and "tensorboard" in train:
+        if _coerce("train.tensorboard", train.pop("tensorboard"), bool):
+            train["loggers"] = [*train.get("loggers", []), "tensorboard"]
+    return raw
+
+
 def load_config(source: str | Path | dict | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """A validated Config from a TOML file (or a dict, or defaults) plus `--set` overrides."""
     if source is None:
@@ -421,7 +431,7 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML ({err}); fix the file's syntax") from None
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    raw = _migrate({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()})
     for text in overrides:
         path, value = parse_override(text)
         if path[1:] == ["preset"] and path[0] in ("model", "strategy"):

@@ -372,6 +372,8 @@ def _plots(out: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not summary["arms"]:
+        return
     panels: dict[str, list[dict]] = {}
     for row in summary["arms"]:
         panels.setdefault(row["arm"].split("/", 1)[1], []).append(row)
