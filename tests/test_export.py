@@ -192,13 +192,14 @@ def test_imported_run_trains_from_its_weights(tmp_path, small_data):
     from safetensors.torch import load_file
 
     from scalevec.config import load_config
+    from scalevec.data.prepare import prepare
     from scalevec.train.trainer import Trainer
 
     source = random_hf(tmp_path)
-    import_hf(source, "hg+or", tmp_path / "run", warm_start=False, log=quiet)
+    import_hf(source, "hg+or", tmp_path / "run", warm_start=False, log=quiet, tokenizer=small_data / "tokenizer.json")
     config = load_config(tmp_path / "run" / "config.toml",
-                         [f"data.dir={small_data}", "data.sources=moby_dick,milton", "data.vocab_size=512",
-                          "train.steps=1", "train.seq_len=32", "train.batch_size=2"])
+                         ["data.sources=moby_dick,milton", "train.steps=1", "train.seq_len=32", "train.batch_size=2"])
+    prepare(config.data, progress=False, log=quiet)  # with the checkpoint's tokenizer, into the run's data folder
     trainer = Trainer(config, tmp_path / "fresh", progress=False, log=quiet)
     init = load_file(tmp_path / "run" / "init" / "model.safetensors")
     assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in init.items())
@@ -237,3 +238,48 @@ def test_export_dtype_stores_the_rounded_fp32_export(small_data, tmp_path, dtype
     assert config["torch_dtype"] == dtype
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "low")
     assert model.dtype == getattr(torch, dtype)
+
+
+def test_import_takes_the_run_options_and_resumes_from_anywhere(tmp_path, small_data, capsys, monkeypatch):
+    import os
+
+    from scalevec.config import load_config
+
+    source = random_hf(tmp_path)
+    (tmp_path / "text").mkdir()
+    for i in range(3):
+        (tmp_path / "text" / f"{i}.txt").write_text(f"Call me Ishmael, part {i}. " * 300)
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", str(source), "--out", "imported", "--tokenizer", str(small_data / "tokenizer.json"),
+                 "--set", "data.sources=[]", "--set", "data.inputs=text", "--set", "data.dir=mydata",
+                 "--set", "data.val_fraction=0.3",
+                 "--set", "train.steps=50", "--set", "train.seq_len=32", "--set", "train.batch_size=2"]) == 0
+    config = load_config(tmp_path / "imported" / "config.toml")
+    for path in (config.train.init_from, config.data.tokenizer, config.data.dir, *config.data.inputs):
+        assert os.path.isabs(path), path
+    assert config.data.inputs == [str(tmp_path / "text")] and config.train.steps == 50
+    monkeypatch.chdir(small_data)  # another directory; and a fresh import can still be shortened
+    run = str(tmp_path / "imported")
+    assert main(["train", "--resume", "--out", run, "--set", "train.steps=2", "--set", "train.log_every=1"]) == 0
+    assert "step 2:" in capsys.readouterr().out
+    assert load_config(tmp_path / "imported" / "config.toml").train.steps == 2  # the run's config now
+    assert main(["train", "--resume", "--out", run, "--set", "train.steps=3"]) == 2  # started: fixed
+    assert "train.steps differs" in capsys.readouterr().err
+
+
+def test_import_refuses_what_would_train_nonsense(tmp_path, small_data, capsys):
+    source = random_hf(tmp_path)  # no tokenizer.json beside the weights
+    assert main(["import", str(source), "--out", str(tmp_path / "a")]) == 0
+    assert "no tokenizer.json" in capsys.readouterr().out
+    data = tmp_path / "never"
+    assert main(["train", "--resume", "--out", str(tmp_path / "a"), "--set", f"data.dir={data}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.tokenizer is empty" in err[0] and not data.exists()
+    assert main(["import", str(source), "--out", str(tmp_path / "b"), "--set", "model.d_ff=64"]) == 2
+    assert "changes the shape of the imported weights" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    big = tmp_path / "big"
+    from scalevec.config import DataConfig
+    from scalevec.data.prepare import prepare
+    prepare(DataConfig(dir=str(big), sources=["milton"], vocab_size=600), progress=False, log=quiet)
+    assert main(["import", str(source), "--out", str(tmp_path / "c"), "--tokenizer", str(big / "tokenizer.json")]) == 2
+    assert "more than the checkpoint's vocab_size 512" in capsys.readouterr().err and not (tmp_path / "c").exists()

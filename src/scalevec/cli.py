@@ -220,7 +220,7 @@ def _dry_run(config, out: Path, resume: bool) -> None:
 def cmd_train(args) -> None:
     from .data.prepare import prepare
     from .dist import close_world
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, check_tokenizer
 
     if args.config is None:
         if not (args.resume and args.out):
@@ -236,6 +236,7 @@ def cmd_train(args) -> None:
         print(to_toml(config), end="")
         return
     check_run_dir(Path(out), config, args.resume, args.overwrite)  # refuse before preparing anything
+    check_tokenizer(config)
     if args.dry_run:
         _dry_run(config, Path(out), args.resume)
         return
@@ -309,7 +310,8 @@ def cmd_export(args) -> None:
 def cmd_import(args) -> None:
     from .hf_import import import_hf
 
-    import_hf(Path(args.hf_dir), args.strategy, Path(args.out), args.warm_start)
+    import_hf(Path(args.hf_dir), args.strategy, Path(args.out), args.warm_start, overrides=args.set,
+              tokenizer=Path(args.tokenizer) if args.tokenizer else None)
 
 
 def cmd_generate(args) -> None:
@@ -460,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
     imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
     imp.add_argument("--warm-start", action="store_true", help="allow strategies that change the function (DNP...)")
+    imp.add_argument("--tokenizer", help="the checkpoint's tokenizer.json (default: the one in HF_DIR)")
+    imp.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="the run's options, e.g. data.inputs=..., train.steps=... (repeatable)")
     imp.set_defaults(func=cmd_import)
 
     gen = sub.add_parser("generate", help="sample text from a run directory or an export")

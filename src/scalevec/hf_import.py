@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ModelConfig, to_toml
+from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_toml
 from .export import ExportError
 from .model import Decoder
 from .outputs import check_output_path, remove_tree, write_text_atomic, writing
@@ -196,23 +196,51 @@ def _model_from_hf(model_config: ModelConfig, target, state: dict) -> Decoder:
     return model
 
 
-def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log=print) -> float:
+def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log=print,
+              overrides: list[str] = (), tokenizer: Path | None = None) -> float:
+    """Convert a transformers checkpoint into a new run directory `out` that `scalevec train --resume --out`
+    continues: init weights, the checkpoint's tokenizer (`tokenizer`, else the folder's tokenizer.json) and a
+    config with the run's `overrides` (data, train, optim...); every path in it absolute, so the run resumes
+    from any directory. Everything is checked before `out` is written."""
     check_output_path(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output directory {out} exists; choose a new --out")
     hf, state = read_hf_dir(hf_dir)
     config, model, difference = convert_from_hf(hf, state, strategy_name, warm_start)
+    tokenizer = tokenizer if tokenizer is not None else hf_dir / "tokenizer.json"
+    if tokenizer is not None and not tokenizer.is_file():
+        if tokenizer != hf_dir / "tokenizer.json":
+            raise ExportError(f"--tokenizer {tokenizer} not found; give the tokenizer.json the checkpoint was "
+                              "trained with")
+        tokenizer = None
+    out = out.resolve()
+    base = to_dict(config)
+    base["train"]["init_from"] = str(out / "init" / "model.safetensors")
+    base["data"] |= {"tokenizer": str(out / "tokenizer.json") if tokenizer else "", "dir": str(out / "data")}
+    try:
+        config = load_config(base, overrides)
+    except ConfigError as err:
+        raise ExportError(f"--set: {err}") from None
+    if Path(config.data.dir) != out / "data":
+        config.data.dir = str(Path(config.data.dir).resolve())
+    config.data.inputs = [str(Path(p).resolve()) for p in config.data.inputs]
+    if tuple((k, tuple(v.shape)) for k, v in Decoder(config.model, config.strategy).state_dict().items()) != tuple(
+            (k, tuple(v.shape)) for k, v in model.state_dict().items()):
+        raise ExportError("--set changes the shape of the imported weights (model or strategy); set only "
+                          "data, train, optim, schedule and seed, or import with another --strategy")
+    if tokenizer is not None:
+        vocab = load_tokenizer_vocab(tokenizer)
+        if vocab > config.model.vocab_size:
+            raise ExportError(f"tokenizer {tokenizer} has {vocab} tokens, more than the checkpoint's vocab_size "
+                              f"{config.model.vocab_size}; give the checkpoint's own tokenizer")
     created = not out.exists()
     try:
         with writing(f"the import {out}", "nothing was kept; free space and import again"):
             out.mkdir(parents=True, exist_ok=True)
             (out / "init").mkdir()
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "init" / "model.safetensors")
-            config.train.init_from = str(out / "init" / "model.safetensors")
-            if (hf_dir / "tokenizer.json").is_file():
-                shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
-                config.data.tokenizer = str(out / "tokenizer.json")
-                config.data.dir = str(out / "data")
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, out / "tokenizer.json")
             write_text_atomic(out / "config.toml", to_toml(config))
     except BaseException:
         for name in ("init", "tokenizer.json", "config.toml"):
@@ -222,4 +250,16 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
         raise
     log(f"imported {hf_dir} as strategy {config.strategy.preset} into {out}; max |Δ logit| on a probe batch: "
         f"{difference:.3g}")
+    if tokenizer is None:
+        log(f"warning: {hf_dir} has no tokenizer.json: training this run needs the checkpoint's tokenizer "
+            f"(--set data.tokenizer=FILE); export and generate work without one")
     return difference
+
+
+def load_tokenizer_vocab(path: Path) -> int:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception as err:  # tokenizers raises a bare Exception for malformed files
+        raise ExportError(f"cannot load tokenizer {path}: {str(err).splitlines()[0]}") from None

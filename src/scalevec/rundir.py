@@ -60,12 +60,21 @@ def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) 
     if resume:
         saved = run_dir / CONFIG_NAME
         if saved.is_file():
-            difference = _first_difference(to_dict(load_config(saved)), to_dict(config))
+            old, new = to_dict(load_config(saved)), to_dict(config)
+            if not started(run_dir):  # e.g. a fresh import: only the weights' shape is fixed yet
+                old, new = ({k: d[k] for k in ("model", "strategy", "moe")} for d in (old, new))
+            difference = _first_difference(old, new)
             if difference:
                 raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
                                   "(omit CONFIG to use the saved one) or start a new --out")
     elif not overwrite:
         raise RunDirError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+
+
+def started(run_dir: Path) -> bool:
+    """Whether a run has saved a checkpoint (before that, resuming may still change its training options)."""
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir())
 
 
 class RunDir:
@@ -85,7 +94,7 @@ class RunDir:
                 for name in RUN_ENTRIES:
                     entry = run_dir / name
                     remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
-            if not (run_dir / CONFIG_NAME).is_file():
+            if not (run_dir / CONFIG_NAME).is_file() or not started(run_dir):
                 write_text_atomic(run_dir / CONFIG_NAME, to_toml(config))
         except BaseException:
             self.close(failed=True)

@@ -64,6 +64,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_tokenizer(config: Config) -> None:
+    """Refuse to train given weights (train.init_from) on a tokenizer trained afresh: their token ids would
+    mean other words. Before any data is prepared."""
+    if config.train.init_from and not config.data.tokenizer:
+        raise ConfigError("train.init_from starts from trained weights but data.tokenizer is empty, so a new "
+                          "tokenizer would be trained that the weights do not know; set data.tokenizer to their "
+                          "tokenizer.json (scalevec import --tokenizer FILE)")
+
+
 def check_memory(config: Config, device: torch.device) -> None:
     """Refuse, before allocating anything, a run whose weights, optimizer state and logits exceed the device.
 
@@ -112,6 +121,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         check_memory(config, self.device)
         check_loggers(t.loggers)
+        check_tokenizer(config)
         if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and self.device.type == "cpu":
             raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
                               "only); use moe.dispatch=auto or padded, or train.compile=false")
