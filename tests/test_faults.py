@@ -330,7 +330,7 @@ def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tm
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_branch_and_init_weights_are_checked_before_the_run_is_written(finished_run, tmp_path, capsys):
+def test_branch_and_init_weights_are_checked_before_the_run_is_written(finished_run, small_data, tmp_path, capsys):
     source = copy_run(finished_run, tmp_path)
     _pickle_payload(source / "checkpoints" / "step_00000010")
     garbage = tmp_path / "garbage.safetensors"
@@ -344,8 +344,12 @@ def test_branch_and_init_weights_are_checked_before_the_run_is_written(finished_
     cases = [(f"train.branch_from={source / 'checkpoints' / 'step_00000010'}", "objects other than tensors"),
              (f"train.init_from={garbage}", "train.init_from"), (f"train.init_from={integers}", "not floating point"),
              (f"train.init_from={nan}", "NaN"), (f"train.init_from={tmp_path / 'missing'}", "not found")]
+    # given weights need their own tokenizer (data prepared with it lands outside the snapshot)
+    tokenizer = [f"data.tokenizer={small_data / 'tokenizer.json'}",
+                 f"data.dir={tmp_path.parent / (tmp_path.name + '-data')}"]
     for override, expected in cases:
-        assert main(["train", str(tmp_path / "run.toml"), "--set", override, "--out", str(tmp_path / "new")]) == 2
+        sets = [x for o in [override, *(tokenizer if "init_from" in override else [])] for x in ("--set", o)]
+        assert main(["train", str(tmp_path / "run.toml"), *sets, "--out", str(tmp_path / "new")]) == 2
         message = one_line_error(capsys)
         assert expected in message, message
         assert snapshot(tmp_path) == before
