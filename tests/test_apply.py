@@ -10,9 +10,12 @@ from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param
 transformers = pytest.importorskip("transformers")
 
 
+CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
+           "mistral": ("MistralForCausalLM", "MistralConfig")}
+
+
 def hf_model(architecture: str, tie: bool, head_dim: int = 8):
-    cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
-                       else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    cls, config_cls = (getattr(transformers, name) for name in CLASSES[architecture])
     config = config_cls(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
                         tie_word_embeddings=tie)
@@ -30,7 +33,7 @@ def logits(model, tokens):
         return model(tokens).logits
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er+iwd"])
 @pytest.mark.parametrize("tie, head_dim", [(False, 8), (True, 8), (False, 16)])
 def test_apply_strategy_keeps_logits_and_covers_parameters(architecture, name, tie, head_dim):
@@ -82,7 +85,7 @@ def test_apply_strategy_on_our_decoder():
     assert sorted(param_info(model)) == sorted(n for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+dp+er+iwd", "dp+or"])
 def test_unapply_saves_a_plain_model_that_reloads_with_the_same_logits(tmp_path, architecture, name):
     from scalevec import OptimConfig, Optimizers, unapply
@@ -126,3 +129,19 @@ def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     torch.testing.assert_close(logits(model, tokens), out)
     with pytest.raises(ExportError, match="not a transformers model converted"):
         unapply(hf_model(architecture, tie=False))
+
+
+def test_sliding_window_models_are_refused(tmp_path):
+    from scalevec.export import ExportError
+    from scalevec.hf_import import import_hf
+
+    config = transformers.MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=16)
+    model = transformers.MistralForCausalLM(config)
+    with pytest.raises(ExportError, match="sliding-window attention"):
+        apply_strategy(model, "standard")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ExportError, match="sliding-window attention"):
+        import_hf(tmp_path / "m", "standard", tmp_path / "run", warm_start=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

@@ -88,8 +88,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 
 
 def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8, rope=None):
-    cls, config_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if architecture == "llama"
-                       else (transformers.Qwen3ForCausalLM, transformers.Qwen3Config))
+    from test_apply import CLASSES
+
+    cls, config_cls = (getattr(transformers, name) for name in CLASSES[architecture])
     config = config_cls(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                         max_position_embeddings=256 if rope else 64, tie_word_embeddings=tie, rms_norm_eps=1e-6,
@@ -132,10 +133,10 @@ def test_import_export_round_trips_identical_tensors(tmp_path, architecture, hea
         torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er"])
 def test_exact_imports_keep_logits(tmp_path, architecture, name):
-    source = random_hf(tmp_path, architecture, tie=name == "hg+or")
+    source = random_hf(tmp_path, architecture, tie=name == "hg+or")  # a Mistral imports (and exports) as Llama
     difference = import_hf(source, name, tmp_path / "run", warm_start=False, log=quiet)
     assert difference < 1e-4
     from scalevec.checkpoint import load_run_model

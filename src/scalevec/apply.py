@@ -18,7 +18,7 @@ from torch import nn
 
 from .export import ExportError
 from .export.hf import hf_architecture, hf_config, hf_state
-from .hf_import import convert_from_hf, set_gamma
+from .hf_import import LLAMA_LAYOUT, convert_from_hf, set_gamma
 from .model import Decoder
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
@@ -70,8 +70,10 @@ def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool
 @torch.no_grad()
 def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     c = model.config
-    if c.model_type not in ("llama", "qwen3"):
-        raise ExportError(f"apply_strategy supports Llama and Qwen3 models, not {c.model_type!r}")
+    if LLAMA_LAYOUT.get(c.model_type, c.model_type) not in ("llama", "qwen3"):
+        raise ExportError(f"apply_strategy supports Llama, Mistral and Qwen3 models, not {c.model_type!r}")
+    if getattr(c, "sliding_window", None) is not None and c.sliding_window < c.max_position_embeddings:
+        raise ExportError(f"sliding-window attention (sliding_window={c.sliding_window}) is not supported")
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
         s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dp=[p for p in s.dp if p not in ("q", "k")])
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -54,14 +54,21 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, state
 
 
+LLAMA_LAYOUT = {"mistral": "llama"}  # model types whose tensors and math are Llama's (Mistral: without a window)
+
+
 def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
-    architecture = hf.get("model_type")
+    architecture = LLAMA_LAYOUT.get(hf.get("model_type"), hf.get("model_type"))
     if architecture not in ("llama", "qwen3"):
-        raise ExportError(f"model_type {architecture!r} is not supported; import Llama or Qwen3 checkpoints")
+        raise ExportError(f"model_type {hf.get('model_type')!r} is not supported; import Llama, Mistral or Qwen3 "
+                          "checkpoints")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     checks = [(hf.get("hidden_act", "silu") == "silu", "hidden_act must be silu"),
               (not hf.get("attention_bias", False), "attention_bias must be false"),
               (not hf.get("mlp_bias", False), "mlp_bias must be false"),
+              (window is None or window >= hf["max_position_embeddings"],
+               f"sliding-window attention (sliding_window={window}) is not supported"),
               (rope.get("rope_type", rope.get("type", "default")) in ("default", "llama3"),
                "only default and llama3 RoPE are supported")]
     heads = hf["num_attention_heads"]
