@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean reports
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# every study report, regenerated from the run records committed under results/
+reports: $(STAMP)
+	for dir in results/study-*-cpu; do $(BIN)/scalevec report $$dir > /dev/null && echo "wrote $$dir/report.md"; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
