@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 
 CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"),
-           "mistral": ("MistralForCausalLM", "MistralConfig")}
+           "mistral": ("MistralForCausalLM", "MistralConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}
 
 
 def hf_model(architecture: str, tie: bool, head_dim: int = 8):
@@ -25,6 +25,8 @@ def hf_model(architecture: str, tie: bool, head_dim: int = 8):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p).clamp(-3, 3))  # γ > 0, as ER needs
+            elif name.endswith("bias"):  # Qwen2's q, k, v biases start at 0: make them matter
+                p.normal_(0, 0.5)
     return model
 
 
@@ -33,7 +35,7 @@ def logits(model, tokens):
         return model(tokens).logits
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral", "qwen2"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er+iwd"])
 @pytest.mark.parametrize("tie, head_dim", [(False, 8), (True, 8), (False, 16)])
 def test_apply_strategy_keeps_logits_and_covers_parameters(architecture, name, tie, head_dim):
@@ -85,7 +87,7 @@ def test_apply_strategy_on_our_decoder():
     assert sorted(param_info(model)) == sorted(n for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral", "qwen2"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+dp+er+iwd", "dp+or"])
 def test_unapply_saves_a_plain_model_that_reloads_with_the_same_logits(tmp_path, architecture, name):
     from scalevec import OptimConfig, Optimizers, unapply
@@ -109,7 +111,8 @@ def test_unapply_saves_a_plain_model_that_reloads_with_the_same_logits(tmp_path,
     torch.testing.assert_close(logits(reloaded.eval(), tokens), trained, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("architecture, name", [("llama", "unified"), ("llama", "qknorm"), ("qwen3", "dnp")])
+@pytest.mark.parametrize("architecture, name", [("llama", "unified"), ("llama", "qknorm"), ("qwen3", "dnp"),
+                                                ("qwen2", "qknorm")])
 def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     from scalevec import fold_scales, unapply
     from scalevec.export import ExportError

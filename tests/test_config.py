@@ -75,7 +75,7 @@ def test_cli_entry_point_exit_code():
                             capture_output=True, text=True)
     assert result.returncode == 2
     keys = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
-    assert keys.startswith("preset, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff")
+    assert keys.startswith("preset, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, qkv_bias, d_ff")
     expected = f"scalevec: error: unknown key model.bogus; valid keys of model: {keys}"
     assert result.stderr.strip().splitlines() == [expected]
 

@@ -101,13 +101,16 @@ def random_hf(tmp_path, architecture="llama", tie=False, head_dim=8, rope=None):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):  # Qwen2's q, k, v biases start at 0: make them matter
+                p.normal_(0, 0.5)
     path = tmp_path / f"hf-{architecture}"
     model.save_pretrained(path)
     return path
 
 
 @pytest.mark.parametrize("architecture, head_dim, rope", [("llama", 8, None), ("qwen3", 16, None), ("llama", 12, None),
-                                                          ("llama", 8, LLAMA3_ROPE), ("qwen3", 16, LLAMA3_ROPE)])
+                                                          ("llama", 8, LLAMA3_ROPE), ("qwen3", 16, LLAMA3_ROPE),
+                                                          ("qwen2", 8, None), ("qwen2", 16, LLAMA3_ROPE)])
 def test_import_export_round_trips_identical_tensors(tmp_path, architecture, head_dim, rope):
     from safetensors.torch import load_file
 
@@ -133,7 +136,7 @@ def test_import_export_round_trips_identical_tensors(tmp_path, architecture, hea
         torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral", "qwen2"])
 @pytest.mark.parametrize("name", ["standard", "hg", "dp", "or", "er", "hg+or", "hg+dp+er"])
 def test_exact_imports_keep_logits(tmp_path, architecture, name):
     source = random_hf(tmp_path, architecture, tie=name == "hg+or")  # a Mistral imports (and exports) as Llama

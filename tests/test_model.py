@@ -198,3 +198,29 @@ def test_llama3_rope_scaling_matches_the_bands_of_llama_3_1():
     smooth = (ratio - 1) / 3
     torch.testing.assert_close(scaled[middle], (1 - smooth) * plain[middle] / 8 + smooth * plain[middle])
     assert middle.any() and short.any() and long.any()
+
+
+@pytest.mark.parametrize("name", ["standard", "dp", "hg+dp+or", "unified"])
+def test_qkv_biases_fold_and_are_never_decayed(name):
+    from scalevec import OptimConfig, param_groups
+
+    m = replace(TINY, qkv_bias=True)
+    model = build_model(m, strategy(name), seed=2)
+    assert all(torch.equal(b.bias, torch.zeros_like(b.bias)) for b in (blk.attn.qkv for blk in model.blocks))
+    randomize_scales(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.bias.normal_(0, 0.5)
+    tokens = torch.randint(0, m.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+        without = build_model(m, strategy(name), seed=2)
+        without.load_state_dict(model.state_dict())
+        for block in without.blocks:
+            block.attn.qkv.bias.zero_()
+        assert (without(tokens) - before).abs().max() > 1e-3  # the biases matter
+        if "dnp" not in strategy(name).dnp and name != "unified":
+            torch.testing.assert_close(fold_scales(model)(tokens), before, atol=1e-5, rtol=1e-5)
+    (group,) = [g for g in param_groups(model, None, OptimConfig()) if any(n.endswith("qkv.bias") for n in g["names"])]
+    assert group["weight_decay"] == 0.0 and group["optimizer"] == "adamw"
+    assert len([n for n in group["names"] if n.endswith("qkv.bias")]) == m.n_layers

@@ -58,20 +58,20 @@ class SingleProjection(nn.Module):
 
 
 def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool, eps: float) -> Projection:
-    if linear.bias is not None:
-        raise ExportError("projections with a bias are not supported; convert Llama/Qwen3 models without biases")
     # each wrapper owns its input scale (HG form); a shared scale is then installed in all of them
     proj = Projection(d_in=linear.in_features, branches=[branch], strategy=replace(s, heterogeneous=True),
-                      reads_norm=reads_norm, norm="rms", eps=eps)
+                      reads_norm=reads_norm, norm="rms", eps=eps, bias=linear.bias is not None)
     proj.weight = linear.weight
+    if linear.bias is not None:
+        proj.bias = linear.bias
     return proj
 
 
 @torch.no_grad()
 def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     c = model.config
-    if LLAMA_LAYOUT.get(c.model_type, c.model_type) not in ("llama", "qwen3"):
-        raise ExportError(f"apply_strategy supports Llama, Mistral and Qwen3 models, not {c.model_type!r}")
+    if LLAMA_LAYOUT.get(c.model_type, c.model_type) not in ("llama", "qwen2", "qwen3"):
+        raise ExportError(f"apply_strategy supports Llama, Mistral, Qwen2 and Qwen3 models, not {c.model_type!r}")
     if getattr(c, "sliding_window", None) is not None and c.sliding_window < c.max_position_embeddings:
         raise ExportError(f"sliding-window attention (sliding_window={c.sliding_window}) is not supported")
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
@@ -145,9 +145,12 @@ def _plain_form_problem(model: nn.Module) -> str | None:
     return None
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
     linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
     return linear
 
 
@@ -184,14 +187,15 @@ def unapply(model: nn.Module) -> nn.Module:
                     weight = weight * scales[n]()
                 if proj.placements[0] == "dp" and n in proj.out_scales:
                     weight = weight * proj.out_scales[n]().unsqueeze(1)
-                setattr(owner, f"{n}_proj", _linear(weight))
+                setattr(owner, f"{n}_proj", _linear(weight, proj.effective_bias()))
                 if proj.placements[0] == "dnp":  # Qwen3's q_norm / k_norm
                     setattr(attn, f"{n}_norm", _norm(norm_cls, proj.out_scales[n](), eps))
             setattr(layer, norm_name, _norm(norm_cls, gamma.to(weight.dtype), eps))
         for owner, n in ((attn, "o"), (mlp, "down")):
             wrapped = getattr(owner, f"{n}_proj")
             if isinstance(wrapped, SingleProjection):
-                setattr(owner, f"{n}_proj", _linear(wrapped.projection.effective_weight()))
+                setattr(owner, f"{n}_proj", _linear(wrapped.projection.effective_weight(),
+                                                    wrapped.projection.effective_bias()))
     final = model.model.norm.scale
     model.model.norm = _norm(norm_cls, final() if final is not None else torch.ones(c.hidden_size), eps)
     for name in ("scalevec_strategy", "scalevec_norm_class", "param_info"):

@@ -76,6 +76,8 @@ class ModelConfig:
     """Key/value heads (GQA); n_heads must be divisible by it."""
     head_dim: int = 0
     """Width of each attention head (0 = d_model / n_heads); Qwen3 and Gemma set it apart from the width."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2); never decayed."""
     d_ff: int = 384
     """SwiGLU hidden width."""
     max_seq_len: int = 256

@@ -59,9 +59,9 @@ LLAMA_LAYOUT = {"mistral": "llama"}  # model types whose tensors and math are Ll
 
 def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     architecture = LLAMA_LAYOUT.get(hf.get("model_type"), hf.get("model_type"))
-    if architecture not in ("llama", "qwen3"):
-        raise ExportError(f"model_type {hf.get('model_type')!r} is not supported; import Llama, Mistral or Qwen3 "
-                          "checkpoints")
+    if architecture not in ("llama", "qwen2", "qwen3"):
+        raise ExportError(f"model_type {hf.get('model_type')!r} is not supported; import Llama, Mistral, Qwen2 or "
+                          "Qwen3 checkpoints")
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     checks = [(hf.get("hidden_act", "silu") == "silu", "hidden_act must be silu"),
@@ -89,7 +89,7 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
                        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
                        max_seq_len=hf["max_position_embeddings"], rope_theta=float(theta),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-                       **scaling), architecture
+                       qkv_bias=architecture == "qwen2", **scaling), architecture
 
 
 def expected_hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:
@@ -108,6 +108,10 @@ def expected_hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int
                    f"{p}.mlp.down_proj.weight": (d, m.d_ff)}
         if architecture == "qwen3":
             shapes |= {f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)}
+        if architecture == "qwen2":
+            shapes |= {f"{p}.self_attn.q_proj.bias": (m.n_heads * hd,),
+                       f"{p}.self_attn.k_proj.bias": (m.n_kv_heads * hd,),
+                       f"{p}.self_attn.v_proj.bias": (m.n_kv_heads * hd,)}
     return shapes
 
 
@@ -188,6 +192,8 @@ def _model_from_hf(model_config: ModelConfig, target, state: dict) -> Decoder:
             p = f"model.layers.{i}"
             qkv, gate_up = block.attn.qkv, block.ffn.gate_up
             qkv.weight.copy_(torch.cat([state[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]))
+            if qkv.bias is not None:
+                qkv.bias.copy_(torch.cat([state[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"]))
             gate_up.weight.copy_(torch.cat([state[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up")]))
             block.attn.o.weight.copy_(state[f"{p}.self_attn.o_proj.weight"])
             block.ffn.down.weight.copy_(state[f"{p}.mlp.down_proj.weight"])

@@ -65,7 +65,7 @@ class Attention(nn.Module):
         branches = [Branch(name=n, out_features=out, norm_group=hd, out_scale_size=shape(out))
                     for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
         self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=True, norm=m.norm,
-                              eps=m.norm_eps)
+                              eps=m.norm_eps, bias=m.qkv_bias)
         self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,
                             norm=m.norm, eps=m.norm_eps)
 
@@ -166,9 +166,12 @@ class Decoder(nn.Module):
         strategy gets bit-identical matrices from the same seed; scales start at effective γ = 1."""
         m = self.config
         for name, info in self.param_info().items():
-            if info.kind.is_scale:
+            if info.kind.is_scale:  # they start at effective γ = 1, below
                 continue
             param = self.get_parameter(name)
+            if info.kind == Kind.BIAS:
+                param.zero_()
+                continue
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             fan_in = param.shape[-1]  # matrices are stored (..., out, in)
             sigma = m.init_gain / math.sqrt(fan_in) if m.init == "fan_in" and info.kind != Kind.EMBEDDING \

@@ -56,13 +56,15 @@ class Projection(nn.Module):
     """
 
     def __init__(self, d_in: int, branches: list[Branch], strategy: Strategy, reads_norm: bool,
-                 norm: str, eps: float):
+                 norm: str, eps: float, bias: bool = False):
         super().__init__()
         self.branches = branches
         self.sizes = [b.out_features for b in branches]
         self.placements = [strategy.placement(b.name) for b in branches]
         self.norm, self.eps = norm, eps
         self.weight = nn.Parameter(torch.empty(sum(self.sizes), d_in))
+        # the linear map's own bias: DP's row scale scales it with the rows, DNP's norm comes after it
+        self.bias = nn.Parameter(torch.zeros(sum(self.sizes))) if bias else None
 
         param = strategy.scale
         self.shared_scale: Scale | None = None
@@ -110,8 +112,18 @@ class Projection(nn.Module):
             pieces.append(w)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias with DP's row scale applied, per branch."""
+        if self.bias is None or not any(p == "dp" for p in self.placements):
+            return self.bias
+        pieces = []
+        for b, placement, bias in zip(self.branches, self.placements, self.bias.split(self.sizes)):
+            pieces.append(bias * self.out_scales[b.name]() if placement == "dp" and b.name in self.out_scales
+                          else bias)
+        return torch.cat(pieces)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        y = F.linear(x, self.effective_weight())
+        y = F.linear(x, self.effective_weight(), self.effective_bias())
         outputs = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
         for i, (b, placement) in enumerate(zip(self.branches, self.placements)):
             if placement != "dnp":
@@ -125,6 +137,8 @@ class Projection(nn.Module):
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
         infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX, blocks=tuple(self.sizes))}
+        if self.bias is not None:
+            infos[f"{prefix}.bias"] = ParamInfo(Role.NONE, Kind.BIAS)
         rows, start = {}, 0
         for b in self.branches:
             rows[b.name] = (f"{prefix}.weight", start, start + b.out_features)

@@ -27,6 +27,7 @@ class Kind(StrEnum):
     EMBEDDING = "embedding"
     HEAD = "head"
     ROUTER = "router"
+    BIAS = "bias"  # of q, k, v in Qwen2-style attention
     GAIN = "gain"  # plain γ
     OR_MAGNITUDE = "or_magnitude"  # β of γ = β·α/RMS(α)
     OR_DIRECTION = "or_direction"  # α of γ = β·α/RMS(α)
@@ -35,7 +36,7 @@ class Kind(StrEnum):
 
     @property
     def is_scale(self) -> bool:
-        return self not in (Kind.MATRIX, Kind.EMBEDDING, Kind.HEAD, Kind.ROUTER)
+        return self not in (Kind.MATRIX, Kind.EMBEDDING, Kind.HEAD, Kind.ROUTER, Kind.BIAS)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ def _fold_projection(proj: Projection, keep_shared: bool) -> None:
         if column_scale is not None:
             proj.weight[rows] *= column_scale()[None, :]
         if placement == "dp" and branch.name in proj.out_scales:
-            proj.weight[rows] *= proj.out_scales[branch.name]()[:, None]
+            gamma = proj.out_scales[branch.name]()
+            proj.weight[rows] *= gamma[:, None]
+            if proj.bias is not None:
+                proj.bias[rows] *= gamma
             proj.out_scales[branch.name].reset_to_identity()
     if proj.shared_scale is not None and not keep_shared:
         proj.shared_scale.reset_to_identity()

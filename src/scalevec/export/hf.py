@@ -30,6 +30,7 @@ from .fold import fold_scales
 
 EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_architecture(config: Config) -> str:
@@ -42,6 +43,10 @@ def hf_architecture(config: Config) -> str:
     if s.post_norms:
         raise ExportError(f"post-branch norms (strategy.post_norms) have no Llama/Qwen3 form; {options}")
     dnp = set(s.dnp)
+    if m.qkv_bias:
+        if dnp:
+            raise ExportError(f"q/k/v biases with DNP have no Qwen2 form (Qwen2 has no QK-norm); {options}")
+        return "qwen2"
     if not dnp:
         return "llama"
     if dnp == {"q", "k"} and s.qk_scale_shape == "head":
@@ -66,6 +71,9 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}"
         qkv, gate_up = block.attn.qkv, block.ffn.gate_up
         q, k, v = qkv.weight.split([q_out, kv_out, kv_out])
+        if qkv.bias is not None:
+            for name, bias in zip("qkv", qkv.bias.split([q_out, kv_out, kv_out])):
+                state[f"{p}.self_attn.{name}_proj.bias"] = bias
         gate, up = gate_up.weight.split([m.d_ff, m.d_ff])
         state |= {f"{p}.input_layernorm.weight": _gamma(qkv.shared_scale, m.d_model),
                   f"{p}.post_attention_layernorm.weight": _gamma(gate_up.shared_scale, m.d_model),
@@ -82,7 +90,7 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
 
 def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str = "float32") -> dict:
     config = {
-        "architectures": ["LlamaForCausalLM" if architecture == "llama" else "Qwen3ForCausalLM"],
+        "architectures": [ARCHITECTURE_CLASSES[architecture]],
         "model_type": architecture, "vocab_size": m.vocab_size, "hidden_size": m.d_model,
         "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size, "hidden_act": "silu",
@@ -100,7 +108,7 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str 
         config["rope_scaling"] = scaling
     if architecture == "llama":
         config["mlp_bias"] = False
-    else:
+    else:  # Qwen2 and Qwen3
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers,
                    "layer_types": ["full_attention"] * m.n_layers}
     return config

@@ -45,6 +45,7 @@ def policy_table(optim: OptimConfig, scale_decay: str) -> dict[tuple[Role, Kind]
         (Role.NONE, Kind.EMBEDDING): Rule("adamw", optim.embedding_lr_mult, optim.embedding_weight_decay),
         (Role.NONE, Kind.HEAD): Rule("adamw", optim.head_lr_mult, optim.head_weight_decay),
         (Role.NONE, Kind.ROUTER): Rule("adamw", 1.0, 0.0),
+        (Role.NONE, Kind.BIAS): Rule("adamw", 1.0, 0.0),
     }
     for role in (Role.INPUT, Role.OUTPUT):
         decays = role in DECAYED_ROLES[scale_decay]
