@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_config
+from ..data.references import bits_per_byte
 from ..outputs import write_atomic, write_text_atomic
 from .stats import VERDICT_RULE, holm, paired, verdict
 from .sweep import CONTROL, Arm, Suite, non_embedding_parameters, overrides, read_record, tried_lrs
@@ -30,6 +31,7 @@ class Run:
     train_seconds: float
     tokens: int
     val_bpb: float | None
+    by_source: dict[str, float]
 
 
 def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Run | None:
@@ -38,7 +40,7 @@ def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0)
         return None
     final = record["final"]
     return Run(final["val_loss"], [(r["tokens"], r["val_loss"]) for r in record["curve"]], record["train_seconds"],
-               final["tokens"], final.get("val_bpb"))
+               final["tokens"], final.get("val_bpb"), final.get("val_loss_by_source", {}))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -70,7 +72,9 @@ def analyse(results: Path) -> dict:
                      "train_seconds": statistics.mean(r.train_seconds for r in seeds.values()),
                      "tokens": next(iter(seeds.values())).tokens,
                      "curves": {str(s): r.curve for s, r in seeds.items()},
-                     "curve": _mean_curve([r.curve for r in seeds.values()])}
+                     "curve": _mean_curve([r.curve for r in seeds.values()]),
+                     "by_source": {name: statistics.mean(r.by_source[name] for r in seeds.values())
+                                   for name in next(iter(seeds.values())).by_source}}
     for arm, row in arms.items():
         row["wsd"] = wsd_study(results, suite, arm, row)
     for arm, row in arms.items():
@@ -289,6 +293,7 @@ def write_report(out: Path) -> dict:
                      f"{row['std']:.4f} | {diff} | {p} | {bpb} | {row['train_seconds']:.0f} |")
     lines += ["", "± is the standard deviation over seeds; * marks p < 0.05 (uncorrected). `(edge)`: the best learning "
               "rate is at the edge of the grid, so a better one may lie outside it.", ""]
+    lines += _source_lines(summary)
     lines += _analysis_lines(summary)
     lines += ["![loss curves](curves.png)", "", "![learning rates](lr.png)", ""]
     wsd_rows = [(row["arm"], p) for row in summary["arms"] for p in row["wsd"]]
@@ -339,6 +344,27 @@ def _facts_lines(summary: dict) -> list[str]:
                      f"{max(scales):.2f}, matrices {min(v['matrices'] for v in sums.values()):.2f}-"
                      f"{max(v['matrices'] for v in sums.values()):.2f} (an undriven parameter shrinks by 1 − e^-Σ).")
     return [*lines, ""] if lines else []
+
+
+def _source_lines(summary: dict) -> list[str]:
+    """Final validation loss per source (seed mean), in nats per token and bits per byte, beside the bigram."""
+    references = summary["references"]
+    sources = sorted({name for row in summary["arms"] for name in row["by_source"]})
+    if not sources or not references:
+        return []
+    sizes = {s["name"]: s for s in references.get("val_split", [])}
+
+    def cell(loss: float | None, name: str) -> str:
+        if loss is None:
+            return "—"
+        size = sizes.get(name)
+        return f"{loss:.3f}" + (f" ({bits_per_byte(loss, size['tokens'], size['bytes']):.3f})" if size else "")
+
+    lines = ["Per source (nats per token, and bits per byte in brackets; seed means):", "",
+             "| arm | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for row in [*summary["arms"], {"arm": "bigram (count-based)", "by_source": references["bigram"]["by_source"]}]:
+        lines.append(f"| {row['arm']} | " + " | ".join(cell(row["by_source"].get(s), s) for s in sources) + " |")
+    return [*lines, ""]
 
 
 def _number(value, fmt: str) -> str:

@@ -300,8 +300,9 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
     for folder in {out, results}:
         write_text_atomic(folder / "suite.json", json.dumps(asdict(suite), indent=1) + "\n")
     data_dir = prepare(config.data, log=log)
-    if not (results / "references.json").is_file():
+    if not (results / "references.json").is_file():  # and the validation sources' sizes, for bits per byte
         references = reference_losses(data_dir, config.train.seq_len, config.data.val_tokens)
+        references["val_split"] = json.loads((data_dir / "meta.json").read_text())["val"].get("sources", [])
         write_text_atomic(results / "references.json", json.dumps(references, indent=1) + "\n")
     if suite.scale == "gpu":
         meta = json.loads((data_dir / "meta.json").read_text())
