@@ -39,7 +39,7 @@ def test_resolved_toml_round_trips(tmp_path):
     (["model.preset=cpu-moe", "moe.dispatch=bmm"], "moe.dispatch='bmm'; choose auto, grouped or padded"),
     (["model.preset=cpu-moe", "model.moe_d_expert=100"], "the expert width 100 must be multiples of 8"),
     (["model.preset=cpu-9m"], "unknown size preset 'cpu-9m'"),
-    (["strategy.dnp=q,x"], "unknown projection 'x'"),
+    (["strategy.dnp=q,x"], "strategy.dnp has unknown 'x'"),
     (["strategy.dp=q", "strategy.dnp=q"], "'q' is in both dp and dnp"),
     (["strategy.scale=exp"], "strategy.scale='exp'"),
     (["model.d_model"], "expected section.field=value"),

@@ -12,17 +12,17 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tomli_w
 
-from .strategy import PARAMETERIZATIONS, PROJECTIONS, SCALE_DECAY_POLICIES, Strategy, UnknownPreset, preset_values
+from .strategy import Strategy, UnknownPreset, preset_values
 
 PROSE_SOURCES = ("austen", "kjv_bible", "milton", "moby_dick", "shakespeare", "sotu", "wiki_vital_summaries")
 BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")  # the bundled corpus (data/corpus/); python_docs is optional
 
 
-INIT_METHODS = ("normal", "fan_in")
-LOGGER_NAMES = ("tensorboard", "csv", "wandb")  # train/loggers.py
+LoggerName = Literal["tensorboard", "csv", "wandb"]  # train/loggers.py
 
 
 class ConfigError(ValueError):
@@ -84,7 +84,7 @@ class ModelConfig:
     """Longest sequence (RoPE table size)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    rope_scaling: str = "none"
+    rope_scaling: Literal["none", "llama3"] = "none"
     """RoPE frequency scaling: `none`, or `llama3` (Llama 3.1: wavelengths beyond rope_original_max_seq_len /
     rope_low_freq_factor are stretched by rope_factor, those below .../rope_high_freq_factor kept, a smooth band
     between)."""
@@ -96,13 +96,13 @@ class ModelConfig:
     """`llama3` scaling: high-frequency boundary (original context / wavelength)."""
     rope_original_max_seq_len: int = 8192
     """`llama3` scaling: the context length the frequencies were trained for."""
-    norm: str = "rms"
+    norm: Literal["rms", "layer"] = "rms"
     """Parameter-free normalization: `rms` (RMSNorm) or `layer` (LayerNorm without bias)."""
     norm_eps: float = 1e-6
     """Epsilon inside every norm."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
-    init: str = "fan_in"
+    init: Literal["fan_in", "normal"] = "fan_in"
     """Matrix init: `fan_in` N(0, init_gain²/fan_in), width-aware (the cpu presets and custom shapes), or
     `normal` N(0, init_std²) at every width (GPT-2; the paper-sized gpu presets, where 0.02 is near
     1/sqrt(d)). o and down projections also get 1/sqrt(2·n_layers). docs/init.md: why, and the measurements."""
@@ -127,16 +127,47 @@ class ModelConfig:
         """Width of one attention head: head_dim, or d_model / n_heads when head_dim is 0."""
         return self.head_dim or self.d_model // self.n_heads
 
+    def validate(self) -> None:
+        check_choices(self, "model")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        _check(self.head_dim >= 0, f"model.head_dim={self.head_dim} must be >= 0 (0 = d_model / n_heads)")
+        _check(self.head_dim > 0 or self.d_model % self.n_heads == 0,
+               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+               "choose d_model a multiple of n_heads, or set model.head_dim")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+               "choose n_kv_heads dividing n_heads")
+        _check(self.head_size % 2 == 0,
+               f"model head size {self.head_size} (model.head_dim, or d_model/n_heads) is odd; RoPE needs an even "
+               "head size: change model.head_dim, d_model or n_heads")
+        _check(self.norm_eps > 0 and self.init_std > 0 and self.init_gain > 0 and self.rope_theta > 0,
+               "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")
+        _check(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_max_seq_len > 0 and
+                                               0 < self.rope_low_freq_factor < self.rope_high_freq_factor),
+               "model.rope_scaling=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < rope_high_freq_factor "
+               "and rope_original_max_seq_len > 0")
+        _check(self.moe_experts >= 0, f"model.moe_experts={self.moe_experts} must be >= 0 (0 = dense)")
+        if self.moe_experts:
+            _check(0 < self.moe_top_k <= self.moe_experts,
+                   f"model.moe_top_k={self.moe_top_k} must be in 1..model.moe_experts={self.moe_experts}")
+            _check(self.moe_every > 0 and self.moe_d_expert >= 0,
+                   "model.moe_every must be positive and moe_d_expert >= 0")
+            d_expert = self.moe_d_expert or self.d_ff
+            _check(self.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows 16-byte aligned in bf16
+                   f"model.d_model={self.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; "
+                   "round them")
+
 
 @dataclass
 class MoEConfig:
     """Routing and load balancing of MoE FFNs (model.moe_experts > 0)."""
 
-    router: str = "softmax"
+    router: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: `softmax` over experts or per-expert `sigmoid`."""
     normalize_top_k: bool = True
     """Renormalize the top-k scores of a token to sum to 1."""
-    balance: str = "aux"
+    balance: Literal["aux", "bias", "none"] = "aux"
     """`aux` (Switch auxiliary loss), `bias` (aux-loss-free expert bias) or `none`."""
     aux_loss: float = 0.01
     """Coefficient of the auxiliary loss E·Σ_e f_e·P_e."""
@@ -144,11 +175,16 @@ class MoEConfig:
     """Step of the expert-bias update per optimizer step (balance = bias)."""
     router_z_loss: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(router logits)²)."""
-    dispatch: str = "auto"
+    dispatch: Literal["auto", "grouped", "padded"] = "auto"
     """Expert matmuls: `grouped` (one grouped GEMM over rows sorted by expert; static shapes, so it
     compiles once; bf16 CUTLASS kernels on Hopper/Blackwell; torch compiles it for bf16 only),
     `padded` (batched matmuls over a buffer padded to the busiest expert; a host sync per layer), or
     `auto` (grouped on CUDA, padded elsewhere)."""
+
+    def validate(self) -> None:
+        check_choices(self, "moe")
+        for name in ("aux_loss", "bias_rate", "router_z_loss"):
+            _check(getattr(self, name) >= 0, f"moe.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -179,12 +215,19 @@ class DataConfig:
     """Fixed validation set: windows adding up to this many tokens, evenly spaced over the validation split
     (every source in proportion); the whole split if it is smaller."""
 
+    def validate(self) -> None:
+        _check(0 <= self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _check(self.shard_tokens > 0 and self.val_tokens >= 0 and self.vocab_size > 256,
+               "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
+        _check(self.split_seed >= 0, f"data.split_seed={self.split_seed} must be >= 0")
+        _check(bool(self.dir.strip()), "data.dir is empty; give a directory for the prepared shards")
+
 
 @dataclass
 class OptimConfig:
     """Optimizers and the per-parameter table (which tensors decay, at what rate; see optim/policy.py)."""
 
-    name: str = "adamw"
+    name: Literal["adamw", "muon"] = "adamw"
     """`adamw` for everything, or `muon`: matrices on Muon, everything else on AdamW."""
     lr: float = 3e-3
     """Peak AdamW learning rate (scales, embeddings, head, and matrices unless Muon)."""
@@ -218,19 +261,30 @@ class OptimConfig:
     """Nesterov momentum in Muon."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations."""
-    muon_ns_dtype: str = "float32"
+    muon_ns_dtype: Literal["float32", "bfloat16"] = "float32"
     """Newton-Schulz dtype: `float32` (CPU) or `bfloat16` (GPU)."""
-    muon_update_scale: str = "original"
+    muon_update_scale: Literal["original", "match_rms_adamw"] = "original"
     """Update scaling: `original` sqrt(max(1, rows/cols)) or `match_rms_adamw` 0.2·sqrt(max(rows, cols))."""
     fused: bool = True
     """Use torch's fused AdamW where the parameters allow it."""
+
+    def validate(self) -> None:
+        check_choices(self, "optim")
+        _check(self.lr > 0 and self.muon_lr > 0, "optim.lr and optim.muon_lr must be positive")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1,
+               "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
+        for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay"):
+            _check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
+        for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
+            _check(getattr(self, name) > 0, f"optim.{name}={getattr(self, name)} must be positive")
+        _check(self.muon_ns_steps >= 1, f"optim.muon_ns_steps={self.muon_ns_steps} must be at least 1")
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then `cosine`, `wsd` or `constant`."""
 
-    name: str = "cosine"
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
     """`cosine` (to min_lr_ratio), `wsd` (warmup-stable-decay) or `constant`."""
     warmup_steps: int = 50
     """Linear warmup steps; the factor reaches 1 at the last warmup step."""
@@ -238,10 +292,15 @@ class ScheduleConfig:
     """Final factor of cosine and WSD."""
     decay_fraction: float = 0.2
     """WSD: final fraction of the steps spent decaying."""
-    decay_shape: str = "linear"
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     """WSD decay shape: `linear`, `cosine` or `1-sqrt`."""
     decay_start: int = 0
     """WSD: step at which the decay starts (0 = the last decay_fraction of the steps)."""
+
+    def validate(self) -> None:
+        check_choices(self, "schedule")
+        _check(self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1 and 0 <= self.decay_fraction <= 1,
+               "schedule.warmup_steps must be >= 0, schedule.min_lr_ratio and schedule.decay_fraction in [0, 1]")
 
 
 @dataclass
@@ -270,13 +329,13 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: `stop` with an error, or `skip` the update (counted in metrics)."""
     compile: bool = False
     """torch.compile the model and its loss as one graph."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, about one more forward of compute)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
@@ -285,21 +344,32 @@ class TrainConfig:
     branch_from: str = ""
     """Another run's checkpoint directory to continue from in this new run (weights, optimizer, data position,
     step): e.g. a WSD decay launched from a stable-phase checkpoint."""
-    loggers: list[str] = field(default_factory=list)
+    loggers: list[LoggerName] = field(default_factory=list)
     """Also log metrics to: `tensorboard`, `csv` (RUN_DIR/metrics.csv), `wandb` (extras `scalevec[tensorboard]`,
     `scalevec[wandb]`); metrics.jsonl is always written."""
     wandb_project: str = "scalevec"
     """W&B project of `wandb` logging."""
-    wandb_mode: str = "offline"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """W&B mode: `offline` (sync later with `wandb sync`), `online` or `disabled`."""
+
+    def validate(self) -> None:
+        check_choices(self, "train")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batch_size", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
+        _check(self.grad_clip >= 0 and self.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
+        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0 = torch's default)")
 
 
 @dataclass
 class DistConfig:
     """Data parallelism under torchrun (a single process ignores it)."""
 
-    mode: str = "ddp"
+    mode: Literal["ddp", "fsdp2"] = "ddp"
     """`ddp` (replicated parameters) or `fsdp2` (parameters, gradients and optimizer state sharded)."""
+
+    def validate(self) -> None:
+        check_choices(self, "dist")
 
 
 @dataclass
@@ -332,6 +402,22 @@ def _preset_values(section: str, name: str) -> dict:
         raise ConfigError(f"strategy.preset: {err}") from None
 
 
+def _choices(options: tuple) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _check_choice(key: str, value, hint) -> None:
+    """A Literal field's value, or every item of a list of Literals, is one of its choices."""
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
+        if typing.get_origin(item) is Literal:
+            bad = [v for v in value if v not in typing.get_args(item)]
+            _check(not bad, f"{key} has unknown {bad[0] if bad else ''!r}; "
+                            f"choose from {', '.join(typing.get_args(item))}")
+    elif typing.get_origin(hint) is Literal:
+        _check(value in typing.get_args(hint), f"{key}={value!r}; choose {_choices(typing.get_args(hint))}")
+
+
 def _coerce(key: str, value, hint):
     """Check `value` against the field's type hint; accept the obvious conversions."""
     origin = typing.get_origin(hint)
@@ -340,6 +426,12 @@ def _coerce(key: str, value, hint):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings like \"q,k\" or [\"q\", \"k\"], got {value!r}")
+        _check_choice(key, value, hint)
+        return value
+    if origin is Literal:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected one of {', '.join(typing.get_args(hint))}, got {value!r}")
+        _check_choice(key, value, hint)
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -449,103 +541,31 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_choices(section, prefix: str) -> None:
+    """Every Literal field of a section (a dataclass built in code, not parsed) holds one of its choices."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        _check_choice(f"{prefix}.{name}", getattr(section, name), hint)
+
+
 def validate(config: Config) -> None:
-    m, s = config.model, config.strategy
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-        _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    _check(m.head_dim >= 0, f"model.head_dim={m.head_dim} must be >= 0 (0 = d_model / n_heads)")
-    _check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
-           f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-           "choose d_model a multiple of n_heads, or set model.head_dim")
-    _check(m.n_heads % m.n_kv_heads == 0,
-           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-           "choose n_kv_heads dividing n_heads")
-    _check(m.head_size % 2 == 0,
-           f"model head size {m.head_size} (model.head_dim, or d_model/n_heads) is odd; RoPE needs an even head "
-           "size: change model.head_dim, d_model or n_heads")
-    _check(m.norm in ("rms", "layer"), f"model.norm={m.norm!r}; choose rms or layer")
-    _check(m.norm_eps > 0 and m.init_std > 0 and m.init_gain > 0 and m.rope_theta > 0,
-           "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")
-    _check(m.init in INIT_METHODS, f"model.init={m.init!r}; choose one of {', '.join(INIT_METHODS)}")
-    _check(m.rope_scaling in ("none", "llama3"), f"model.rope_scaling={m.rope_scaling!r}; choose none or llama3")
-    _check(m.rope_scaling == "none" or (m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
-                                        and m.rope_original_max_seq_len > 0),
-           "model.rope_scaling=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < rope_high_freq_factor and "
-           "rope_original_max_seq_len > 0")
-    _check(m.moe_experts >= 0, f"model.moe_experts={m.moe_experts} must be >= 0 (0 = dense)")
+    """Each section's own rules, then the ones between sections."""
+    for name in ("model", "moe", "data", "optim", "schedule", "train", "dist"):
+        getattr(config, name).validate()
+    _validate_strategy(config.strategy)
+    m, s, t, sch = config.model, config.strategy, config.train, config.schedule
     if m.moe_experts:
-        _check(0 < m.moe_top_k <= m.moe_experts,
-               f"model.moe_top_k={m.moe_top_k} must be in 1..model.moe_experts={m.moe_experts}")
-        _check(m.moe_every > 0 and m.moe_d_expert >= 0, "model.moe_every must be positive and moe_d_expert >= 0")
-        d_expert = m.moe_d_expert or m.d_ff
-        _check(m.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows must be 16-byte aligned in bf16
-               f"model.d_model={m.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; round them")
         _check("down" not in s.dp + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
-    for name in ("aux_loss", "bias_rate", "router_z_loss"):
-        _check(getattr(config.moe, name) >= 0, f"moe.{name}={getattr(config.moe, name)} must be >= 0")
-    _check(config.moe.router in ("softmax", "sigmoid"), f"moe.router={config.moe.router!r}; choose softmax or sigmoid")
-    _check(config.moe.balance in ("aux", "bias", "none"), f"moe.balance={config.moe.balance!r}; choose aux, "
-                                                          "bias or none")
-    _check(config.moe.dispatch in ("auto", "grouped", "padded"),
-           f"moe.dispatch={config.moe.dispatch!r}; choose auto, grouped or padded")
-    _check(s.expert_scales in ("per_expert", "shared"),
-           f"strategy.expert_scales={s.expert_scales!r}; choose per_expert or shared")
-    _check(s.scale in PARAMETERIZATIONS, f"strategy.scale={s.scale!r}; choose from {', '.join(PARAMETERIZATIONS)}")
-    for name in ("dp", "dnp"):
-        bad = [p for p in getattr(s, name) if p not in PROJECTIONS]
-        _check(not bad, f"strategy.{name} has unknown projection {bad[0] if bad else ''!r}; "
-                        f"choose from {', '.join(PROJECTIONS)}")
-    both = sorted(set(s.dp) & set(s.dnp))
-    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dp and dnp; keep it in one")
-    _check(s.qk_scale_shape in ("head", "full"), f"strategy.qk_scale_shape={s.qk_scale_shape!r}; choose head or full")
-    _check(s.dp_output_role in ("input", "output"), f"strategy.dp_output_role={s.dp_output_role!r}; choose "
-                                                    "input or output")
-    _check(s.scale_decay in SCALE_DECAY_POLICIES,
-           f"strategy.scale_decay={s.scale_decay!r}; choose from {', '.join(SCALE_DECAY_POLICIES)}")
-    o, sch = config.optim, config.schedule
-    _check(o.name in ("adamw", "muon"), f"optim.name={o.name!r}; choose adamw or muon")
-    _check(o.muon_ns_dtype in ("float32", "bfloat16"), f"optim.muon_ns_dtype={o.muon_ns_dtype!r}; choose "
-                                                       "float32 or bfloat16")
-    _check(o.muon_update_scale in ("original", "match_rms_adamw"),
-           f"optim.muon_update_scale={o.muon_update_scale!r}; choose original or match_rms_adamw")
-    _check(o.lr > 0 and o.muon_lr > 0, "optim.lr and optim.muon_lr must be positive")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1 and 0 <= o.muon_momentum < 1,
-           "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
-    for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay"):
-        _check(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must be >= 0")
-    for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
-        _check(getattr(o, name) > 0, f"optim.{name}={getattr(o, name)} must be positive")
-    _check(o.muon_ns_steps >= 1, f"optim.muon_ns_steps={o.muon_ns_steps} must be at least 1")
-    _check(sch.name in ("cosine", "wsd", "constant"), f"schedule.name={sch.name!r}; choose cosine, wsd or constant")
-    _check(sch.decay_shape in ("linear", "cosine", "1-sqrt"),
-           f"schedule.decay_shape={sch.decay_shape!r}; choose linear, cosine or 1-sqrt")
-    _check(sch.warmup_steps >= 0 and 0 <= sch.min_lr_ratio <= 1 and 0 <= sch.decay_fraction <= 1,
-           "schedule.warmup_steps must be >= 0, schedule.min_lr_ratio and schedule.decay_fraction in [0, 1]")
-    t = config.train
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batch_size", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
-        _check(getattr(t, name) > 0, f"train.{name}={getattr(t, name)} must be positive")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
-    _check(t.grad_clip >= 0 and t.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
-    _check(t.threads >= 0, f"train.threads={t.threads} must be >= 0 (0 = torch's default)")
-    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
     _check(0 <= sch.decay_start < t.steps,
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
-    _check(t.nonfinite in ("stop", "skip"), f"train.nonfinite={t.nonfinite!r}; choose stop or skip")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}; choose auto, cpu or cuda")
-    unknown = [name for name in t.loggers if name not in LOGGER_NAMES]
-    _check(not unknown, f"train.loggers has {unknown[0] if unknown else ''!r}; choose from {', '.join(LOGGER_NAMES)} "
-                        "(metrics.jsonl is always written)")
-    _check(t.wandb_mode in ("offline", "online", "disabled"),
-           f"train.wandb_mode={t.wandb_mode!r}; choose offline, online or disabled")
-    _check(config.dist.mode in ("ddp", "fsdp2"), f"dist.mode={config.dist.mode!r}; choose ddp or fsdp2")
-    d = config.data
-    _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    _check(d.shard_tokens > 0 and d.val_tokens >= 0 and d.vocab_size > 256,
-           "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
-    _check(d.split_seed >= 0, f"data.split_seed={d.split_seed} must be >= 0")
-    _check(bool(d.dir.strip()), "data.dir is empty; give a directory for the prepared shards")
+    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
+
+
+def _validate_strategy(s: Strategy) -> None:
+    check_choices(s, "strategy")
+    both = sorted(set(s.dp) & set(s.dnp))
+    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dp and dnp; keep it in one")
 
 
 def to_dict(config: Config) -> dict:

@@ -8,10 +8,11 @@ A strategy is data. Each named preset is a small, documented difference from `st
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
-PARAMETERIZATIONS = ("fixed", "plain", "or", "er")
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-SCALE_DECAY_POLICIES = ("iwd", "all", "none")
+Parameterization = Literal["fixed", "plain", "or", "er"]
+ProjectionName = Literal["q", "k", "v", "o", "gate", "up", "down"]
+ScaleDecay = Literal["iwd", "all", "none"]
 
 
 @dataclass
@@ -20,25 +21,25 @@ class Strategy:
 
     preset: str = "standard"
     """Preset name these fields started from (`a+b` composes); fields set beside it override it."""
-    scale: str = "plain"
+    scale: Parameterization = "plain"
     """Parameterization of every scale vector: `fixed` (none), `plain` γ, `or` β·α/RMS(α), `er` exp(β)·exp(α-mean α)."""
     heterogeneous: bool = False
     """HG: one input-side scale per branch (q, k, v; gate, up) instead of one shared per norm."""
-    dp: list[str] = field(default_factory=list)
+    dp: list[ProjectionName] = field(default_factory=list)
     """Projections with dual placement γa ⊙ (W (γb ⊙ x)); any of q k v o gate up down."""
-    dnp: list[str] = field(default_factory=list)
+    dnp: list[ProjectionName] = field(default_factory=list)
     """Projections with dual normalized placement γa ⊙ Norm(W (γb ⊙ x)); DNP on q,k is QK-norm."""
     post_norms: bool = False
     """Gemma-style sandwich norms: x += γ ⊙ Norm(branch output), an Output-Norm per branch."""
-    qk_scale_shape: str = "head"
+    qk_scale_shape: Literal["head", "full"] = "head"
     """Output-side scale of DNP on q/k/v: `head` (head_dim, shared by heads: Qwen3/Gemma3) or `full`."""
     magnitude_on_dnp_inputs: bool = False
     """Give OR/ER magnitude β to input-side scales that only feed DNP branches (its gradient is ~0)."""
-    dp_output_role: str = "input"
+    dp_output_role: Literal["input", "output"] = "input"
     """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
-    scale_decay: str = "none"
+    scale_decay: ScaleDecay = "none"
     """Weight decay of scale vectors: `iwd` (Input-Norm scales whose matrices decay too), `all`, `none`."""
-    expert_scales: str = "per_expert"
+    expert_scales: Literal["per_expert", "shared"] = "per_expert"
     """MoE under HG: gate/up scales `per_expert` or `shared` by all experts of a layer."""
 
     def placement(self, projection: str) -> str:

@@ -84,7 +84,7 @@ class WandB:
         self.run.finish()
 
 
-LOGGERS = {"tensorboard": TensorBoard, "csv": CSVFile, "wandb": WandB}  # the names of config.LOGGER_NAMES
+LOGGERS = {"tensorboard": TensorBoard, "csv": CSVFile, "wandb": WandB}  # the names of config.LoggerName
 
 
 class ProgressLines:
