@@ -1,6 +1,7 @@
 """Issue "Foundation": config files, overrides, validation, and the CLI's one-line errors."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,18 @@ def test_configs_of_scalevec_0_1_still_load():
     assert load_config({"train": {"tensorboard": False}}).train.loggers == []
     with pytest.raises(ConfigError, match="train.tensorboard: expected bool"):
         load_config({"train": {"tensorboard": "maybe"}})
+
+
+def test_choices_are_typed_and_checked_for_configs_built_in_code():
+    import typing
+
+    from scalevec.config import Config, LoggerName, ModelConfig, TrainConfig, validate
+    from scalevec.strategy import Strategy
+    from scalevec.train.loggers import LOGGERS
+
+    assert set(LOGGERS) == set(typing.get_args(LoggerName))
+    for config, message in ((Config(model=ModelConfig(norm="batch")), "model.norm='batch'; choose rms or layer"),
+                            (Config(strategy=Strategy(scale="xx")), "strategy.scale='xx'; choose fixed, plain, or or er"),
+                            (Config(train=TrainConfig(loggers=["csv", "mlflow"])), "train.loggers has unknown 'mlflow'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(config)
