@@ -118,8 +118,9 @@ def test_choices_are_typed_and_checked_for_configs_built_in_code():
     from scalevec.train.loggers import LOGGERS
 
     assert set(LOGGERS) == set(typing.get_args(LoggerName))
-    for config, message in ((Config(model=ModelConfig(norm="batch")), "model.norm='batch'; choose rms or layer"),
-                            (Config(strategy=Strategy(scale="xx")), "strategy.scale='xx'; choose fixed, plain, or or er"),
-                            (Config(train=TrainConfig(loggers=["csv", "mlflow"])), "train.loggers has unknown 'mlflow'")):
+    cases = [(Config(model=ModelConfig(norm="batch")), "model.norm='batch'; choose rms or layer"),
+             (Config(strategy=Strategy(scale="xx")), "strategy.scale='xx'; choose fixed, plain, or or er"),
+             (Config(train=TrainConfig(loggers=["csv", "mlflow"])), "train.loggers has unknown 'mlflow'")]
+    for config, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(config)
