@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "scalevec"
 
 # floor of each module (a package's name covers the modules in it unless listed themselves)
 FLOORS = {
-    "_version": 0, "outputs": 0, "config": 0, "strategy": 0, "export": 0,  # export/__init__ holds ExportError only
+    "_version": 0, "outputs": 0, "config": 0, "strategy": 0, "hf_keys": 0, "export": 0,  # export/__init__ holds ExportError only
     "scales": 1,
     "projection": 2, "model": 2, "moe": 2,
     "optim": 3, "schedule": 3, "data": 3, "dist": 3,

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_toml
 from .export import ExportError
+from .hf_keys import global_keys, hf_shapes, layer_keys
 from .model import Decoder
 from .outputs import check_output_path, remove_tree, write_text_atomic, writing
 from .scales import Scale
@@ -92,29 +93,6 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
                        qkv_bias=architecture == "qwen2", **scaling), architecture
 
 
-def expected_hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:
-    d, hd = m.d_model, m.head_size
-    shapes = {"model.embed_tokens.weight": (m.vocab_size, d), "model.norm.weight": (d,)}
-    if not m.tie_embeddings:
-        shapes["lm_head.weight"] = (m.vocab_size, d)
-    for i in range(m.n_layers):
-        p = f"model.layers.{i}"
-        shapes |= {f"{p}.input_layernorm.weight": (d,), f"{p}.post_attention_layernorm.weight": (d,),
-                   f"{p}.self_attn.q_proj.weight": (m.n_heads * hd, d),
-                   f"{p}.self_attn.k_proj.weight": (m.n_kv_heads * hd, d),
-                   f"{p}.self_attn.v_proj.weight": (m.n_kv_heads * hd, d),
-                   f"{p}.self_attn.o_proj.weight": (d, m.n_heads * hd),
-                   f"{p}.mlp.gate_proj.weight": (m.d_ff, d), f"{p}.mlp.up_proj.weight": (m.d_ff, d),
-                   f"{p}.mlp.down_proj.weight": (d, m.d_ff)}
-        if architecture == "qwen3":
-            shapes |= {f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)}
-        if architecture == "qwen2":
-            shapes |= {f"{p}.self_attn.q_proj.bias": (m.n_heads * hd,),
-                       f"{p}.self_attn.k_proj.bias": (m.n_kv_heads * hd,),
-                       f"{p}.self_attn.v_proj.bias": (m.n_kv_heads * hd,)}
-    return shapes
-
-
 def check_hf_state(state: dict, shapes: dict) -> None:
     for name, shape in shapes.items():
         if name not in state:
@@ -146,7 +124,7 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
                     ) -> tuple[Config, Decoder, float]:
     """Our model of a strategy from HF weights; returns (config, model, max |Δlogit| introduced)."""
     model_config, architecture = model_config_from_hf(hf)
-    check_hf_state(state, expected_hf_shapes(model_config, architecture))
+    check_hf_state(state, hf_shapes(model_config, architecture))
     source_dnp = {"q", "k"} if architecture == "qwen3" else set()
     target = make_strategy(strategy_name) if isinstance(strategy_name, str) else strategy_name
     strategy_name = target.preset
@@ -168,8 +146,9 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
         raise ExportError(f"strategy {strategy_name!r} changes the model's function ({'; '.join(changes)}); pass "
                           "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
                           "(standard, hg, dp, or, er and their compositions)")
-    reference = _model_from_hf(model_config, make_strategy("qknorm" if source_dnp else "standard"), state)
-    model = _model_from_hf(model_config, target, state)
+    reference = _model_from_hf(model_config, architecture, make_strategy("qknorm" if source_dnp else "standard"),
+                               state)
+    model = _model_from_hf(model_config, architecture, target, state)
     probe = torch.randint(0, model_config.vocab_size, (2, min(32, model_config.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -179,33 +158,33 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
     return config, model, difference
 
 
-def _model_from_hf(model_config: ModelConfig, target, state: dict) -> Decoder:
+def _model_from_hf(model_config: ModelConfig, architecture: str, target, state: dict) -> Decoder:
     m = model_config
     model = Decoder(m, target)
     model.init_weights(0)
+    top = {key: state[name] for key, name in global_keys(m).items()}
     with torch.no_grad():
-        model.tok_emb.weight.copy_(state["model.embed_tokens.weight"])
+        model.tok_emb.weight.copy_(top["embed"])
         if model.head is not None:
-            model.head.weight.copy_(state["lm_head.weight"])
-        set_gamma(model.final_scale, state["model.norm.weight"], "model.norm")
+            model.head.weight.copy_(top["head"])
+        set_gamma(model.final_scale, top["final_norm"], "model.norm")
         for i, block in enumerate(model.blocks):
-            p = f"model.layers.{i}"
+            names = layer_keys(i, architecture)
+            part = {key: state[name] for key, name in names.items()}
             qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-            qkv.weight.copy_(torch.cat([state[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]))
+            qkv.weight.copy_(torch.cat([part[n] for n in "qkv"]))
             if qkv.bias is not None:
-                qkv.bias.copy_(torch.cat([state[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"]))
-            gate_up.weight.copy_(torch.cat([state[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up")]))
-            block.attn.o.weight.copy_(state[f"{p}.self_attn.o_proj.weight"])
-            block.ffn.down.weight.copy_(state[f"{p}.mlp.down_proj.weight"])
-            for proj, norm, names in ((qkv, "input_layernorm", "qkv"),
-                                      (gate_up, "post_attention_layernorm", ("gate", "up"))):
-                gamma = state[f"{p}.{norm}.weight"]
-                set_gamma(proj.shared_scale, gamma, f"{p}.{norm}")
-                for name in names:
-                    set_gamma(proj.in_scales[name] if name in proj.in_scales else None, gamma, f"{p}.{norm}")
+                qkv.bias.copy_(torch.cat([part[f"{n}_bias"] for n in "qkv"]))
+            gate_up.weight.copy_(torch.cat([part["gate"], part["up"]]))
+            block.attn.o.weight.copy_(part["o"])
+            block.ffn.down.weight.copy_(part["down"])
+            for proj, norm, branches in ((qkv, "attn_norm", "qkv"), (gate_up, "ffn_norm", ("gate", "up"))):
+                set_gamma(proj.shared_scale, part[norm], names[norm])
+                for name in branches:
+                    set_gamma(proj.in_scales[name] if name in proj.in_scales else None, part[norm], names[norm])
             for name in ("q", "k"):
-                if f"{p}.self_attn.{name}_norm.weight" in state and name in qkv.out_scales:
-                    set_gamma(qkv.out_scales[name], state[f"{p}.self_attn.{name}_norm.weight"], f"{p}.{name}_norm")
+                if f"{name}_norm" in part and name in qkv.out_scales:
+                    set_gamma(qkv.out_scales[name], part[f"{name}_norm"], names[f"{name}_norm"])
     return model
 
 

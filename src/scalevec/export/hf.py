@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import load_run_model, run_tokenizer
 from ..config import Config, ModelConfig
+from ..hf_keys import global_keys, layer_keys
 from ..model import Decoder
 from ..outputs import DirectoryLock, claim_directory, contains, new_directory
 from ..scales import Scale
@@ -62,29 +63,20 @@ def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
 def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
-    q_out, kv_out = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    state = {"model.embed_tokens.weight": folded.tok_emb.weight,
-             "model.norm.weight": _gamma(folded.final_scale, m.d_model)}
-    if folded.head is not None:
-        state["lm_head.weight"] = folded.head.weight
+    sizes = [m.n_heads * m.head_size, m.n_kv_heads * m.head_size, m.n_kv_heads * m.head_size]
+    parts = {"embed": folded.tok_emb.weight, "final_norm": _gamma(folded.final_scale, m.d_model),
+             "head": None if folded.head is None else folded.head.weight}
+    state = {name: parts[key] for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
-        p = f"model.layers.{i}"
         qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-        q, k, v = qkv.weight.split([q_out, kv_out, kv_out])
+        parts = {"attn_norm": _gamma(qkv.shared_scale, m.d_model), "ffn_norm": _gamma(gate_up.shared_scale, m.d_model),
+                 **dict(zip("qkv", qkv.weight.split(sizes))), "o": block.attn.o.weight,
+                 **dict(zip(("gate", "up"), gate_up.weight.split([m.d_ff, m.d_ff]))), "down": block.ffn.down.weight}
         if qkv.bias is not None:
-            for name, bias in zip("qkv", qkv.bias.split([q_out, kv_out, kv_out])):
-                state[f"{p}.self_attn.{name}_proj.bias"] = bias
-        gate, up = gate_up.weight.split([m.d_ff, m.d_ff])
-        state |= {f"{p}.input_layernorm.weight": _gamma(qkv.shared_scale, m.d_model),
-                  f"{p}.post_attention_layernorm.weight": _gamma(gate_up.shared_scale, m.d_model),
-                  f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
-                  f"{p}.self_attn.v_proj.weight": v, f"{p}.self_attn.o_proj.weight": block.attn.o.weight,
-                  f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
-                  f"{p}.mlp.down_proj.weight": block.ffn.down.weight}
-        if architecture == "qwen3":
-            for name in ("q", "k"):
-                scale = qkv.out_scales[name] if name in qkv.out_scales else None
-                state[f"{p}.self_attn.{name}_norm.weight"] = _gamma(scale, m.head_size)
+            parts |= dict(zip(("q_bias", "k_bias", "v_bias"), qkv.bias.split(sizes)))
+        for name in ("q", "k"):
+            parts[f"{name}_norm"] = _gamma(qkv.out_scales[name] if name in qkv.out_scales else None, m.head_size)
+        state |= {hf_name: parts[key] for key, hf_name in layer_keys(i, architecture).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
