@@ -340,7 +340,8 @@ def _facts_lines(summary: dict) -> list[str]:
     sums = summary["lr_wd_sum"]
     if sums:
         scales = [v["scales"] for v in sums.values()]
-        lines.append(f"Weight decay that acted, Σ lr·wd over a run at each arm's best LR: scales {min(scales):.2f}-"
+        lines.append(f"Weight decay that can act, Σ lr·wd over a run at each arm's best LR, on the parameters a policy "
+                     f"decays (which scales: the strategy's scale_decay): scales {min(scales):.2f}-"
                      f"{max(scales):.2f}, matrices {min(v['matrices'] for v in sums.values()):.2f}-"
                      f"{max(v['matrices'] for v in sums.values()):.2f} (an undriven parameter shrinks by 1 − e^-Σ).")
     return [*lines, ""] if lines else []
