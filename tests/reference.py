@@ -38,7 +38,7 @@ def grouped_norm(y: torch.Tensor, group: int, kind: str, eps: float) -> torch.Te
 
 def branch(params, cfg, s, prefix, name, x, W, reads_norm, group, out_scale_head):
     """One logical projection with its scales, computed explicitly."""
-    place = "dp" if name in s.dp else "dnp" if name in s.dnp else "standard"
+    place = "dp" if name in s.dual_placement else "dnp" if name in s.dnp else "standard"
     if reads_norm and not s.heterogeneous:
         g_in = gamma_of(params, f"{prefix}.shared_scale", s.scale)
     elif reads_norm or place != "standard":

@@ -41,7 +41,7 @@ def test_resolved_toml_round_trips(tmp_path):
     (["model.preset=cpu-moe", "model.moe_d_expert=100"], "the expert width 100 must be multiples of 8"),
     (["model.preset=cpu-9m"], "unknown size preset 'cpu-9m'"),
     (["strategy.dnp=q,x"], "strategy.dnp has unknown 'x'"),
-    (["strategy.dp=q", "strategy.dnp=q"], "'q' is in both dp and dnp"),
+    (["strategy.dual_placement=q", "strategy.dnp=q"], "'q' is in both dual_placement and dnp"),
     (["strategy.scale=exp"], "strategy.scale='exp'"),
     (["model.d_model"], "expected section.field=value"),
 ])
@@ -124,3 +124,13 @@ def test_choices_are_typed_and_checked_for_configs_built_in_code():
     for config, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(config)
+
+
+def test_renamed_strategy_keys_still_load_from_files_and_overrides(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('[strategy]\ndp = ["q", "v"]\ndp_output_role = "output"\n')
+    config = load_config(path)
+    assert (config.strategy.dual_placement, config.strategy.dual_placement_role) == (["q", "v"], "output")
+    assert load_config(path, ["strategy.dp=gate"]).strategy.dual_placement == ["gate"]
+    assert load_config(None, ["strategy.dp=k,up"]).strategy.dual_placement == ["k", "up"]
+    assert "dual_placement = [" in to_toml(config) and "\ndp =" not in to_toml(config)

@@ -20,7 +20,7 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
 STRATEGIES = [
     *[strategy(name) for name in PRESETS],
     strategy("dnp+or"),
-    strategy("hg+dp+er", dp=["q", "k", "v", "o", "gate", "up", "down"]),
+    strategy("hg+dp+er", dual_placement=["q", "k", "v", "o", "gate", "up", "down"]),
     strategy("hg+or", dnp=["q", "k", "v", "o", "gate", "up", "down"], qk_scale_shape="full"),
     strategy("unified", magnitude_on_dnp_inputs=True),
     strategy("gemma+er", qk_scale_shape="full"),

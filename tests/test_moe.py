@@ -73,7 +73,7 @@ def naive_moe(moe: MoEFeedForward, x: torch.Tensor, strat) -> torch.Tensor:
                 h = (x[n] * g_in) @ moe.gate_up[e, rows].T
                 if name in strat.dnp:
                     h = h / torch.sqrt(h.pow(2).mean() + moe.eps)
-                if name in strat.dp + strat.dnp:
+                if name in strat.dual_placement + strat.dnp:
                     g_out = moe.out_scales[name]()
                     h = h * (g_out[e] if g_out.ndim == 2 else g_out)
                 branches[name] = h

@@ -75,7 +75,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     if getattr(c, "sliding_window", None) is not None and c.sliding_window < c.max_position_embeddings:
         raise ExportError(f"sliding-window attention (sliding_window={c.sliding_window}) is not supported")
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
-        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dp=[p for p in s.dp if p not in ("q", "k")])
+        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dual_placement=[p for p in s.dual_placement if p not in ("q", "k")])
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
     for layer in model.model.layers:

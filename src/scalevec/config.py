@@ -501,9 +501,17 @@ def _merge(raw: dict, path: list[str], value) -> None:
     node[path[-1]] = value
 
 
+RENAMED = {("strategy", "dp"): "dual_placement", ("strategy", "dp_output_role"): "dual_placement_role"}
+"""Keys of earlier versions and their names now (`dp` read like data parallelism beside DDP)."""
+
+
 def _migrate(raw: dict) -> dict:
-    """Keys of earlier versions, so their configs and run directories still load: scalevec 0.1's
-    `train.tensorboard = true` is `train.loggers = ["tensorboard"]`."""
+    """Keys of earlier versions, so their configs, run directories and `--set`s still load: the RENAMED
+    keys, and scalevec 0.1's `train.tensorboard = true`, which is `train.loggers = ["tensorboard"]`."""
+    for (section, old), new in RENAMED.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and old in values:
+            values[new] = values.pop(old)
     train = raw.get("train")
     if isinstance(train, dict) and "tensorboard" in train:
         if _coerce("train.tensorboard", train.pop("tensorboard"), bool):
@@ -531,6 +539,7 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
         if path[1:] == ["preset"] and path[0] in ("model", "strategy"):
             raw[path[0]] = {}  # a new preset replaces the section; later overrides apply on top of it
         _merge(raw, path, value)
+        _migrate(raw)  # an old key set here overrides the file's value under the new name
     config = _from_raw(Config, raw, "")
     validate(config)
     return config
@@ -554,7 +563,7 @@ def validate(config: Config) -> None:
     _validate_strategy(config.strategy)
     m, s, t, sch = config.model, config.strategy, config.train, config.schedule
     if m.moe_experts:
-        _check("down" not in s.dp + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
+        _check("down" not in s.dual_placement + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(0 <= sch.decay_start < t.steps,
@@ -564,8 +573,8 @@ def validate(config: Config) -> None:
 
 def _validate_strategy(s: Strategy) -> None:
     check_choices(s, "strategy")
-    both = sorted(set(s.dp) & set(s.dnp))
-    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dp and dnp; keep it in one")
+    both = sorted(set(s.dual_placement) & set(s.dnp))
+    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dual_placement and dnp; keep it in one")
 
 
 def to_dict(config: Config) -> dict:

@@ -130,7 +130,7 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
     strategy_name = target.preset
     if source_dnp - set(target.dnp):  # keep the source's QK-norm (which replaces DP on q, k)
         target = replace(target, dnp=sorted(set(target.dnp) | source_dnp),
-                         dp=[p for p in target.dp if p not in source_dnp],
+                         dual_placement=[p for p in target.dual_placement if p not in source_dnp],
                          preset=f"{strategy_name}+qknorm")
     gammas = [state[n] for n in state if n.endswith("norm.weight")]
     changes = []

@@ -61,7 +61,7 @@ class MoEFeedForward(nn.Module):
                 if scale is not None:
                     self.in_scales[name] = scale
             if placement != "standard":
-                role = Role(s.dp_output_role) if placement == "dp" else Role.OUTPUT
+                role = Role(s.dual_placement_role) if placement == "dp" else Role.OUTPUT
                 scale = make_scale((E, de) if per_expert else de, param, role)
                 if scale is not None:
                     self.out_scales[name] = scale

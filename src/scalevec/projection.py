@@ -77,7 +77,7 @@ class Projection(nn.Module):
                     scale = make_scale(d_in, param, Role.INPUT, strategy.input_magnitude([placement]))
                     if scale is not None:
                         self.in_scales[b.name] = scale
-        dp_role = Role(strategy.dp_output_role)
+        dp_role = Role(strategy.dual_placement_role)
         self.out_scales = nn.ModuleDict()
         for b, placement in zip(branches, self.placements):
             if placement == "dp":

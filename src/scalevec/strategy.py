@@ -25,7 +25,7 @@ class Strategy:
     """Parameterization of every scale vector: `fixed` (none), `plain` γ, `or` β·α/RMS(α), `er` exp(β)·exp(α-mean α)."""
     heterogeneous: bool = False
     """HG: one input-side scale per branch (q, k, v; gate, up) instead of one shared per norm."""
-    dp: list[ProjectionName] = field(default_factory=list)
+    dual_placement: list[ProjectionName] = field(default_factory=list)
     """Projections with dual placement γa ⊙ (W (γb ⊙ x)); any of q k v o gate up down."""
     dnp: list[ProjectionName] = field(default_factory=list)
     """Projections with dual normalized placement γa ⊙ Norm(W (γb ⊙ x)); DNP on q,k is QK-norm."""
@@ -35,7 +35,7 @@ class Strategy:
     """Output-side scale of DNP on q/k/v: `head` (head_dim, shared by heads: Qwen3/Gemma3) or `full`."""
     magnitude_on_dnp_inputs: bool = False
     """Give OR/ER magnitude β to input-side scales that only feed DNP branches (its gradient is ~0)."""
-    dp_output_role: Literal["input", "output"] = "input"
+    dual_placement_role: Literal["input", "output"] = "input"
     """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
     scale_decay: ScaleDecay = "none"
     """Weight decay of scale vectors: `iwd` (Input-Norm scales whose matrices decay too), `all`, `none`."""
@@ -43,7 +43,7 @@ class Strategy:
     """MoE under HG: gate/up scales `per_expert` or `shared` by all experts of a layer."""
 
     def placement(self, projection: str) -> str:
-        if projection in self.dp:
+        if projection in self.dual_placement:
             return "dp"
         if projection in self.dnp:
             return "dnp"
@@ -65,7 +65,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {"dnp": ["q", "k"], "post_norms": True},
     ),
     "hg": ("Branch-specific input scales for q, k, v and gate, up.", {"heterogeneous": True}),
-    "dp": ("Dual placement on q, k, gate, up.", {"dp": ["q", "k", "gate", "up"]}),
+    "dp": ("Dual placement on q, k, gate, up.", {"dual_placement": ["q", "k", "gate", "up"]}),
     "dnp": ("Dual normalized placement on q, k, gate, up.", {"dnp": ["q", "k", "gate", "up"]}),
     "dnp-ffn": ("DNP on gate and up only: normalizes the FFN's hidden pre-activations (DNP without QK-norm).",
                 {"dnp": ["gate", "up"]}),

@@ -346,8 +346,9 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             bar.total += len(extra)
             execute(extra)
         best = {arm: best_lr(results, suite, arm) for arm in arms}
-        execute([RunSpec(arm, lr, seed) for arm, lr in best.items() if lr is not None
-                 for seed in suite.seeds if seed != suite.lr_seed])
+        # seed-major, so a sweep stopped part-way leaves every arm with the same seeds to pair
+        execute([RunSpec(arm, lr, seed) for seed in suite.seeds if seed != suite.lr_seed
+                 for arm, lr in best.items() if lr is not None])
         execute([RunSpec(arm, lr, seed, point) for arm, lr in best.items() if lr is not None
                  for seed in suite.seeds if final_val_loss(results, arm, lr, seed) is not None
                  for point in suite.decay_points(arm)])

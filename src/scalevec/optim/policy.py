@@ -14,7 +14,7 @@ Scale decay policies (strategy.scale_decay): `iwd` decays Input-Norm scales only
 rule), and among them only those whose matrices decay too: the paper's argument for decaying γ is the
 balance of γ·w, which needs both sides decayed, so a final norm feeding a tied, undecayed embedding
 keeps its γ undecayed; `all` decays every scale, `none` no scale. DP's output-side scale is an Input scale by default
-(strategy.dp_output_role). A parameter the loss does not depend on (`ParamInfo.invariant`) is never decayed.
+(strategy.dual_placement_role). A parameter the loss does not depend on (`ParamInfo.invariant`) is never decayed.
 """
 
 from __future__ import annotations
