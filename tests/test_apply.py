@@ -1,11 +1,14 @@
 """Issue "Export and import", library API: apply_strategy on transformers models, role-aware groups."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_export import SHAPE
 from test_model import randomize_scales
 
 from scalevec import OptimConfig, Optimizers, apply_strategy, build_model, param_groups, param_info, strategy
+from scalevec.scales import Scale
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,17 +77,65 @@ def test_function_changing_strategy_applies_and_trains():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_apply_strategy_on_our_decoder():
-    model = build_model(SHAPE, strategy("standard"), seed=2)
+def decoder_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("source", ["standard", "hg+dp+er", "unified", "gemma", "dnp+or", "none", "dnp-ffn+er"])
+@pytest.mark.parametrize("target", ["standard", "hg", "dp", "or", "hg+dp+or+iwd", "er"])
+def test_apply_strategy_on_our_decoder_keeps_logits_and_the_source_norms(source, target):
+    """Built directly (no transformers tensors), from any source strategy: exact targets keep the logits, and the
+    source's norms stay with their scales (a DNP source used to fail)."""
+    model = build_model(dataclasses.replace(SHAPE, tie_embeddings=source == "gemma"), strategy(source), seed=2)
     randomize_scales(model)
-    tokens = torch.randint(0, 512, (2, 16))
-    with torch.no_grad():
-        before = model(tokens)
-    apply_strategy(model, "hg+er")
-    assert model.strategy.heterogeneous and model.strategy.scale == "er"
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), before, atol=1e-4, rtol=1e-4)
+    if target == "er":  # ER holds positive γ only: DNP output scales of OR sources may have crossed zero
+        for scale in (m for m in model.modules() if isinstance(m, Scale)):
+            scale.set_gamma(scale().detach().abs() + 0.1)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = decoder_logits(model, tokens)
+    apply_strategy(model, target)
+    s, src = model.strategy, strategy(source)
+    assert set(s.dnp) == set(src.dnp) and s.post_norms == src.post_norms
+    assert not set(s.dual_placement) & set(s.dnp)
+    assert (s.heterogeneous, s.scale) == (strategy(target).heterogeneous, strategy(target).scale)
+    torch.testing.assert_close(decoder_logits(model, tokens), before, atol=1e-4, rtol=1e-4)
     assert sorted(param_info(model)) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_apply_strategy_on_our_decoder_folds_into_weights_what_no_scale_holds():
+    # `none` has no scales: untied, every norm γ goes into a matrix's columns and the logits stay
+    model = build_model(dataclasses.replace(SHAPE, tie_embeddings=False), strategy("hg+dp"), seed=2)
+    randomize_scales(model)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = decoder_logits(model, tokens)
+    apply_strategy(model, "none")
+    assert not any(isinstance(m, Scale) for m in model.modules())
+    torch.testing.assert_close(decoder_logits(model, tokens), before, atol=1e-5, rtol=1e-5)
+    # a head-shaped QK scale becomes a full-width one, exactly
+    model = build_model(SHAPE, strategy("qknorm"), seed=2)
+    randomize_scales(model)
+    before = decoder_logits(model, tokens)
+    apply_strategy(model, strategy("hg", qk_scale_shape="full"))
+    assert model.blocks[0].attn.qkv.out_scales["q"]().shape == (32,)
+    torch.testing.assert_close(decoder_logits(model, tokens), before, atol=1e-5, rtol=1e-5)
+
+
+def test_apply_strategy_on_our_decoder_refuses_before_changing_anything():
+    from scalevec.export import ExportError
+
+    model = build_model(SHAPE, strategy("dnp"), seed=2)
+    randomize_scales(model)
+    with torch.no_grad():
+        model.blocks[1].ffn.gate_up.out_scales["up"].weight[0] = -0.5
+    state = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ExportError, match=r"blocks.1.ffn.gate_up.out_scales.up: ER needs every γ > 0"):
+        apply_strategy(model, "er")
+    assert model.strategy == strategy("dnp")
+    assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
+    moe = build_model(dataclasses.replace(SHAPE, moe_experts=4), strategy("standard"))
+    with pytest.raises(ExportError, match="MoE Decoders"):
+        apply_strategy(moe, "hg")
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3", "mistral", "qwen2"])

@@ -69,8 +69,8 @@ def expected_decay(info, policy: str, optim: OptimConfig) -> float:
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("decay_direction", [False, True])
 def test_zero_gradient_step_is_exactly_decoupled_decay(policy, scale, optimizer, decay_direction):
-    strat = strategy("gemma+hg", scale=scale, dual_placement=["v"], dnp=["q", "k", "gate", "up"], magnitude_on_dnp_inputs=True,
-                     scale_decay=policy)
+    strat = strategy("gemma+hg", scale=scale, dual_placement=["v"], dnp=["q", "k", "gate", "up"],
+                     magnitude_on_dnp_inputs=True, scale_decay=policy)
     model = build_model(replace(TINY, tie_embeddings=False), strat)
     with torch.no_grad():
         for p in model.parameters():

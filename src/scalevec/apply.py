@@ -1,8 +1,9 @@
 """The strategy on other people's models.
 
-`apply_strategy(model, strategy)` converts a `transformers` Llama/Qwen3 (or a scalevec Decoder)
-in place: block norms become parameter-free, their γ moves into the projections that read them
-(shared, or one per branch under HG), DP/DNP wrap the projections, the final norm keeps its scale.
+`apply_strategy(model, strategy)` converts a `transformers` Llama/Mistral/Qwen2/Qwen3 model, or a
+scalevec Decoder of any strategy, in place: block norms become parameter-free, their γ moves into the
+projections that read them (shared, or one per branch under HG), DP/DNP wrap the projections, the final
+norm keeps its scale.
 `param_info(model)` gives every parameter its role and kind (a converted model also answers
 `model.param_info()`, as a Decoder does), and `param_groups(model, policy)` the role-aware optimizer
 groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
@@ -10,6 +11,7 @@ groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import replace
 
@@ -17,8 +19,8 @@ import torch
 from torch import nn
 
 from .export import ExportError
-from .export.hf import hf_architecture, hf_config, hf_state
-from .hf_import import LLAMA_LAYOUT, convert_from_hf, set_gamma
+from .export.fold import fold_scales
+from .hf_import import LLAMA_LAYOUT, set_gamma
 from .model import Decoder
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
@@ -75,7 +77,8 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     if getattr(c, "sliding_window", None) is not None and c.sliding_window < c.max_position_embeddings:
         raise ExportError(f"sliding-window attention (sliding_window={c.sliding_window}) is not supported")
     if c.model_type == "qwen3":  # keep its QK-norm, as import does
-        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}), dual_placement=[p for p in s.dual_placement if p not in ("q", "k")])
+        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}),
+                    dual_placement=[p for p in s.dual_placement if p not in ("q", "k")])
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
     for layer in model.model.layers:
@@ -116,20 +119,83 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     return model
 
 
+def keeping_source_norms(source: Strategy, target: Strategy) -> Strategy:
+    """`target` with every norm `source` has (its DNP branches, post-branch norms) and, for a full-width QK
+    scale, its shape: dropping a norm would change the function and discard the scale behind it."""
+    full_qkv_scale = source.qk_scale_shape == "full" and set(source.dnp) & {"q", "k", "v"}
+    return replace(target, dnp=sorted(set(target.dnp) | set(source.dnp)),
+                   dual_placement=[p for p in target.dual_placement if p not in source.dnp],
+                   post_norms=target.post_norms or source.post_norms,
+                   qk_scale_shape="full" if full_qkv_scale else target.qk_scale_shape)
+
+
+def _take_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> bool:
+    """Give `scale` the effective value `gamma`; False when there is no scale to hold it."""
+    if scale is None:
+        return False
+    set_gamma(scale, gamma, where)
+    return True
+
+
+@torch.no_grad()
+def _convert_projection(source: Projection, target: Projection, where: str) -> None:
+    """Weights and scales of a folded source projection (only block-norm γ and DNP output scales left) into
+    `target`; a norm γ the target has no scale for goes into the weight's columns."""
+    gamma = None if source.shared_scale is None else source.shared_scale().detach()
+    weight = source.weight.detach().clone()
+    start = 0
+    for branch, placement, source_placement in zip(target.branches, target.placements, source.placements):
+        rows = slice(start, start + branch.out_features)
+        start += branch.out_features
+        if gamma is not None and not _take_gamma(target.in_scale(branch.name), gamma, f"{where} input scale"):
+            weight[rows] *= gamma
+        if source_placement == placement == "dnp" and branch.name in source.out_scales and \
+                branch.name in target.out_scales:
+            out, into = source.out_scales[branch.name]().detach(), target.out_scales[branch.name]
+            # a head-shaped scale becomes a full-width one by repeating it over the heads
+            _take_gamma(into, out.repeat(into().shape[-1] // out.shape[-1]), f"{where}.out_scales.{branch.name}")
+    target.weight.copy_(weight)
+    if source.bias is not None:
+        target.bias.copy_(source.bias)
+
+
+@torch.no_grad()
+def _apply_to_decoder(model: Decoder, target: Strategy) -> Decoder:
+    """Build `model`'s network under `target` directly, then swap it in: the source folded to its norm weights,
+    those weights into the target's scales (or columns), the source's norms kept (`keeping_source_norms`)."""
+    if model.moe_layers():
+        raise ExportError("apply_strategy does not convert MoE Decoders; build the model under the strategy "
+                          "(scalevec.build_model) instead")
+    target = keeping_source_norms(model.strategy, target)
+    source = fold_scales(copy.deepcopy(model), keep_norm_weights=True)  # HG and DP scales are in the weights now
+    weight = model.tok_emb.weight
+    new = Decoder(model.config, target).to(device=weight.device, dtype=weight.dtype)  # every scale at γ = 1
+    new.tok_emb.weight.copy_(source.tok_emb.weight)
+    if new.head is not None:
+        new.head.weight.copy_(source.head.weight)
+    if source.final_scale is not None:
+        final = source.final_scale().detach()
+        if not _take_gamma(new.final_scale, final, "final_scale") and new.head is not None:
+            new.head.weight *= final  # a tied head cannot take it: `none` drops it, as it asks
+    for i, (a, b) in enumerate(zip(source.blocks, new.blocks)):
+        for name in ("attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"):
+            _convert_projection(a.get_submodule(name), b.get_submodule(name), f"blocks.{i}.{name}")
+        for name in ("attn_post_scale", "ffn_post_scale"):
+            if getattr(a, name) is not None:
+                _take_gamma(getattr(b, name), getattr(a, name)().detach(), f"blocks.{i}.{name}")
+    model.strategy = target
+    for name in ("tok_emb", "blocks", "final_scale", "head"):
+        setattr(model, name, getattr(new, name))
+    return model
+
+
 def apply_strategy(model: nn.Module, strategy: str | Strategy) -> nn.Module:
     """Convert `model` to `strategy` in place and return it. Exact strategies (standard, hg, dp, or, er and
-    compositions) keep its logits; ones that add norms (DNP, unified) change them."""
+    compositions) keep its logits; ones that add norms (DNP, unified) change them. The norms the model
+    already has stay (a Qwen3's QK-norm, a scalevec Decoder's DNP and post-branch norms), with their scales."""
     s = make_strategy(strategy) if isinstance(strategy, str) else strategy
     if isinstance(model, Decoder):
-        from .config import Config
-
-        architecture = hf_architecture(Config(model=model.config, strategy=model.strategy))
-        hf = hf_config(model.config, architecture, None)
-        _, converted, _ = convert_from_hf(hf, hf_state(model, architecture), s, warm_start=True)
-        model.strategy = converted.strategy
-        for name in ("tok_emb", "blocks", "final_scale", "head"):
-            setattr(model, name, getattr(converted, name))
-        return model
+        return _apply_to_decoder(model, s)
     return _apply_to_hf(model, s)
 
 

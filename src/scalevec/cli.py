@@ -93,7 +93,8 @@ def cmd_info(args) -> None:
     m, s = config.model, config.strategy
     print(f"model {m.preset}: d_model={m.d_model} layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} "
           f"d_ff={m.d_ff} vocab={m.vocab_size} seq={m.max_seq_len} tied={m.tie_embeddings}")
-    print(f"strategy {s.preset}: scale={s.scale} hg={s.heterogeneous} dual_placement={','.join(s.dual_placement) or '-'} "
+    print(f"strategy {s.preset}: scale={s.scale} hg={s.heterogeneous} "
+          f"dual_placement={','.join(s.dual_placement) or '-'} "
           f"dnp={','.join(s.dnp) or '-'} post_norms={s.post_norms} scale_decay={s.scale_decay}")
     print(f"parameters: {summary['parameters']:,} (non-embedding {summary['non_embedding_parameters']:,}, "
           f"active per token {summary['active_parameters']:,})")

@@ -563,7 +563,8 @@ def validate(config: Config) -> None:
     _validate_strategy(config.strategy)
     m, s, t, sch = config.model, config.strategy, config.train, config.schedule
     if m.moe_experts:
-        _check("down" not in s.dual_placement + s.dnp, "strategy: DP/DNP on down is not supported in MoE experts; drop down")
+        _check("down" not in s.dual_placement + s.dnp,
+               "strategy: DP/DNP on down is not supported in MoE experts; drop down")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(0 <= sch.decay_start < t.steps,
@@ -574,7 +575,8 @@ def validate(config: Config) -> None:
 def _validate_strategy(s: Strategy) -> None:
     check_choices(s, "strategy")
     both = sorted(set(s.dual_placement) & set(s.dnp))
-    _check(not both, f"strategy: projection {both[0] if both else ''!r} is in both dual_placement and dnp; keep it in one")
+    _check(not both,
+           f"strategy: projection {both[0] if both else ''!r} is in both dual_placement and dnp; keep it in one")
 
 
 def to_dict(config: Config) -> dict:
