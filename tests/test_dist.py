@@ -85,11 +85,16 @@ def weights(run_dir):
     return run_weights(run_dir, config)
 
 
-def test_ddp_matches_single_process(config_path, tmp_path):
-    reference = single(config_path, tmp_path / "single")
-    ddp = two_ranks(config_path, tmp_path / "ddp", "dist.mode=ddp")
+@pytest.mark.parametrize("sets", [(), ("model.moe_experts=4", "moe.balance=bias", "moe.bias_rate=0.05")])
+def test_ddp_matches_single_process(config_path, tmp_path, sets):
+    """With MoE, the expert bias moves from the load summed over both ranks, as from one process's load."""
+    reference = single(config_path, tmp_path / "single", *sets)
+    ddp = two_ranks(config_path, tmp_path / "ddp", "dist.mode=ddp", *sets)
     assert_same_losses(ddp, reference)
-    assert_same_weights(load_file(list_checkpoints(ddp / "checkpoints")[-1] / "model.safetensors"), weights(reference))
+    final = load_file(list_checkpoints(ddp / "checkpoints")[-1] / "model.safetensors")
+    assert_same_weights(final, weights(reference))
+    assert all(final[name].abs().sum() > 0 for name in final if name.endswith("expert_bias")) and \
+        any(name.endswith("expert_bias") for name in final) == bool(sets)
 
 
 @pytest.mark.parametrize("optimizer, preset", [("adamw", "hg+qknorm+or"), ("muon", "unified")])

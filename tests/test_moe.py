@@ -199,3 +199,30 @@ def test_grouped_dispatch_refuses_to_compile_on_cpu(tmp_path):
     with pytest.raises(ConfigError, match="moe.dispatch=grouped cannot compile in fp32 on CPU"):
         Trainer(config, tmp_path / "run", progress=False, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_expert_bias_moves_in_an_optimizer_step_hook_from_the_summed_load():
+    from scalevec.moe import expert_balancing_hook
+    from scalevec.optim import Optimizers
+
+    model = build_model(replace(TINY, n_layers=2, moe_every=1), strategy("standard"),
+                        moe=MoEConfig(balance="bias", bias_rate=0.1))
+    layers = model.moe_layers()
+    summed = []
+
+    def sum_over_ranks(loads):  # two ranks that routed alike
+        summed.append(loads.clone())
+        return 2 * loads
+
+    optimizer = Optimizers(model, OptimConfig(lr=0.01))
+    optimizer.register_step_post_hook(expert_balancing_hook(layers, sum_over_ranks))
+    model(torch.randint(0, TINY.vocab_size, (2, 16))).sum().backward()
+    loads = [moe.step_load.clone() for moe in layers]
+    assert all(load.sum() == 2 * 16 * TINY.moe_top_k for load in loads)
+    assert all(torch.equal(moe.expert_bias, torch.zeros(4)) for moe in layers)  # not before the step
+    optimizer.step()
+    assert len(summed) == 1 and torch.equal(summed[0], torch.stack(loads))  # one collective for every layer
+    for moe, load in zip(layers, loads):
+        expected = 0.1 * torch.sign(2 * load.mean() - 2 * load)
+        torch.testing.assert_close(moe.expert_bias, expected - expected.mean())
+        assert torch.equal(moe.step_load, torch.zeros(4))

@@ -85,13 +85,18 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def all_mean(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Mean of a tensor over ranks, on its device (no host sync)."""
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum of a tensor over ranks, on its device (no host sync)."""
     if world.size == 1:
         return tensor
     tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor / world.size
+    return tensor
+
+
+def all_mean(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Mean of a tensor over ranks, on its device (no host sync)."""
+    return all_reduce_sum(tensor, world) / world.size
 
 
 def all_sum(values: list[float], world: World) -> list[float]:

@@ -10,10 +10,13 @@ in one grouped GEMM (`F.grouped_mm`: CUTLASS kernels for bf16 on Hopper/Blackwel
 depend on the routing, so the layer compiles once), or (padded) the rows are copied into an
 (experts, busiest expert's count, d) buffer for batched matmuls, the CPU path: torch compiles
 grouped_mm for bf16 only. Balancing: a Switch-style auxiliary loss, or the aux-loss-free expert
-bias (a buffer the optimizer never sees, updated from the load summed over ranks).
+bias (a buffer the optimizer never sees, updated by an optimizer step hook from the load summed over
+ranks, as torchtitan does).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +188,19 @@ class MoEFeedForward(nn.Module):
             infos |= self.shared_expert.gate_up.param_info(f"{prefix}.shared_expert.gate_up")
             infos |= self.shared_expert.down.param_info(f"{prefix}.shared_expert.down")
         return infos
+
+
+def expert_balancing_hook(layers: list[MoEFeedForward], sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+                          ) -> Callable:
+    """An optimizer step hook (`optimizer.register_step_post_hook(...)`): after every optimizer step, the
+    layers' expert loads since the last one, summed over ranks in one collective on their device (no host
+    sync), move each `bias`-balanced layer's expert bias; the loads start again from zero."""
+    @torch.no_grad()
+    def balance(optimizer, args, kwargs) -> None:
+        loads = sum_over_ranks(torch.stack([moe.step_load for moe in layers]))
+        for moe, load in zip(layers, loads):
+            if moe.moe.balance == "bias":
+                moe.update_bias(load)
+            moe.step_load.zero_()
+
+    return balance

@@ -31,8 +31,9 @@ from ..data.loader import Loader, TokenWindows, check_compatible, validation_bat
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
 from ..data.sources import DataError
-from ..dist import all_mean, all_sum, barrier, gradient_sync, init_world, wrap
+from ..dist import all_mean, all_reduce_sum, all_sum, barrier, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
+from ..moe import expert_balancing_hook
 from ..optim import Optimizers
 from ..outputs import append_line, contains, first_line, writing
 from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
@@ -154,6 +155,9 @@ class Trainer:
         self.wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
             if world.size > 1 else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
+        if self.moe_layers:
+            self.optimizers.register_step_post_hook(
+                expert_balancing_hook(self.moe_layers, functools.partial(all_reduce_sum, world=world)))
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
         # static shapes: the short last validation batch gets its own graph instead of turning the training
         # graph dynamic (slower kernels, and a slower compile)
@@ -363,19 +367,13 @@ class Trainer:
                                  f"{self.step + 1}; the last good checkpoint is kept "
                                  "(train.nonfinite=skip skips such steps)")
             self.skipped += 1
+            for moe in self.moe_layers:  # a skipped step's routing does not move the expert bias either
+                moe.step_load.zero_()
         else:
-            self.optimizers.step()
+            self.optimizers.step()  # its hook balances the experts
         self.optimizers.zero_grad()
-        self._balance_experts()
         self.step += 1
         return {"lr": lr * self.config.optim.lr, "train_loss": loss, "grad_norm": grad_norm}
-
-    def _balance_experts(self) -> None:
-        """Aux-loss-free balancing: every rank updates its expert bias from the load summed over ranks."""
-        for moe in self.moe_layers:
-            if self.config.moe.balance == "bias":
-                moe.update_bias(torch.tensor(all_sum(moe.step_load.tolist(), self.world), device=moe.step_load.device))
-            moe.step_load.zero_()
 
     def _expert_load(self) -> dict:
         """Load imbalance since the last record: max over mean tokens per expert, averaged over MoE layers."""
