@@ -183,19 +183,3 @@ def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     torch.testing.assert_close(logits(model, tokens), out)
     with pytest.raises(ExportError, match="not a transformers model converted"):
         unapply(hf_model(architecture, tie=False))
-
-
-def test_sliding_window_models_are_refused(tmp_path):
-    from scalevec.export import ExportError
-    from scalevec.hf_import import import_hf
-
-    config = transformers.MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        sliding_window=16)
-    model = transformers.MistralForCausalLM(config)
-    with pytest.raises(ExportError, match="sliding-window attention"):
-        apply_strategy(model, "standard")
-    model.save_pretrained(tmp_path / "m")
-    with pytest.raises(ExportError, match="sliding-window attention"):
-        import_hf(tmp_path / "m", "standard", tmp_path / "run", warm_start=False, log=lambda *_: None)
-    assert not (tmp_path / "run").exists()

@@ -1,30 +1,30 @@
 """The strategy on other people's models.
 
-`apply_strategy(model, strategy)` converts a `transformers` Llama/Mistral/Qwen2/Qwen3 model, or a
-scalevec Decoder of any strategy, in place: block norms become parameter-free, their γ moves into the
-projections that read them (shared, or one per branch under HG), DP/DNP wrap the projections, the final
-norm keeps its scale.
-`param_info(model)` gives every parameter its role and kind (a converted model also answers
-`model.param_info()`, as a Decoder does), and `param_groups(model, policy)` the role-aware optimizer
-groups, so the strategy trains from any loop (HF Trainer, torchtitan, yours).
+`apply_strategy(model, strategy)` converts a `transformers` Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) or OLMo 2 model, or a scalevec Decoder of any strategy, in place: block norms become
+parameter-free, their γ moves into the projections that read them (shared, or one per branch under
+HG), DP/DNP wrap the projections, post-branch and final norms keep their scales. The norms a model
+has stay (`keeping_source_norms`). `param_info(model)` gives every parameter its role and kind (a
+converted model also answers `model.param_info()`, as a Decoder does), and `param_groups(model,
+policy)` the role-aware optimizer groups, so the strategy trains from any loop (HF Trainer,
+torchtitan, yours).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .convert import convert_decoder, set_gamma
 from .export import ExportError
-from .export.fold import fold_scales
-from .hf_import import LLAMA_LAYOUT, set_gamma
+from .hf_keys import MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
 from .model import Decoder
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
-from .strategy import Strategy
+from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
 
 
@@ -38,7 +38,8 @@ class ParameterFreeNorm(nn.Module):
 
 
 class ScaledNorm(nn.Module):
-    """RMSNorm whose gain is a scalevec Scale (the final norm, an Input-Norm feeding the head)."""
+    """RMSNorm whose gain is a scalevec Scale: the final norm (an Input-Norm feeding the head), or a
+    post-branch norm (an Output-Norm: Gemma, OLMo 2)."""
 
     def __init__(self, scale: Scale | None, eps: float):
         super().__init__()
@@ -69,123 +70,84 @@ def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool
     return proj
 
 
+def _architecture(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ExportError("apply_strategy converts scalevec Decoders and transformers Llama, Mistral, Qwen2, Qwen3, "
+                          f"Gemma 2, Gemma 3 (text) and OLMo 2 models, not {model_type or type(model).__name__!r}")
+    return MODEL_TYPES[model_type]
+
+
+def _norm_name(architecture: str, part: str) -> str | None:
+    """Where a part's norm sits inside a decoder layer (`input_layernorm`, `self_attn.q_norm`), from the key
+    map; None if the architecture has no such norm."""
+    key = layer_keys(0, architecture).get(part)
+    return None if key is None else key.removeprefix("model.layers.0.").removesuffix(".weight")
+
+
+def _branch(s: Strategy, name: str, out_features: int, head_dim: int) -> Branch:
+    if name not in ("q", "k", "v"):
+        return Branch.whole(name, out_features)
+    return Branch(name=name, out_features=out_features,
+                  norm_group=head_dim if s.qk_norm_group == "head" else out_features,
+                  out_scale_size=head_dim if s.qk_scale_shape == "head" else out_features)
+
+
+BRANCHES = (("self_attn", ("q", "k", "v"), "attn_norm", "attn_post_norm"),
+            ("mlp", ("gate", "up"), "ffn_norm", "ffn_post_norm"))
+"""Each branch of a layer: its module, projections, and the key-map parts of its pre- and post-norm."""
+
+
 @torch.no_grad()
 def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
+    architecture = _architecture(model)
     c = model.config
-    if LLAMA_LAYOUT.get(c.model_type, c.model_type) not in ("llama", "qwen2", "qwen3"):
-        raise ExportError(f"apply_strategy supports Llama, Mistral, Qwen2 and Qwen3 models, not {c.model_type!r}")
-    if getattr(c, "sliding_window", None) is not None and c.sliding_window < c.max_position_embeddings:
-        raise ExportError(f"sliding-window attention (sliding_window={c.sliding_window}) is not supported")
-    if c.model_type == "qwen3":  # keep its QK-norm, as import does
-        s = replace(s, dnp=sorted(set(s.dnp) | {"q", "k"}),
-                    dual_placement=[p for p in s.dual_placement if p not in ("q", "k")])
+    s = keeping_source_norms(source_strategy(architecture), s)  # e.g. a Qwen3's QK-norm stays
+    offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
+    gamma_of = lambda norm: norm.weight.detach().float() + offset  # noqa: E731
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")), ("post_attention_layernorm", mlp,
-                                                                                    ("gate", "up"))):
-            gamma = getattr(layer, norm_name).weight.detach()
-            shared = None if s.heterogeneous else make_scale(gamma.numel(), s.scale, Role.INPUT,
-                                                             s.input_magnitude([s.placement(n) for n in names]))
-            set_gamma(shared, gamma, norm_name)
+        for owner_name, names, pre, post in BRANCHES:
+            owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
+            gamma = None if pre is None else gamma_of(getattr(layer, pre))
+            shared = None if s.heterogeneous or gamma is None else make_scale(
+                gamma.numel(), s.scale, Role.INPUT, s.input_magnitude([s.placement(n) for n in names]))
+            set_gamma(shared, gamma, pre)
             for n in names:
                 linear = getattr(owner, f"{n}_proj")
-                group = hd if n in ("q", "k", "v") else linear.out_features
-                size = hd if n in ("q", "k", "v") and s.qk_scale_shape == "head" else linear.out_features
-                branch = Branch(name=n, out_features=linear.out_features, norm_group=group, out_scale_size=size)
-                proj = _projection(linear, branch, s, True, eps)
-                if n in proj.in_scales:
+                proj = _projection(linear, _branch(s, n, linear.out_features, hd), s, gamma is not None, eps)
+                if gamma is not None and n in proj.in_scales:
                     if shared is None:
-                        set_gamma(proj.in_scales[n], gamma, norm_name)
+                        set_gamma(proj.in_scales[n], gamma, pre)
                     else:
                         proj.in_scales[n] = shared
-                if n in ("q", "k") and c.model_type == "qwen3" and n in proj.out_scales:
-                    set_gamma(proj.out_scales[n], getattr(attn, f"{n}_norm").weight.detach(), f"{n}_norm")
-                setattr(owner, f"{n}_proj", SingleProjection(proj))
-            setattr(layer, norm_name, ParameterFreeNorm(eps))
-        if c.model_type == "qwen3":
-            attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
+                qk_norm = _norm_name(architecture, f"{n}_norm")
+                if qk_norm and n in proj.out_scales:
+                    set_gamma(proj.out_scales[n], gamma_of(layer.get_submodule(qk_norm)), qk_norm)
+                setattr(owner, f"{n}_proj", SingleProjection(proj).to(linear.weight.device))
+            if pre:
+                setattr(layer, pre, ParameterFreeNorm(eps))
+            if post:
+                scale = make_scale(c.hidden_size, s.scale, Role.OUTPUT)
+                set_gamma(scale, gamma_of(getattr(layer, post)), post)
+                setattr(layer, post, ScaledNorm(scale, eps).to(owner.o_proj.weight.device if owner_name == "self_attn"
+                                                                else owner.down_proj.weight.device))
+        attn, mlp = layer.self_attn, layer.mlp
+        for n in ("q", "k"):
+            if hasattr(attn, f"{n}_norm"):  # the projection's DNP does it now
+                setattr(attn, f"{n}_norm", nn.Identity())
         for owner, n in ((attn, "o"), (mlp, "down")):
             if s.placement(n) != "standard":
                 linear = getattr(owner, f"{n}_proj")
                 branch = Branch.whole(n, linear.out_features)
-                setattr(owner, f"{n}_proj", SingleProjection(_projection(linear, branch, s, False, eps)))
+                setattr(owner, f"{n}_proj",
+                        SingleProjection(_projection(linear, branch, s, False, eps)).to(linear.weight.device))
     final = make_scale(c.hidden_size, s.scale, Role.INPUT)
-    set_gamma(final, model.model.norm.weight.detach(), "model.norm")
-    model.model.norm = ScaledNorm(final, eps)
+    set_gamma(final, gamma_of(model.model.norm), "model.norm")
+    model.model.norm = ScaledNorm(final, eps).to(model.model.embed_tokens.weight.device)
     model.scalevec_strategy = s
     model.param_info = functools.partial(param_info, model)  # what the optimizer table reads, as on a Decoder
-    return model
-
-
-def keeping_source_norms(source: Strategy, target: Strategy) -> Strategy:
-    """`target` with every norm `source` has (its DNP branches, post-branch norms) and, for a full-width QK
-    scale, its shape: dropping a norm would change the function and discard the scale behind it."""
-    full_qkv_scale = source.qk_scale_shape == "full" and set(source.dnp) & {"q", "k", "v"}
-    return replace(target, dnp=sorted(set(target.dnp) | set(source.dnp)),
-                   dual_placement=[p for p in target.dual_placement if p not in source.dnp],
-                   post_norms=target.post_norms or source.post_norms,
-                   qk_scale_shape="full" if full_qkv_scale else target.qk_scale_shape)
-
-
-def _take_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> bool:
-    """Give `scale` the effective value `gamma`; False when there is no scale to hold it."""
-    if scale is None:
-        return False
-    set_gamma(scale, gamma, where)
-    return True
-
-
-@torch.no_grad()
-def _convert_projection(source: Projection, target: Projection, where: str) -> None:
-    """Weights and scales of a folded source projection (only block-norm γ and DNP output scales left) into
-    `target`; a norm γ the target has no scale for goes into the weight's columns."""
-    gamma = None if source.shared_scale is None else source.shared_scale().detach()
-    weight = source.weight.detach().clone()
-    start = 0
-    for branch, placement, source_placement in zip(target.branches, target.placements, source.placements):
-        rows = slice(start, start + branch.out_features)
-        start += branch.out_features
-        if gamma is not None and not _take_gamma(target.in_scale(branch.name), gamma, f"{where} input scale"):
-            weight[rows] *= gamma
-        if source_placement == placement == "dnp" and branch.name in source.out_scales and \
-                branch.name in target.out_scales:
-            out, into = source.out_scales[branch.name]().detach(), target.out_scales[branch.name]
-            # a head-shaped scale becomes a full-width one by repeating it over the heads
-            _take_gamma(into, out.repeat(into().shape[-1] // out.shape[-1]), f"{where}.out_scales.{branch.name}")
-    target.weight.copy_(weight)
-    if source.bias is not None:
-        target.bias.copy_(source.bias)
-
-
-@torch.no_grad()
-def _apply_to_decoder(model: Decoder, target: Strategy) -> Decoder:
-    """Build `model`'s network under `target` directly, then swap it in: the source folded to its norm weights,
-    those weights into the target's scales (or columns), the source's norms kept (`keeping_source_norms`)."""
-    if model.moe_layers():
-        raise ExportError("apply_strategy does not convert MoE Decoders; build the model under the strategy "
-                          "(scalevec.build_model) instead")
-    target = keeping_source_norms(model.strategy, target)
-    source = fold_scales(copy.deepcopy(model), keep_norm_weights=True)  # HG and DP scales are in the weights now
-    weight = model.tok_emb.weight
-    new = Decoder(model.config, target).to(device=weight.device, dtype=weight.dtype)  # every scale at γ = 1
-    new.tok_emb.weight.copy_(source.tok_emb.weight)
-    if new.head is not None:
-        new.head.weight.copy_(source.head.weight)
-    if source.final_scale is not None:
-        final = source.final_scale().detach()
-        if not _take_gamma(new.final_scale, final, "final_scale") and new.head is not None:
-            new.head.weight *= final  # a tied head cannot take it: `none` drops it, as it asks
-    for i, (a, b) in enumerate(zip(source.blocks, new.blocks)):
-        for name in ("attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"):
-            _convert_projection(a.get_submodule(name), b.get_submodule(name), f"blocks.{i}.{name}")
-        for name in ("attn_post_scale", "ffn_post_scale"):
-            if getattr(a, name) is not None:
-                _take_gamma(getattr(b, name), getattr(a, name)().detach(), f"blocks.{i}.{name}")
-    model.strategy = target
-    for name in ("tok_emb", "blocks", "final_scale", "head"):
-        setattr(model, name, getattr(new, name))
     return model
 
 
@@ -195,19 +157,21 @@ def apply_strategy(model: nn.Module, strategy: str | Strategy) -> nn.Module:
     already has stay (a Qwen3's QK-norm, a scalevec Decoder's DNP and post-branch norms), with their scales."""
     s = make_strategy(strategy) if isinstance(strategy, str) else strategy
     if isinstance(model, Decoder):
-        return _apply_to_decoder(model, s)
+        return convert_decoder(model, s)
     return _apply_to_hf(model, s)
 
 
 def _plain_form_problem(model: nn.Module) -> str | None:
-    """Why a converted model has no plain Llama/Qwen3 form (None if it has one)."""
+    """Why a converted model has no plain form of its architecture (None if it has one)."""
     s, c = getattr(model, "scalevec_strategy", None), getattr(model, "config", None)
     if s is None or c is None:
         return "it is not a transformers model converted by apply_strategy"
-    plain_dnp = {"q", "k"} if c.model_type == "qwen3" and s.qk_scale_shape == "head" else set()
-    if set(s.dnp) - plain_dnp:
-        return (f"DNP on {', '.join(sorted(set(s.dnp) - plain_dnp))} adds norms a {c.model_type} model does not have "
-                "(only Qwen3's q_norm/k_norm are DNP on q, k)")
+    source = source_strategy(_architecture(model))
+    if set(s.dnp) != set(source.dnp):
+        return (f"DNP on {', '.join(sorted(set(s.dnp) - set(source.dnp)))} adds norms a {c.model_type} model does "
+                "not have")
+    if source.dnp and (s.qk_scale_shape, s.qk_norm_group) != (source.qk_scale_shape, source.qk_norm_group):
+        return f"its QK-norm scale is shaped unlike a {c.model_type} model's (strategy.qk_scale_shape)"
     return None
 
 
@@ -228,25 +192,26 @@ def _norm(cls: type, gamma: torch.Tensor, eps: float) -> nn.Module:
 
 @torch.no_grad()
 def unapply(model: nn.Module) -> nn.Module:
-    """Undo `apply_strategy` on a transformers model, in place: the plain Llama/Qwen3 with the same logits,
-    whose `save_pretrained` output reloads as that architecture. A scale shared by a norm's branches goes
-    back into the norm's weight; per-branch (HG) and DP scales are folded into the projections' weights;
-    OR/ER scales become their effective γ. Refused, before anything changes, for strategies whose norms
-    the architecture lacks (DNP on gate/up, unified)."""
+    """Undo `apply_strategy` on a transformers model, in place: the plain model of its architecture with the
+    same logits, whose `save_pretrained` output reloads as that architecture. A scale shared by a norm's
+    branches goes back into the norm's weight; per-branch (HG) and DP scales are folded into the projections'
+    weights; OR/ER scales become their effective γ. Refused, before anything changes, for strategies whose
+    norms the architecture lacks (e.g. DNP on gate/up, unified)."""
     problem = _plain_form_problem(model)
     if problem:
         raise ExportError(f"unapply: {problem}; train on, or export from a strategy without them")
-    c, norm_cls = model.config, model.scalevec_norm_class
-    eps = c.rms_norm_eps
+    architecture, c, norm_cls = _architecture(model), model.config, model.scalevec_norm_class
+    offset, eps = NORM_OFFSET.get(architecture, 0.0), c.rms_norm_eps
+    ones = lambda like: torch.ones(c.hidden_size, device=like.device)  # noqa: E731
+    norm = lambda gamma, like: _norm(norm_cls, (gamma - offset).to(like.dtype), eps)  # noqa: E731
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for norm_name, owner, names in (("input_layernorm", attn, ("q", "k", "v")),
-                                        ("post_attention_layernorm", mlp, ("gate", "up"))):
+        attn = layer.self_attn
+        for owner_name, names, pre, post in BRANCHES:
+            owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
             projections = {n: getattr(owner, f"{n}_proj").projection for n in names}
             scales = {n: p.in_scales[n] if n in p.in_scales else None for n, p in projections.items()}
             first = scales[names[0]]
-            shared = first is not None and all(scale is first for scale in scales.values())
-            gamma = first() if shared else torch.ones(c.hidden_size, device=layer.mlp.down_proj.weight.device)
+            shared = pre is not None and first is not None and all(scale is first for scale in scales.values())
             for n, proj in projections.items():
                 weight = proj.weight
                 if scales[n] is not None and not shared:
@@ -254,16 +219,20 @@ def unapply(model: nn.Module) -> nn.Module:
                 if proj.placements[0] == "dp" and n in proj.out_scales:
                     weight = weight * proj.out_scales[n]().unsqueeze(1)
                 setattr(owner, f"{n}_proj", _linear(weight, proj.effective_bias()))
-                if proj.placements[0] == "dnp":  # Qwen3's q_norm / k_norm
-                    setattr(attn, f"{n}_norm", _norm(norm_cls, proj.out_scales[n](), eps))
-            setattr(layer, norm_name, _norm(norm_cls, gamma.to(weight.dtype), eps))
-        for owner, n in ((attn, "o"), (mlp, "down")):
+                if proj.placements[0] == "dnp":  # the architecture's QK-norm
+                    setattr(attn, f"{n}_norm", norm(proj.out_scales[n](), weight))
+            if pre:
+                setattr(layer, pre, norm(first() if shared else ones(weight), weight))
+            if post:
+                scale = getattr(layer, post).scale
+                setattr(layer, post, norm(scale() if scale is not None else ones(weight), weight))
+        for owner, n in ((attn, "o"), (layer.mlp, "down")):
             wrapped = getattr(owner, f"{n}_proj")
             if isinstance(wrapped, SingleProjection):
                 setattr(owner, f"{n}_proj", _linear(wrapped.projection.effective_weight(),
                                                     wrapped.projection.effective_bias()))
-    final = model.model.norm.scale
-    model.model.norm = _norm(norm_cls, final() if final is not None else torch.ones(c.hidden_size), eps)
+    final, embedding = model.model.norm.scale, model.model.embed_tokens.weight
+    model.model.norm = norm(final() if final is not None else ones(embedding), embedding)
     for name in ("scalevec_strategy", "scalevec_norm_class", "param_info"):
         delattr(model, name)
     return model
@@ -285,10 +254,11 @@ def param_info(model: nn.Module) -> dict[str, ParamInfo]:
                 infos[key] = info
         elif isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
             infos[canonical[id(module.weight)]] = ParamInfo(Role.NONE, Kind.MATRIX)  # o/down in standard placement
-        elif isinstance(module, ScaledNorm) and module.scale is not None:
+        elif isinstance(module, ScaledNorm) and module.scale is not None:  # the final norm, or a post-branch one
             head = canonical[id(model.get_output_embeddings().weight)]
+            feeds = ((head, 0, model.config.vocab_size),) if module.scale.role is Role.INPUT else ()
             for local, kind in module.scale.kinds().items():
-                infos[f"{prefix}.scale.{local}"] = ParamInfo(Role.INPUT, kind, ((head, 0, model.config.vocab_size),))
+                infos[f"{prefix}.scale.{local}"] = ParamInfo(module.scale.role, kind, feeds)
     embedding = canonical[id(model.get_input_embeddings().weight)]
     infos[embedding] = ParamInfo(Role.NONE, Kind.EMBEDDING)
     head = canonical[id(model.get_output_embeddings().weight)]

@@ -84,18 +84,41 @@ class ModelConfig:
     """Longest sequence (RoPE table size)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    rope_scaling: Literal["none", "llama3"] = "none"
-    """RoPE frequency scaling: `none`, or `llama3` (Llama 3.1: wavelengths beyond rope_original_max_seq_len /
+    rope_scaling: Literal["none", "llama3", "linear"] = "none"
+    """RoPE frequency scaling: `none`; `llama3` (Llama 3.1: wavelengths beyond rope_original_max_seq_len /
     rope_low_freq_factor are stretched by rope_factor, those below .../rope_high_freq_factor kept, a smooth band
-    between)."""
+    between); or `linear` (every frequency divided by rope_factor: Gemma 3's full-attention layers)."""
     rope_factor: float = 8.0
-    """`llama3` scaling: how much the low frequencies are stretched."""
+    """`llama3` and `linear` scaling: how much the (low) frequencies are stretched."""
     rope_low_freq_factor: float = 1.0
     """`llama3` scaling: low-frequency boundary (original context / wavelength)."""
     rope_high_freq_factor: float = 4.0
     """`llama3` scaling: high-frequency boundary (original context / wavelength)."""
     rope_original_max_seq_len: int = 8192
     """`llama3` scaling: the context length the frequencies were trained for."""
+    sliding_window: int = 0
+    """Windowed blocks attend to the last this-many positions, their own included (Mistral, Gemma); 0 = every
+    block attends to the whole prefix."""
+    full_attention_every: int = 0
+    """With a sliding window, every this-many-th block attends to the whole prefix instead (Gemma 2: 2,
+    Gemma 3: 6); 0 = every block is windowed."""
+    rope_local_theta: float = 0.0
+    """RoPE base of the windowed blocks, which then take no rope_scaling (Gemma 3's local base, 10000); 0 = the
+    same RoPE as every other block."""
+    query_pre_attn_scalar: int = 0
+    """Attention scores are q·k / sqrt(this) (Gemma's query_pre_attn_scalar); 0 = the head size."""
+    attn_softcap: float = 0.0
+    """Attention scores become c·tanh(score / c) before the softmax (Gemma 2: 50); 0 = off. It takes an explicit
+    attention instead of PyTorch's fused SDPA kernels: slower, more memory."""
+    final_softcap: float = 0.0
+    """Output logits become c·tanh(logit / c) (Gemma 2: 30); 0 = off."""
+    embedding_scale: bool = False
+    """Multiply the token embeddings by sqrt(d_model) on the way in (Gemma), not on the tied head's way out."""
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    """Gate nonlinearity of the gated FFN: `silu` (SwiGLU: Llama, Qwen, OLMo) or `gelu_tanh` (GeGLU: Gemma)."""
+    pre_norm: bool = True
+    """Normalize each block's input before its branches (Pre-Norm). OLMo 2 does not: it normalizes the branch
+    outputs instead (strategy.post_norms), so no block norm feeds q, k, v or gate, up."""
     norm: Literal["rms", "layer"] = "rms"
     """Parameter-free normalization: `rms` (RMSNorm) or `layer` (LayerNorm without bias)."""
     norm_eps: float = 1e-6
@@ -143,10 +166,18 @@ class ModelConfig:
                "head size: change model.head_dim, d_model or n_heads")
         _check(self.norm_eps > 0 and self.init_std > 0 and self.init_gain > 0 and self.rope_theta > 0,
                "model.norm_eps, model.init_std, model.init_gain and model.rope_theta must be positive")
-        _check(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_max_seq_len > 0 and
-                                               0 < self.rope_low_freq_factor < self.rope_high_freq_factor),
+        _check(self.rope_scaling != "llama3" or (self.rope_factor >= 1 and self.rope_original_max_seq_len > 0 and
+                                                 0 < self.rope_low_freq_factor < self.rope_high_freq_factor),
                "model.rope_scaling=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < rope_high_freq_factor "
                "and rope_original_max_seq_len > 0")
+        _check(self.rope_scaling != "linear" or self.rope_factor > 0,
+               f"model.rope_scaling=linear needs rope_factor > 0, got {self.rope_factor}")
+        for name in ("sliding_window", "full_attention_every", "rope_local_theta", "query_pre_attn_scalar",
+                     "attn_softcap", "final_softcap"):
+            _check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        _check(self.sliding_window or not (self.full_attention_every or self.rope_local_theta),
+               "model.full_attention_every and model.rope_local_theta describe windowed blocks; set "
+               "model.sliding_window too, or leave them 0")
         _check(self.moe_experts >= 0, f"model.moe_experts={self.moe_experts} must be >= 0 (0 = dense)")
         if self.moe_experts:
             _check(0 < self.moe_top_k <= self.moe_experts,
@@ -565,6 +596,11 @@ def validate(config: Config) -> None:
     if m.moe_experts:
         _check("down" not in s.dual_placement + s.dnp,
                "strategy: DP/DNP on down is not supported in MoE experts; drop down")
+        _check(m.pre_norm, "model.pre_norm=false is not supported with MoE FFNs (the router reads the block norm); "
+               "keep pre_norm")
+    _check(m.pre_norm or s.post_norms,
+           "model.pre_norm=false leaves the blocks without any norm; set strategy.post_norms=true (OLMo 2) or keep "
+           "pre_norm")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(0 <= sch.decay_start < t.steps,
@@ -577,6 +613,9 @@ def _validate_strategy(s: Strategy) -> None:
     both = sorted(set(s.dual_placement) & set(s.dnp))
     _check(not both,
            f"strategy: projection {both[0] if both else ''!r} is in both dual_placement and dnp; keep it in one")
+    _check(s.qk_norm_group == "head" or s.qk_scale_shape == "full",
+           "strategy.qk_norm_group=full normalizes over all heads at once, so its scale cannot be head-shaped; "
+           "set strategy.qk_scale_shape=full")
 
 
 def to_dict(config: Config) -> dict:

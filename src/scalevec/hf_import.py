@@ -1,10 +1,12 @@
-"""Hugging Face Llama/Qwen3 checkpoints in: converted to a scalevec strategy, as a run directory that
-`scalevec train --resume` continues. Exact strategies keep the logits; ones that add norms need
-`--warm-start` and report the logit difference they introduce.
+"""Hugging Face checkpoints in (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, OLMo 2: hf_keys.py),
+converted to a scalevec strategy, as a run directory that `scalevec train --resume` continues. Exact
+strategies keep the logits; ones that add norms need `--warm-start` and report the logit difference
+they introduce.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import replace
@@ -15,12 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_toml
+from .convert import convert_decoder
 from .export import ExportError
-from .hf_keys import global_keys, hf_shapes, layer_keys
+from .hf_keys import HF_ACTIVATIONS, MODEL_TYPES, NORM_OFFSET, global_keys, hf_shapes, layer_keys, source_strategy
 from .model import Decoder
 from .outputs import check_output_path, remove_tree, write_text_atomic, writing
-from .scales import Scale
-from .strategy import Strategy
+from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
 
 
@@ -55,42 +57,106 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, state
 
 
-LLAMA_LAYOUT = {"mistral": "llama"}  # model types whose tensors and math are Llama's (Mistral: without a window)
-
-
-def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
-    architecture = LLAMA_LAYOUT.get(hf.get("model_type"), hf.get("model_type"))
-    if architecture not in ("llama", "qwen2", "qwen3"):
-        raise ExportError(f"model_type {hf.get('model_type')!r} is not supported; import Llama, Mistral, Qwen2 or "
-                          "Qwen3 checkpoints")
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    checks = [(hf.get("hidden_act", "silu") == "silu", "hidden_act must be silu"),
-              (not hf.get("attention_bias", False), "attention_bias must be false"),
-              (not hf.get("mlp_bias", False), "mlp_bias must be false"),
-              (window is None or window >= hf["max_position_embeddings"],
-               f"sliding-window attention (sliding_window={window}) is not supported"),
-              (rope.get("rope_type", rope.get("type", "default")) in ("default", "llama3"),
-               "only default and llama3 RoPE are supported")]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    for ok, message in checks:
-        if not ok:
-            raise ExportError(f"unsupported checkpoint: {message}")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = {}
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        scaling = dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+def _rope_fields(rope: dict, where: str) -> dict:
+    """ModelConfig RoPE fields of one transformers rope_parameters dict."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3", "linear"):
+        raise ExportError(f"unsupported checkpoint: {where} RoPE type {kind!r} (default, llama3 and linear are "
+                          "supported)")
+    fields = {"rope_theta": float(rope.get("rope_theta", 10000.0))}
+    if kind == "linear":
+        fields |= dict(rope_scaling="linear", rope_factor=float(rope["factor"]))
+    elif kind == "llama3":
+        fields |= dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
                        rope_low_freq_factor=float(rope["low_freq_factor"]),
                        rope_high_freq_factor=float(rope["high_freq_factor"]),
                        rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return fields
+
+
+def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
+    """Which blocks attend through the sliding window, from layer_types or each architecture's older rule."""
+    n, types = hf["num_hidden_layers"], hf.get("layer_types")
+    if types is None:
+        if architecture == "gemma2":
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        elif architecture == "gemma3":
+            every = hf.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+        elif hf.get("model_type") == "mistral" or hf.get("use_sliding_window"):
+            first = hf.get("max_window_layers", 0) if hf.get("model_type") != "mistral" else 0
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        else:
+            types = ["full_attention"] * n
+    window = hf.get("sliding_window")
+    if not window or window >= hf["max_position_embeddings"]:  # a window as long as the context is no window
+        return [False] * n
+    return [t == "sliding_attention" for t in types]
+
+
+def _window_fields(windowed: list[bool], window: int | None) -> dict:
+    """sliding_window and full_attention_every expressing `windowed`, or an ExportError for another pattern."""
+    if not any(windowed):
+        return {}
+    every = 0 if all(windowed) else windowed.index(False) + 1
+    if windowed != [not (every and (i + 1) % every == 0) for i in range(len(windowed))]:
+        raise ExportError("unsupported checkpoint: its sliding-window layers are not every layer but every "
+                          "full_attention_every-th (scalevec's model.full_attention_every)")
+    return {"sliding_window": int(window), "full_attention_every": every}
+
+
+def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
+    """The ModelConfig of a transformers config.json, and its layout (hf_keys.MODEL_TYPES)."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        raise ExportError("a multimodal Gemma 3 checkpoint (model_type gemma3); import a text-only one "
+                          "(Gemma3ForCausalLM, model_type gemma3_text)")
+    if model_type not in MODEL_TYPES:
+        raise ExportError(f"model_type {model_type!r} is not supported; import Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
+                          "Gemma 3 (text) or OLMo 2 checkpoints")
+    architecture = MODEL_TYPES[model_type]
+    gemma = architecture in ("gemma2", "gemma3")
+    activation = hf.get("hidden_activation", "gelu_pytorch_tanh") if gemma else hf.get("hidden_act", "silu")
+    checks = [(activation in HF_ACTIVATIONS, f"hidden activation {activation!r} (silu and gelu_pytorch_tanh are "
+                                             "supported)"),
+              (not hf.get("attention_bias", False), "attention_bias must be false"),
+              (not hf.get("mlp_bias", False), "mlp_bias must be false"),
+              (not hf.get("use_bidirectional_attention"), "bidirectional attention is not supported")]
+    for ok, message in checks:
+        if not ok:
+            raise ExportError(f"unsupported checkpoint: {message}")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    local = None
+    if architecture == "gemma3" and "full_attention" in rope:
+        rope, local = rope["full_attention"], rope.get("sliding_attention")
+    elif architecture == "gemma3":  # the older form: rope_theta, rope_scaling and rope_local_base_freq
+        local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    rope = {"rope_theta": hf.get("rope_theta", 1_000_000.0 if architecture == "gemma3" else 10000.0), **rope}
+    fields = _rope_fields(rope, "")
+    windowed = _windowed_layers(hf, architecture)
+    fields |= _window_fields(windowed, hf.get("sliding_window"))
+    if local is not None and any(windowed):
+        local_fields = _rope_fields(local, "sliding-window layers' ")
+        if set(local_fields) != {"rope_theta"}:
+            raise ExportError("unsupported checkpoint: RoPE scaling on sliding-window layers")
+        if local_fields["rope_theta"] != fields["rope_theta"] or "rope_scaling" in fields:
+            fields["rope_local_theta"] = local_fields["rope_theta"]
+    if gemma:
+        scalar = hf.get("query_pre_attn_scalar", 256)
+        fields |= dict(embedding_scale=True, query_pre_attn_scalar=0 if scalar == head_dim else int(scalar),
+                       attn_softcap=float(hf.get("attn_logit_softcapping", 50.0 if architecture == "gemma2" else None)
+                                          or 0.0),
+                       final_softcap=float(hf.get("final_logit_softcapping",
+                                                  30.0 if architecture == "gemma2" else None) or 0.0))
     return ModelConfig(preset="", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                        n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
                        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
-                       max_seq_len=hf["max_position_embeddings"], rope_theta=float(theta),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-                       qkv_bias=architecture == "qwen2", **scaling), architecture
+                       max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       tie_embeddings=hf.get("tie_word_embeddings", gemma), qkv_bias=architecture == "qwen2",
+                       activation=HF_ACTIVATIONS[activation], pre_norm=architecture != "olmo2", **fields), architecture
 
 
 def check_hf_state(state: dict, shapes: dict) -> None:
@@ -110,81 +176,68 @@ def check_hf_state(state: dict, shapes: dict) -> None:
         raise ExportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
 
 
-def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
-    """`scale.set_gamma(gamma)` for an optional scale; an ER refusal names the checkpoint tensor."""
-    if scale is None:
-        return
-    try:
-        scale.set_gamma(gamma)
-    except ValueError as err:
-        raise ExportError(f"{where}: {err}; choose strategy or, or plain") from None
-
-
 def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_start: bool
                     ) -> tuple[Config, Decoder, float]:
-    """Our model of a strategy from HF weights; returns (config, model, max |Δlogit| introduced)."""
+    """Our model of a strategy from HF weights; returns (config, model, max |Δlogit| introduced). The checkpoint
+    is read exactly into its architecture's own strategy, then converted (convert.py), keeping its norms."""
     model_config, architecture = model_config_from_hf(hf)
     check_hf_state(state, hf_shapes(model_config, architecture))
-    source_dnp = {"q", "k"} if architecture == "qwen3" else set()
-    target = make_strategy(strategy_name) if isinstance(strategy_name, str) else strategy_name
-    strategy_name = target.preset
-    if source_dnp - set(target.dnp):  # keep the source's QK-norm (which replaces DP on q, k)
-        target = replace(target, dnp=sorted(set(target.dnp) | source_dnp),
-                         dual_placement=[p for p in target.dual_placement if p not in source_dnp],
-                         preset=f"{strategy_name}+qknorm")
-    gammas = [state[n] for n in state if n.endswith("norm.weight")]
-    changes = []
-    if set(target.dnp) != source_dnp:
-        changes.append(f"DNP on {', '.join(sorted(set(target.dnp) - source_dnp))} adds norms")
-    if target.post_norms:
-        changes.append("post-branch norms add norms")
-    if target.qk_scale_shape != "head" and source_dnp:
-        changes.append("a full-width QK scale")
-    if target.scale == "fixed" and any(not torch.all(g == 1) for g in gammas):
-        changes.append("strategy none drops the checkpoint's non-unit norm weights")
-    if changes and not warm_start:
-        raise ExportError(f"strategy {strategy_name!r} changes the model's function ({'; '.join(changes)}); pass "
-                          "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
-                          "(standard, hg, dp, or, er and their compositions)")
-    reference = _model_from_hf(model_config, architecture, make_strategy("qknorm" if source_dnp else "standard"),
-                               state)
-    model = _model_from_hf(model_config, architecture, target, state)
+    source = source_strategy(architecture)
+    requested = make_strategy(strategy_name) if isinstance(strategy_name, str) else strategy_name
+    target = keeping_source_norms(source, requested)
+    if target != requested and set(target.dnp) != set(requested.dnp):
+        target = replace(target, preset=f"{requested.preset}+qknorm")  # the name says QK-norm was kept
+    reference = _source_model(model_config, architecture, source, state)
+    model = convert_decoder(copy.deepcopy(reference), target)
     probe = torch.randint(0, model_config.vocab_size, (2, min(32, model_config.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        difference = (model(probe) - reference(probe)).abs().max().item()
+        expected = reference(probe)
+        difference = (model(probe) - expected).abs().max().item()
+    changes = []
+    if set(target.dnp) != set(source.dnp):
+        changes.append(f"DNP on {', '.join(sorted(set(target.dnp) - set(source.dnp)))} adds norms")
+    if target.post_norms != source.post_norms:
+        changes.append("post-branch norms add norms")
+    if target.qk_norm_group != source.qk_norm_group and set(target.dnp) & {"q", "k", "v"}:
+        changes.append("a QK-norm over all heads at once")
+    if not changes and difference > 1e-4 * max(1.0, expected.abs().max().item()):
+        changes.append(f"strategy {target.scale!r} drops norm weights no matrix can absorb "
+                       "(a tied head's final norm, QK or post-branch norms)")
+    if changes and not warm_start:
+        raise ExportError(f"strategy {requested.preset!r} changes the model's function ({'; '.join(changes)}); pass "
+                          "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
+                          "(standard, hg, dp, or, er and their compositions)")
     config = Config(model=model_config, strategy=target)
     config.train.seq_len = min(config.train.seq_len, model_config.max_seq_len)
     return config, model, difference
 
 
-def _model_from_hf(model_config: ModelConfig, architecture: str, target, state: dict) -> Decoder:
-    m = model_config
-    model = Decoder(m, target)
-    model.init_weights(0)
+@torch.no_grad()
+def _source_model(m: ModelConfig, architecture: str, source: Strategy, state: dict) -> Decoder:
+    """The checkpoint exactly, under its architecture's own strategy: every norm weight a plain scale."""
+    model = Decoder(m, source)  # scales start at γ = 1; every matrix is copied below
+    offset = NORM_OFFSET.get(architecture, 0.0)
     top = {key: state[name] for key, name in global_keys(m).items()}
-    with torch.no_grad():
-        model.tok_emb.weight.copy_(top["embed"])
-        if model.head is not None:
-            model.head.weight.copy_(top["head"])
-        set_gamma(model.final_scale, top["final_norm"], "model.norm")
-        for i, block in enumerate(model.blocks):
-            names = layer_keys(i, architecture)
-            part = {key: state[name] for key, name in names.items()}
-            qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-            qkv.weight.copy_(torch.cat([part[n] for n in "qkv"]))
-            if qkv.bias is not None:
-                qkv.bias.copy_(torch.cat([part[f"{n}_bias"] for n in "qkv"]))
-            gate_up.weight.copy_(torch.cat([part["gate"], part["up"]]))
-            block.attn.o.weight.copy_(part["o"])
-            block.ffn.down.weight.copy_(part["down"])
-            for proj, norm, branches in ((qkv, "attn_norm", "qkv"), (gate_up, "ffn_norm", ("gate", "up"))):
-                set_gamma(proj.shared_scale, part[norm], names[norm])
-                for name in branches:
-                    set_gamma(proj.in_scales[name] if name in proj.in_scales else None, part[norm], names[norm])
-            for name in ("q", "k"):
-                if f"{name}_norm" in part and name in qkv.out_scales:
-                    set_gamma(qkv.out_scales[name], part[f"{name}_norm"], names[f"{name}_norm"])
+    model.tok_emb.weight.copy_(top["embed"])
+    if model.head is not None:
+        model.head.weight.copy_(top["head"])
+    model.final_scale.set_gamma(top["final_norm"].float() + offset)
+    for i, block in enumerate(model.blocks):
+        part = {key: state[name] for key, name in layer_keys(i, architecture).items()}
+        qkv, gate_up = block.attn.qkv, block.ffn.gate_up
+        qkv.weight.copy_(torch.cat([part[n] for n in "qkv"]))
+        if qkv.bias is not None:
+            qkv.bias.copy_(torch.cat([part[f"{n}_bias"] for n in "qkv"]))
+        gate_up.weight.copy_(torch.cat([part["gate"], part["up"]]))
+        block.attn.o.weight.copy_(part["o"])
+        block.ffn.down.weight.copy_(part["down"])
+        scales = {"attn_norm": qkv.shared_scale, "ffn_norm": gate_up.shared_scale,
+                  "attn_post_norm": block.attn_post_scale, "ffn_post_norm": block.ffn_post_scale,
+                  **{f"{n}_norm": qkv.out_scales[n] for n in qkv.out_scales}}
+        for key, scale in scales.items():
+            if key in part:
+                scale.set_gamma(part[key].float() + offset)
     return model
 
 

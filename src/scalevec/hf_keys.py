@@ -1,12 +1,49 @@
-"""The one key map between scalevec's decoder and transformers checkpoints of the Llama family
-(Llama and Mistral; Qwen2, with q/k/v biases; Qwen3, with q_norm/k_norm): which tensor each part of
-the model is, and its shape. Export writes these names (export/hf.py), import reads and checks them
-(hf_import.py); a part's name is the same on both sides.
+"""The one map between scalevec's decoder and transformers checkpoints: which tensor each part of the
+model is, its shape, and the strategy a checkpoint of each architecture is exactly. Export writes these
+names (export/hf.py), import reads and checks them (hf_import.py), apply_strategy converts the modules
+they belong to (apply.py); a part's name is the same on all sides.
+
+    llama   Llama and Mistral: pre-norms input_layernorm and post_attention_layernorm (before the FFN)
+    qwen2   Llama's layout with q/k/v biases
+    qwen3   Llama's layout with a per-head QK-norm (q_norm, k_norm)
+    gemma2  sandwich norms: input_layernorm / post_attention_layernorm around attention,
+            pre_feedforward_layernorm / post_feedforward_layernorm around the FFN; weights stored as γ - 1
+    gemma3  Gemma 2's layout with a per-head QK-norm
+    olmo2   no pre-norms: post_attention_layernorm and post_feedforward_layernorm on the branch outputs,
+            a QK-norm over all heads at once
 """
 
 from __future__ import annotations
 
 from .config import ModelConfig
+from .strategy import Strategy
+from .strategy import strategy as make_strategy
+
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+               "gemma3_text": "gemma3", "olmo2": "olmo2"}
+"""transformers model_type -> the layout above."""
+
+ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                        "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                        "olmo2": "Olmo2ForCausalLM"}
+"""What export writes: a layout above, or `mistral` (Llama's, for a model whose every block is windowed)."""
+EXPORT_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                      "gemma3": "gemma3_text", "olmo2": "olmo2"}
+
+NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
+"""What a stored norm weight adds to γ: Gemma's RMSNorm multiplies by 1 + weight."""
+
+HF_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+"""transformers activation names -> model.activation."""
+
+
+def source_strategy(architecture: str) -> Strategy:
+    """The strategy whose plain scales are exactly an architecture's norm weights."""
+    if architecture in ("gemma2", "gemma3"):
+        return make_strategy("gemma" if architecture == "gemma3" else "standard", post_norms=True)
+    if architecture == "olmo2":
+        return make_strategy("qknorm", post_norms=True, qk_scale_shape="full", qk_norm_group="full")
+    return make_strategy("qknorm" if architecture == "qwen3" else "standard")
 
 
 def global_keys(m: ModelConfig) -> dict[str, str]:
@@ -15,15 +52,23 @@ def global_keys(m: ModelConfig) -> dict[str, str]:
 
 
 def layer_keys(i: int, architecture: str) -> dict[str, str]:
-    """Block i's parts: attn_norm and ffn_norm (pre-norm weights), q k v o, gate up down, and q_bias k_bias
-    v_bias (Qwen2) or q_norm k_norm (Qwen3)."""
+    """Block i's parts: q k v o, gate up down; the norms attn_norm and ffn_norm (before a branch),
+    attn_post_norm and ffn_post_norm (on its output); q_bias k_bias v_bias (Qwen2) or q_norm k_norm."""
     p = f"model.layers.{i}"
-    keys = {"attn_norm": f"{p}.input_layernorm.weight", "ffn_norm": f"{p}.post_attention_layernorm.weight",
-            **{n: f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"},
+    keys = {**{n: f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"},
             **{n: f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")}}
+    if architecture in ("gemma2", "gemma3"):
+        keys |= {"attn_norm": f"{p}.input_layernorm.weight", "attn_post_norm": f"{p}.post_attention_layernorm.weight",
+                 "ffn_norm": f"{p}.pre_feedforward_layernorm.weight",
+                 "ffn_post_norm": f"{p}.post_feedforward_layernorm.weight"}
+    elif architecture == "olmo2":
+        keys |= {"attn_post_norm": f"{p}.post_attention_layernorm.weight",
+                 "ffn_post_norm": f"{p}.post_feedforward_layernorm.weight"}
+    else:
+        keys |= {"attn_norm": f"{p}.input_layernorm.weight", "ffn_norm": f"{p}.post_attention_layernorm.weight"}
     if architecture == "qwen2":
         keys |= {f"{n}_bias": f"{p}.self_attn.{n}_proj.bias" for n in "qkv"}
-    if architecture == "qwen3":
+    if architecture in ("qwen3", "gemma3", "olmo2"):
         keys |= {f"{n}_norm": f"{p}.self_attn.{n}_norm.weight" for n in "qk"}
     return keys
 
@@ -31,9 +76,11 @@ def layer_keys(i: int, architecture: str) -> dict[str, str]:
 def hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:
     """Every tensor of the checkpoint and its shape."""
     d, hd, q, kv = m.d_model, m.head_size, m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    part = {"attn_norm": (d,), "ffn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
-            "gate": (m.d_ff, d), "up": (m.d_ff, d), "down": (d, m.d_ff), "q_bias": (q,), "k_bias": (kv,),
-            "v_bias": (kv,), "q_norm": (hd,), "k_norm": (hd,)}
+    full_qk_norm = architecture == "olmo2"
+    part = {"attn_norm": (d,), "ffn_norm": (d,), "attn_post_norm": (d,), "ffn_post_norm": (d,), "q": (q, d),
+            "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (m.d_ff, d), "up": (m.d_ff, d), "down": (d, m.d_ff),
+            "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,),
+            "q_norm": (q,) if full_qk_norm else (hd,), "k_norm": (kv,) if full_qk_norm else (hd,)}
     shapes = {name: {"embed": (m.vocab_size, d), "final_norm": (d,), "head": (m.vocab_size, d)}[key]
               for key, name in global_keys(m).items()}
     for i in range(m.n_layers):

@@ -1,14 +1,14 @@
 """Dense Pre-Norm decoder with every scale-vector strategy of the paper as configuration.
 
-    x = embed(tokens)
+    x = embed(tokens)                                [· sqrt(d): Gemma]
     for each block:
-        x̂ = Norm(x)                                 (computed once, no weight)
+        x̂ = Norm(x)                                 (computed once, no weight; OLMo 2: x̂ = x)
         q, k, v = Projection_qkv(x̂)                  (scales per the strategy; DNP on q,k = QK-norm)
-        x += [post-norm] o(SDPA(RoPE(q), RoPE(k), v))
+        x += [post-norm] o(attention(RoPE(q), RoPE(k), v))   (causal; windowed and soft-capped: Gemma)
         x̂ = Norm(x)
         gate, up = Projection_gate_up(x̂)             (or a routed MoE FFN: moe.py)
-        x += [post-norm] down(silu(gate) ⊙ up)
-    logits = head(γ_final ⊙ Norm(x))
+        x += [post-norm] down(act(gate) ⊙ up)        (act: silu, SwiGLU; or tanh-GELU, GeGLU)
+    logits = head(γ_final ⊙ Norm(x))                 [c·tanh(logits / c): Gemma 2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig
 from .moe import MoEFeedForward
-from .projection import Branch, Projection, normalize
+from .projection import ACTIVATIONS, Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, make_scale, scale_param_info
 from .strategy import Strategy
 
@@ -33,21 +33,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_frequencies(m: ModelConfig) -> torch.Tensor:
-    """Inverse wavelengths of the rotary pairs, with Llama 3.1's scaling under rope_scaling = llama3."""
+def rope_frequencies(m: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse wavelengths of the rotary pairs: of windowed blocks under rope_local_theta (`local`), else with
+    rope_scaling (llama3: Llama 3.1's; linear: all divided by rope_factor)."""
     head = m.head_size
-    inv_freq = 1.0 / m.rope_theta ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
-    if m.rope_scaling == "none":
+    theta = m.rope_local_theta if local else m.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
+    if m.rope_scaling == "none" or local:
         return inv_freq
+    if m.rope_scaling == "linear":
+        return inv_freq / m.rope_factor
     wavelength = 2 * math.pi / inv_freq
     ratio = m.rope_original_max_seq_len / wavelength  # context over wavelength: low for low frequencies
     smooth = ((ratio - m.rope_low_freq_factor) / (m.rope_high_freq_factor - m.rope_low_freq_factor)).clamp(0, 1)
     return (1 - smooth) * inv_freq / m.rope_factor + smooth * inv_freq
 
 
-def rope_tables(m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(m: ModelConfig, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (max_seq_len, head size), HF Llama's rotate-half layout."""
-    angles = torch.outer(torch.arange(m.max_seq_len, dtype=torch.float64), rope_frequencies(m))
+    angles = torch.outer(torch.arange(m.max_seq_len, dtype=torch.float64), rope_frequencies(m, local))
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -56,15 +60,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def is_windowed(m: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` attends through the sliding window (model.sliding_window, full_attention_every)."""
+    return m.sliding_window > 0 and not (m.full_attention_every and (layer + 1) % m.full_attention_every == 0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int,
+              softcap: float) -> torch.Tensor:
+    """Causal attention of the queries, the last positions of the keys (all of them when q and k are as long),
+    with an optional sliding window and score soft-capping; q (B, H, T, hd), k and v (B, H_kv, S, hd)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not window and not softcap:  # SDPA's is_causal is only right for T == S; one cached query sees all
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=gqa)
+    query_at = torch.arange(S - T, S, device=q.device)[:, None]
+    key_at = torch.arange(S, device=q.device)[None, :]
+    visible = (key_at <= query_at) & ((query_at - key_at < window) if window else True)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, -math.inf)
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
-    def __init__(self, m: ModelConfig, s: Strategy):
+    def __init__(self, m: ModelConfig, s: Strategy, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.head_size
+        self.windowed = is_windowed(m, layer)
+        self.window = m.sliding_window if self.windowed else 0
+        self.scale = m.query_pre_attn_scalar ** -0.5 if m.query_pre_attn_scalar else None
+        self.softcap = m.attn_softcap
         hd, q_out, kv_out = m.head_size, m.n_heads * m.head_size, m.n_kv_heads * m.head_size
         shape = lambda out: hd if s.qk_scale_shape == "head" else out  # noqa: E731
-        branches = [Branch(name=n, out_features=out, norm_group=hd, out_scale_size=shape(out))
+        group = lambda out: hd if s.qk_norm_group == "head" else out  # noqa: E731
+        branches = [Branch(name=n, out_features=out, norm_group=group(out), out_scale_size=shape(out))
                     for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
-        self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=True, norm=m.norm,
+        self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=m.pre_norm, norm=m.norm,
                               eps=m.norm_eps, bias=m.qkv_bias)
         self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,
                             norm=m.norm, eps=m.norm_eps)
@@ -81,32 +115,32 @@ class Attention(nn.Module):
             if kv:
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
             kv[:] = [k, v]
-        # a cached step attends to every earlier position; SDPA's causal mask is only right for q_len == k_len
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = attention(q, k, v, self.scale, self.window, self.softcap)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))[0]
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate) ⊙ up)."""
+    """Gated FFN: down(act(gate) ⊙ up), SwiGLU or GeGLU."""
 
     def __init__(self, m: ModelConfig, s: Strategy):
         super().__init__()
         ff = m.d_ff
         self.gate_up = Projection(d_in=m.d_model, branches=[Branch.whole("gate", ff), Branch.whole("up", ff)],
-                                  strategy=s, reads_norm=True, norm=m.norm, eps=m.norm_eps)
+                                  strategy=s, reads_norm=m.pre_norm, norm=m.norm, eps=m.norm_eps)
         self.down = Projection(d_in=ff, branches=[Branch.whole("down", m.d_model)], strategy=s, reads_norm=False,
                                norm=m.norm, eps=m.norm_eps)
+        self.activation = ACTIVATIONS[m.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down(F.silu(gate) * up)[0]
+        return self.down(self.activation(gate) * up)[0]
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig | None = None):
+    def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig | None = None, layer: int = 0):
         super().__init__()
-        self.norm, self.eps = m.norm, m.norm_eps
-        self.attn = Attention(m, s)
+        self.norm, self.eps, self.pre_norm = m.norm, m.norm_eps, m.pre_norm
+        self.attn = Attention(m, s, layer)
         if moe is None:
             self.ffn = FeedForward(m, s)
         else:
@@ -122,10 +156,12 @@ class Block(nn.Module):
             return y
         return normalize(y, y.shape[-1], self.norm, self.eps, None if scale is None else scale())
 
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, x.shape[-1], self.norm, self.eps) if self.pre_norm else x
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
-        attended = self.attn(normalize(x, x.shape[-1], self.norm, self.eps), cos, sin, kv)
-        x = x + self._post(attended, self.attn_post_scale)
-        return x + self._post(self.ffn(normalize(x, x.shape[-1], self.norm, self.eps)), self.ffn_post_scale)
+        x = x + self._post(self.attn(self._pre(x), cos, sin, kv), self.attn_post_scale)
+        return x + self._post(self.ffn(self._pre(x)), self.ffn_post_scale)
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
         infos = self.attn.qkv.param_info(f"{prefix}.attn.qkv") | self.attn.o.param_info(f"{prefix}.attn.o")
@@ -147,7 +183,8 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(model.vocab_size, model.d_model)
         moe = moe or MoEConfig()
         is_moe = [model.moe_experts > 0 and (i + 1) % model.moe_every == 0 for i in range(model.n_layers)]
-        self.blocks = nn.ModuleList(Block(model, strategy, moe if is_moe[i] else None) for i in range(model.n_layers))
+        self.blocks = nn.ModuleList(Block(model, strategy, moe if is_moe[i] else None, i)
+                                    for i in range(model.n_layers))
         # the final norm feeds the head, a linear map: an Input-Norm (docs/paper-notes.md section 3)
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)
         self.head = None if model.tie_embeddings else nn.Linear(model.d_model, model.vocab_size, bias=False)
@@ -155,6 +192,10 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(model)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if model.rope_local_theta:  # windowed blocks rotate with their own base (Gemma 3)
+            cos, sin = rope_tables(model, local=True)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -190,16 +231,25 @@ class Decoder(nn.Module):
         start = cache[0][0].shape[2] if cache and cache[0] else 0
         if cache is not None and start and T > 1:
             raise ValueError("with a filled cache, feed one token at a time")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        rope = {False: (self.rope_cos[start:start + T], self.rope_sin[start:start + T])}
+        if self.config.rope_local_theta:
+            rope[True] = (self.rope_local_cos[start:start + T], self.rope_local_sin[start:start + T])
         x = self.tok_emb(tokens)
+        if self.config.embedding_scale:  # the factor rounded to x's dtype first, as Gemma does
+            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
         for i, block in enumerate(self.blocks):
+            cos, sin = rope[block.attn.windowed and self.config.rope_local_theta > 0]
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, None if cache is None else cache[i])
         gamma = None if self.final_scale is None else self.final_scale()
         x = normalize(x, x.shape[-1], self.config.norm, self.config.norm_eps, gamma)
-        return F.linear(x, self.head_weight)
+        logits = F.linear(x, self.head_weight)
+        if self.config.final_softcap:
+            cap = self.config.final_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]

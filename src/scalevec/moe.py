@@ -1,7 +1,7 @@
 """Mixture-of-experts FFN with scale vectors.
 
     x̂ ─► router (its own input scale under HG) ─► top-k experts ─► Σ weight · expert(x̂)  [+ shared expert]
-    expert e: down_e(silu(gate_e) ⊙ up_e), gate_e/up_e reading x̂ through per-expert (or shared) scales,
+    expert e: down_e(act(gate_e) ⊙ up_e), gate_e/up_e reading x̂ through per-expert (or shared) scales,
               with DP or DNP on gate/up as the strategy says
 
 Experts are stacked 3-D tensors. Dispatch is dropless and has no Python loop over experts:
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .projection import normalize
+from .projection import ACTIVATIONS, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale, scale_param_info
 from .strategy import Strategy
 
@@ -45,7 +45,7 @@ class MoEFeedForward(nn.Module):
         E, d = m.moe_experts, m.d_model
         de = m.moe_d_expert or m.d_ff
         self.experts, self.top_k, self.d_expert, self.moe = E, m.moe_top_k, de, moe
-        self.norm, self.eps = m.norm, m.norm_eps
+        self.norm, self.eps, self.activation = m.norm, m.norm_eps, ACTIVATIONS[m.activation]
         self.router = nn.Parameter(torch.empty(E, d))
         self.gate_up = nn.Parameter(torch.empty(E, 2 * de, d))
         self.down = nn.Parameter(torch.empty(E, d, de))
@@ -103,8 +103,8 @@ class MoEFeedForward(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, indices, weights
 
-    def swiglu(self, gate_up: torch.Tensor, per_expert) -> torch.Tensor:
-        """silu(gate) ⊙ up after DNP; `per_expert` lays an (E, d_expert) scale out like gate_up's rows."""
+    def gated(self, gate_up: torch.Tensor, per_expert) -> torch.Tensor:
+        """act(gate) ⊙ up after DNP; `per_expert` lays an (E, d_expert) scale out like gate_up's rows."""
         acts = []
         for name, h in zip(("gate", "up"), gate_up.split(self.d_expert, dim=-1)):
             if self.placements[name] == "dnp":
@@ -113,14 +113,14 @@ class MoEFeedForward(nn.Module):
                     gamma = self.out_scales[name]()
                     h = h * (per_expert(gamma) if gamma.ndim == 2 else gamma)
             acts.append(h)
-        return F.silu(acts[0]) * acts[1]
+        return self.activation(acts[0]) * acts[1]
 
     def grouped_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ends = counts.cumsum(0).to(torch.int32)
         gate_up = grouped_mm(rows, self.effective_gate_up().transpose(1, 2), ends)
         # a one-hot matmul, not gamma[expert_of], whose backward is a slow scatter (benchmarks/README.md, MoE)
         one_hot = F.one_hot(expert_of, self.experts).to(gate_up.dtype)
-        act = self.swiglu(gate_up, lambda gamma: one_hot @ gamma.to(gate_up.dtype))
+        act = self.gated(gate_up, lambda gamma: one_hot @ gamma.to(gate_up.dtype))
         return grouped_mm(act, self.down.transpose(1, 2), ends)
 
     def padded_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class MoEFeedForward(nn.Module):
         slot = expert_of * capacity + torch.arange(len(rows), device=rows.device) - starts[expert_of]
         buffer = rows.new_zeros(self.experts * capacity, rows.shape[-1]).index_copy(0, slot, rows)
         gate_up = torch.bmm(buffer.view(self.experts, capacity, -1), self.effective_gate_up().transpose(1, 2))
-        act = self.swiglu(gate_up, lambda gamma: gamma.unsqueeze(1))
+        act = self.gated(gate_up, lambda gamma: gamma.unsqueeze(1))
         return torch.bmm(act, self.down.transpose(1, 2)).reshape(self.experts * capacity, -1)[slot]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ def normalize(x: torch.Tensor, group: int, kind: str, eps: float, weight: torch.
     return F.layer_norm(x, (group,), weight, None, eps)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+"""Gate nonlinearities of gated FFNs (model.activation): SwiGLU's and GeGLU's."""
+
+
 @dataclass(frozen=True)
 class Branch:
     """One logical linear map inside a fused projection."""

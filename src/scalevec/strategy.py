@@ -33,6 +33,9 @@ class Strategy:
     """Gemma-style sandwich norms: x += γ ⊙ Norm(branch output), an Output-Norm per branch."""
     qk_scale_shape: Literal["head", "full"] = "head"
     """Output-side scale of DNP on q/k/v: `head` (head_dim, shared by heads: Qwen3/Gemma3) or `full`."""
+    qk_norm_group: Literal["head", "full"] = "head"
+    """What DNP on q/k/v normalizes over: each `head` (Qwen3, Gemma 3) or the `full` projection output at once
+    (OLMo 2; needs qk_scale_shape = full)."""
     magnitude_on_dnp_inputs: bool = False
     """Give OR/ER magnitude β to input-side scales that only feed DNP branches (its gradient is ~0)."""
     dual_placement_role: Literal["input", "output"] = "input"
@@ -100,3 +103,15 @@ def strategy(name: str, **overrides) -> Strategy:
     return replace(Strategy(**preset_values(name)), **overrides)
 
 
+
+
+def keeping_source_norms(source: Strategy, target: Strategy) -> Strategy:
+    """`target` with every norm `source` has (its DNP branches, post-branch norms) and, for DNP on q/k/v, the
+    source's full-width QK scale and norm group: a conversion that dropped a norm would change the model's
+    function and discard the scale behind it."""
+    qkv_dnp = bool(set(source.dnp) & {"q", "k", "v"})
+    return replace(target, dnp=[*target.dnp, *(p for p in source.dnp if p not in target.dnp)],
+                   dual_placement=[p for p in target.dual_placement if p not in source.dnp],
+                   post_norms=target.post_norms or source.post_norms,
+                   qk_scale_shape="full" if qkv_dnp and source.qk_scale_shape == "full" else target.qk_scale_shape,
+                   qk_norm_group="full" if qkv_dnp and source.qk_norm_group == "full" else target.qk_norm_group)

@@ -1,11 +1,11 @@
-"""Hugging Face checkpoints out: folded Llama/Qwen3 safetensors that `transformers` loads offline
-(the way in is `hf_import.py`).
+"""Hugging Face checkpoints out: folded safetensors that `transformers` loads offline, as the
+architecture whose norms the model has (hf_keys.py; the way in is `hf_import.py`).
 
-Mapping. A block norm's one shared scale is the HF norm weight; per-branch (HG) and DP scales are
-folded into the projections; the final norm's scale is `model.norm.weight`; DNP on q, k with a
-`head`-shaped output scale is Qwen3's q_norm/k_norm. Anything else (DNP on other projections,
-post-branch norms, LayerNorm, a `full` QK scale) has no Llama/Qwen3 form, and export refuses it
-rather than write a checkpoint that computes different logits.
+Mapping. A block norm's one shared scale is the HF norm weight (Gemma: weight = γ - 1); per-branch (HG)
+and DP scales are folded into the projections; the final norm's scale is `model.norm.weight`; DNP on
+q, k is the QK-norm (head-shaped: Qwen3, Gemma 3; over all heads: OLMo 2); post-branch norms are
+Gemma's and OLMo 2's. Anything else (DNP on other projections, LayerNorm, MoE) has no transformers
+form here, and export refuses it rather than write a checkpoint that computes different logits.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from ..checkpoint import load_run_model, run_tokenizer
 from ..config import Config, ModelConfig
-from ..hf_keys import global_keys, layer_keys
-from ..model import Decoder
+from ..hf_keys import ARCHITECTURE_CLASSES, EXPORT_MODEL_TYPES, HF_ACTIVATIONS, NORM_OFFSET, global_keys, layer_keys
+from ..model import Decoder, is_windowed
 from ..outputs import DirectoryLock, claim_directory, contains, new_directory
 from ..scales import Scale
 from . import ExportError
@@ -31,29 +31,74 @@ from .fold import fold_scales
 
 EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+OTHERWISE = "use `scalevec generate` on the run directory, or train a model an architecture has (hf_keys.py)"
+
+
+def _architecture_of_norms(config: Config) -> str:
+    """The architecture whose norms the model has (its norm placement is what export cannot change)."""
+    s, m = config.strategy, config.model
+    options = OTHERWISE
+    if m.moe_experts:
+        raise ExportError(f"MoE models have no transformers form here; {options}")
+    if m.norm != "rms":
+        raise ExportError(f"model.norm={m.norm!r} has no transformers form here (RMSNorm only); {options}")
+    qk_norm = {"q", "k"} if set(s.dnp) == {"q", "k"} else None
+    if not m.pre_norm:
+        if s.post_norms and qk_norm and s.qk_norm_group == "full":
+            return "olmo2"
+        raise ExportError("model.pre_norm=false exports only as OLMo 2: post-branch norms and DNP on exactly q, k "
+                          f"over all heads (strategy.qk_norm_group=full); {options}")
+    if s.qk_norm_group != "head" and s.dnp:
+        raise ExportError(f"a QK-norm over all heads with pre-norms has no transformers form; {options}")
+    if s.post_norms:
+        if not s.dnp:
+            return "gemma2"
+        if qk_norm and s.qk_scale_shape == "head":
+            return "gemma3"
+        raise ExportError(f"post-branch norms with DNP on {', '.join(s.dnp)} have no Gemma form (Gemma 3: DNP on q, k "
+                          f"with a head-shaped scale); {options}")
+    if m.qkv_bias:
+        if s.dnp:
+            raise ExportError(f"q/k/v biases with DNP have no Qwen2 form (Qwen2 has no QK-norm); {options}")
+        return "qwen2"
+    if not s.dnp:
+        return "llama"
+    if qk_norm and s.qk_scale_shape == "head":
+        return "qwen3"
+    raise ExportError(f"DNP on {', '.join(sorted(s.dnp))}{' with a full-width scale' if qk_norm else ''} "
+                      f"has no transformers form, and export refuses to write different logits; {options}")
 
 
 def hf_architecture(config: Config) -> str:
-    s, m = config.strategy, config.model
-    options = "use `scalevec generate` on the run directory, or train with strategy.dnp limited to q,k (head shape)"
-    if m.moe_experts:
-        raise ExportError(f"MoE models have no Llama/Qwen3 form; {options}")
-    if m.norm != "rms":
-        raise ExportError(f"model.norm={m.norm!r} has no Llama/Qwen3 form (RMSNorm only); {options}")
-    if s.post_norms:
-        raise ExportError(f"post-branch norms (strategy.post_norms) have no Llama/Qwen3 form; {options}")
-    dnp = set(s.dnp)
-    if m.qkv_bias:
-        if dnp:
-            raise ExportError(f"q/k/v biases with DNP have no Qwen2 form (Qwen2 has no QK-norm); {options}")
-        return "qwen2"
-    if not dnp:
-        return "llama"
-    if dnp == {"q", "k"} and s.qk_scale_shape == "head":
-        return "qwen3"
-    raise ExportError(f"DNP on {', '.join(sorted(dnp))}{' with a full-width scale' if dnp == {'q', 'k'} else ''} "
-                      f"has no Llama/Qwen3 form, and export refuses to write different logits; {options}")
+    """The transformers architecture the model exports as (hf_keys.py), or an ExportError naming what no
+    architecture with its norms has."""
+    architecture = _architecture_of_norms(config)
+    m = config.model
+    if architecture == "llama" and m.sliding_window and not m.full_attention_every:
+        architecture = "mistral"
+    gemma = architecture in ("gemma2", "gemma3")
+    features = {"model.embedding_scale": m.embedding_scale,
+                "model.attn_softcap": m.attn_softcap > 0, "model.final_softcap": m.final_softcap > 0,
+                "model.query_pre_attn_scalar": m.query_pre_attn_scalar not in (0, m.head_size),
+                "model.sliding_window": m.sliding_window > 0, "model.rope_local_theta": m.rope_local_theta > 0,
+                "model.qkv_bias": m.qkv_bias}
+    allowed = {"gemma2": {"model.embedding_scale", "model.attn_softcap", "model.final_softcap",
+                          "model.query_pre_attn_scalar", "model.sliding_window"},
+               "gemma3": {"model.embedding_scale", "model.attn_softcap", "model.final_softcap",
+                          "model.query_pre_attn_scalar", "model.sliding_window", "model.rope_local_theta"},
+               "qwen2": {"model.qkv_bias"}, "mistral": {"model.sliding_window"}}.get(architecture, set())
+    for feature, used in features.items():
+        if used and feature not in allowed:
+            raise ExportError(f"{feature} has no {ARCHITECTURE_CLASSES[architecture]} form (the architecture of "
+                              f"this model's norms); {OTHERWISE}")
+    if gemma and not m.embedding_scale:
+        raise ExportError(f"{ARCHITECTURE_CLASSES[architecture]} (the architecture of this model's norms) scales its "
+                          f"embeddings by sqrt(d_model), so it needs model.embedding_scale = true; {OTHERWISE}")
+    if gemma and m.rope_scaling == "llama3":
+        raise ExportError(f"Gemma has no llama3 RoPE scaling; {OTHERWISE}")
+    return architecture
 
 
 def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
@@ -63,46 +108,73 @@ def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
 def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
-    sizes = [m.n_heads * m.head_size, m.n_kv_heads * m.head_size, m.n_kv_heads * m.head_size]
-    parts = {"embed": folded.tok_emb.weight, "final_norm": _gamma(folded.final_scale, m.d_model),
+    offset = NORM_OFFSET.get(architecture, 0.0)
+    q, kv = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+    qk_norm_size = {"q": q, "k": kv} if architecture == "olmo2" else {"q": m.head_size, "k": m.head_size}
+    parts = {"embed": folded.tok_emb.weight, "final_norm": _gamma(folded.final_scale, m.d_model) - offset,
              "head": None if folded.head is None else folded.head.weight}
     state = {name: parts[key] for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
         qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-        parts = {"attn_norm": _gamma(qkv.shared_scale, m.d_model), "ffn_norm": _gamma(gate_up.shared_scale, m.d_model),
-                 **dict(zip("qkv", qkv.weight.split(sizes))), "o": block.attn.o.weight,
+        parts = {"attn_norm": _gamma(qkv.shared_scale, m.d_model) - offset,
+                 "ffn_norm": _gamma(gate_up.shared_scale, m.d_model) - offset,
+                 "attn_post_norm": _gamma(block.attn_post_scale, m.d_model) - offset,
+                 "ffn_post_norm": _gamma(block.ffn_post_scale, m.d_model) - offset,
+                 **dict(zip("qkv", qkv.weight.split([q, kv, kv]))), "o": block.attn.o.weight,
                  **dict(zip(("gate", "up"), gate_up.weight.split([m.d_ff, m.d_ff]))), "down": block.ffn.down.weight}
         if qkv.bias is not None:
-            parts |= dict(zip(("q_bias", "k_bias", "v_bias"), qkv.bias.split(sizes)))
+            parts |= dict(zip(("q_bias", "k_bias", "v_bias"), qkv.bias.split([q, kv, kv])))
         for name in ("q", "k"):
-            parts[f"{name}_norm"] = _gamma(qkv.out_scales[name] if name in qkv.out_scales else None, m.head_size)
+            scale = qkv.out_scales[name] if name in qkv.out_scales else None
+            parts[f"{name}_norm"] = _gamma(scale, qk_norm_size[name]) - offset
         state |= {hf_name: parts[key] for key, hf_name in layer_keys(i, architecture).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
+def _rope_parameters(m: ModelConfig, local: bool = False) -> dict:
+    if local:
+        return {"rope_type": "default", "rope_theta": m.rope_local_theta}
+    rope = {"rope_type": "default" if m.rope_scaling == "none" else m.rope_scaling, "rope_theta": m.rope_theta}
+    if m.rope_scaling == "linear":
+        rope["factor"] = m.rope_factor
+    elif m.rope_scaling == "llama3":
+        rope |= {"factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
+                 "high_freq_factor": m.rope_high_freq_factor,
+                 "original_max_position_embeddings": m.rope_original_max_seq_len}
+    return rope
+
+
 def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str = "float32") -> dict:
+    activation = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}[m.activation]
+    rope = _rope_parameters(m)
     config = {
         "architectures": [ARCHITECTURE_CLASSES[architecture]],
-        "model_type": architecture, "vocab_size": m.vocab_size, "hidden_size": m.d_model,
+        "model_type": EXPORT_MODEL_TYPES[architecture], "vocab_size": m.vocab_size, "hidden_size": m.d_model,
         "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size, "hidden_act": "silu",
+        "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size, "hidden_act": activation,
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "rope_scaling": None,
+        "rope_parameters": rope, "rope_scaling": None if m.rope_scaling == "none" else rope,
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": m.init_std, "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": dtype,
-        "use_cache": True,
+        "initializer_range": m.init_std, "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id,
+        "torch_dtype": dtype, "use_cache": True,
     }
-    if m.rope_scaling == "llama3":  # transformers 5 reads rope_parameters, 4.x rope_scaling
-        scaling = {"rope_type": "llama3", "factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
-                   "high_freq_factor": m.rope_high_freq_factor,
-                   "original_max_position_embeddings": m.rope_original_max_seq_len}
-        config["rope_parameters"] = {**scaling, "rope_theta": m.rope_theta}
-        config["rope_scaling"] = scaling
+    layer_types = ["sliding_attention" if is_windowed(m, i) else "full_attention" for i in range(m.n_layers)]
+    if architecture in ("gemma2", "gemma3"):
+        config |= {"hidden_activation": activation, "query_pre_attn_scalar": m.query_pre_attn_scalar or m.head_size,
+                   "attn_logit_softcapping": m.attn_softcap or None, "final_logit_softcapping": m.final_softcap or None,
+                   "sliding_window": m.sliding_window or None, "layer_types": layer_types,
+                   "use_bidirectional_attention": False}
+    if architecture == "gemma3":  # RoPE per layer type; windowed blocks without rope_local_theta share the global one
+        config["rope_parameters"] = {"full_attention": rope, "sliding_attention":
+                                     _rope_parameters(m, local=True) if m.rope_local_theta else dict(rope)}
+        config["rope_local_base_freq"] = m.rope_local_theta or m.rope_theta
     if architecture == "llama":
         config["mlp_bias"] = False
-    else:  # Qwen2 and Qwen3
+    elif architecture == "mistral":
+        config["sliding_window"] = m.sliding_window
+    elif architecture in ("qwen2", "qwen3"):
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers,
-                   "layer_types": ["full_attention"] * m.n_layers}
+                   "layer_types": layer_types}
     return config
 
 

@@ -1,0 +1,89 @@
+"""A scalevec Decoder under another strategy, built directly: the source folded down to its norm weights
+(HG and DP scales go into the matrices), those weights into the target's scales, or into the columns of
+the matrix a norm feeds where the target has no scale for them; every norm the source has is kept
+(`keeping_source_norms`). Exact strategies keep the logits. Used by `apply_strategy` and by import, which
+first reads a checkpoint into its architecture's own strategy (hf_keys.source_strategy).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .export import ExportError
+from .export.fold import fold_scales
+from .model import Decoder
+from .projection import Projection
+from .scales import Scale
+from .strategy import Strategy, keeping_source_norms
+
+
+def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
+    """`scale.set_gamma(gamma)` for an optional scale; an ER refusal names the tensor."""
+    if scale is None:
+        return
+    try:
+        scale.set_gamma(gamma)
+    except ValueError as err:
+        raise ExportError(f"{where}: {err}; choose strategy or, or plain") from None
+
+
+def _take_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> bool:
+    """Give `scale` the effective value `gamma`; False when there is no scale to hold it."""
+    if scale is None:
+        return False
+    set_gamma(scale, gamma, where)
+    return True
+
+
+@torch.no_grad()
+def _convert_projection(source: Projection, target: Projection, where: str) -> None:
+    """Weights and scales of a folded source projection (only block-norm γ and DNP output scales left) into
+    `target`; a norm γ the target has no scale for goes into the weight's columns."""
+    gamma = None if source.shared_scale is None else source.shared_scale().detach()
+    weight = source.weight.detach().clone()
+    start = 0
+    for branch, placement, source_placement in zip(target.branches, target.placements, source.placements):
+        rows = slice(start, start + branch.out_features)
+        start += branch.out_features
+        if gamma is not None and not _take_gamma(target.in_scale(branch.name), gamma, f"{where} input scale"):
+            weight[rows] *= gamma
+        if source_placement == placement == "dnp" and branch.name in source.out_scales and \
+                branch.name in target.out_scales:
+            out, into = source.out_scales[branch.name]().detach(), target.out_scales[branch.name]
+            # a head-shaped scale becomes a full-width one by repeating it over the heads
+            _take_gamma(into, out.repeat(into().shape[-1] // out.shape[-1]), f"{where}.out_scales.{branch.name}")
+    target.weight.copy_(weight)
+    if source.bias is not None:
+        target.bias.copy_(source.bias)
+
+
+@torch.no_grad()
+def convert_decoder(model: Decoder, target: Strategy) -> Decoder:
+    """Build `model`'s network under `target` directly, then swap it in: the source folded to its norm weights,
+    those weights into the target's scales (or columns), the source's norms kept (`keeping_source_norms`)."""
+    if model.moe_layers():
+        raise ExportError("apply_strategy does not convert MoE Decoders; build the model under the strategy "
+                          "(scalevec.build_model) instead")
+    target = keeping_source_norms(model.strategy, target)
+    source = fold_scales(copy.deepcopy(model), keep_norm_weights=True)  # HG and DP scales are in the weights now
+    weight = model.tok_emb.weight
+    new = Decoder(model.config, target).to(device=weight.device, dtype=weight.dtype)  # every scale at γ = 1
+    new.tok_emb.weight.copy_(source.tok_emb.weight)
+    if new.head is not None:
+        new.head.weight.copy_(source.head.weight)
+    if source.final_scale is not None:
+        final = source.final_scale().detach()
+        if not _take_gamma(new.final_scale, final, "final_scale") and new.head is not None:
+            new.head.weight *= final  # a tied head cannot take it: `none` drops it, as it asks
+    for i, (a, b) in enumerate(zip(source.blocks, new.blocks)):
+        for name in ("attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"):
+            _convert_projection(a.get_submodule(name), b.get_submodule(name), f"blocks.{i}.{name}")
+        for name in ("attn_post_scale", "ffn_post_scale"):
+            if getattr(a, name) is not None:
+                _take_gamma(getattr(b, name), getattr(a, name)().detach(), f"blocks.{i}.{name}")
+    model.strategy = target
+    for name in ("tok_emb", "blocks", "final_scale", "head"):
+        setattr(model, name, getattr(new, name))
+    return model
