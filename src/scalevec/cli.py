@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     bench.set_defaults(func=cmd_bench)
 
-    export = sub.add_parser("export", help="fold scales and write a transformers-loadable Llama/Qwen3 checkpoint")
+    export = sub.add_parser("export", help="fold scales and write a transformers checkpoint (Llama ... OLMo 2)")
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
     export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
     export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the stored weights (the scales are folded in float32 first)")
     export.set_defaults(func=cmd_export)
 
-    imp = sub.add_parser("import", help="convert a Llama/Qwen3 safetensors checkpoint to a strategy (a run directory)")
+    imp = sub.add_parser("import", help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
     imp.add_argument("hf_dir", help="a Hugging Face model directory (config.json, model.safetensors)")
     imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
     imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
