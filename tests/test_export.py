@@ -77,7 +77,7 @@ def test_exported_tokenizer_loads_offline(small_data, tmp_path):
 @pytest.mark.parametrize("name, reason", [("unified", "no transformers form"), ("dnp", "no transformers form"),
                                           ("gemma", "needs model.embedding_scale"),
                                           ("qknorm", "with a full-width scale has no transformers form"),
-                                          ("gemma+dnp", "no Gemma form")])
+                                          ("gemma+dnp", "DNP on gate, k, q, up with post-branch norms has no")])
 def test_export_refuses_what_no_architecture_expresses(small_data, tmp_path, name, reason, capsys):
     strat = strategy(name, qk_scale_shape="full") if name == "qknorm" else strategy(name)
     make_run(tmp_path / "run", small_data, strat)

@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,53 +23,55 @@ from safetensors.torch import save_file
 
 from ..checkpoint import load_run_model, run_tokenizer
 from ..config import Config, ModelConfig
-from ..hf_keys import ARCHITECTURE_CLASSES, EXPORT_MODEL_TYPES, HF_ACTIVATIONS, NORM_OFFSET, global_keys, layer_keys
+from ..hf_keys import (
+    ARCHITECTURE_CLASSES,
+    EXPORT_MODEL_TYPES,
+    HF_ACTIVATIONS,
+    NORM_OFFSET,
+    global_keys,
+    layer_keys,
+    source_strategy,
+)
 from ..model import Decoder, is_windowed
 from ..outputs import DirectoryLock, claim_directory, contains, new_directory
 from ..scales import Scale
+from ..strategy import Strategy
 from . import ExportError
 from .fold import fold_scales
 
 EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 OTHERWISE = "use `scalevec generate` on the run directory, or train a model an architecture has (hf_keys.py)"
 
 
+FAMILIES = ("Llama and Mistral: pre-norms only; Qwen2: with q/k/v biases; Qwen3: a head-shaped QK-norm; Gemma 2: "
+            "post-branch norms too; Gemma 3: both; OLMo 2: no pre-norms, post-branch norms, a QK-norm over all heads")
+
+
+def _norms(m: ModelConfig, s: Strategy) -> tuple:
+    """What export cannot change about a model: where its norms are (and q/k/v biases, which only Qwen2 has)."""
+    qkv_dnp = bool(set(s.dnp) & {"q", "k", "v"})
+    return (m.pre_norm, s.post_norms, frozenset(s.dnp), (s.qk_scale_shape, s.qk_norm_group) if qkv_dnp else None,
+            m.qkv_bias)
+
+
 def _architecture_of_norms(config: Config) -> str:
-    """The architecture whose norms the model has (its norm placement is what export cannot change)."""
+    """The architecture whose norms the model has: the one whose own strategy (hf_keys.source_strategy) puts
+    its norms where the model's are."""
     s, m = config.strategy, config.model
-    options = OTHERWISE
     if m.moe_experts:
-        raise ExportError(f"MoE models have no transformers form here; {options}")
+        raise ExportError(f"MoE models have no transformers form here; {OTHERWISE}")
     if m.norm != "rms":
-        raise ExportError(f"model.norm={m.norm!r} has no transformers form here (RMSNorm only); {options}")
-    qk_norm = {"q", "k"} if set(s.dnp) == {"q", "k"} else None
-    if not m.pre_norm:
-        if s.post_norms and qk_norm and s.qk_norm_group == "full":
-            return "olmo2"
-        raise ExportError("model.pre_norm=false exports only as OLMo 2: post-branch norms and DNP on exactly q, k "
-                          f"over all heads (strategy.qk_norm_group=full); {options}")
-    if s.qk_norm_group != "head" and s.dnp:
-        raise ExportError(f"a QK-norm over all heads with pre-norms has no transformers form; {options}")
-    if s.post_norms:
-        if not s.dnp:
-            return "gemma2"
-        if qk_norm and s.qk_scale_shape == "head":
-            return "gemma3"
-        raise ExportError(f"post-branch norms with DNP on {', '.join(s.dnp)} have no Gemma form (Gemma 3: DNP on q, k "
-                          f"with a head-shaped scale); {options}")
-    if m.qkv_bias:
-        if s.dnp:
-            raise ExportError(f"q/k/v biases with DNP have no Qwen2 form (Qwen2 has no QK-norm); {options}")
-        return "qwen2"
-    if not s.dnp:
-        return "llama"
-    if qk_norm and s.qk_scale_shape == "head":
-        return "qwen3"
-    raise ExportError(f"DNP on {', '.join(sorted(s.dnp))}{' with a full-width scale' if qk_norm else ''} "
-                      f"has no transformers form, and export refuses to write different logits; {options}")
+        raise ExportError(f"model.norm={m.norm!r} has no transformers form here (RMSNorm only); {OTHERWISE}")
+    for architecture in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"):
+        shape = replace(m, pre_norm=architecture != "olmo2", qkv_bias=architecture == "qwen2")
+        if _norms(shape, source_strategy(architecture)) == _norms(m, s):
+            return architecture
+    parts = [f"DNP on {', '.join(sorted(s.dnp))}" + (" with a full-width scale" if s.qk_scale_shape == "full" else "")
+             + (" over all heads" if s.qk_norm_group == "full" else "")] if s.dnp else []
+    parts += ["post-branch norms"] * s.post_norms + ["no pre-norms"] * (not m.pre_norm) + ["q/k/v biases"] * m.qkv_bias
+    raise ExportError(f"{' with '.join(parts)} has no transformers form ({FAMILIES}), and export refuses to write "
+                      f"different logits; {OTHERWISE}")
 
 
 def hf_architecture(config: Config) -> str:
