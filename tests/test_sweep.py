@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -109,6 +110,9 @@ def test_interrupted_sweep_completes_without_redoing_finished_runs(small_data, t
     assert result.returncode == 0, result.stderr[-2000:]
     after = finished_runs(out)
     assert len(after) == 2 * 2 + 2 * 2  # every arm at every lr with seed 0, then seeds 1 and 2 at the best lr
+    # output is not a terminal: one plain progress line per run this sweep ran, none for the skipped ones
+    lines = re.findall(r"^\[(\d)/8\] \S+: val_loss \d+\.\d{4}; elapsed [\d.]+ min, ETA \d+ min$", result.stdout, re.M)
+    assert len(lines) == 8 - len(before) and lines[-1] == "8"
     for path, mtime in before.items():
         assert after[path] == mtime, f"{path} was run again"
     assert (out / "report.md").is_file() and (out / "curves.png").is_file() and (out / "lr.png").is_file()

@@ -276,6 +276,14 @@ def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, thre
     return path, None
 
 
+def _progress_line(spec: RunSpec, out: Path, suite: Suite, done: int, total: int, ran: int, elapsed: float) -> str:
+    """`[done/total] run: val_loss, elapsed, ETA` (the ETA from the runs this sweep ran, not skipped ones)."""
+    final = final_eval(spec.path(out), spec.steps(suite)) or {}
+    eta = elapsed / ran * (total - done)
+    return (f"[{done}/{total}] {spec.path(out).relative_to(out)}: val_loss {final.get('val_loss', float('nan')):.4f}; "
+            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min")
+
+
 def _write_record(spec: RunSpec, suite: Suite, out: Path, results: Path, wall_seconds: float | None) -> bool:
     """Record a finished run (False if it has not finished)."""
     if final_eval(spec.path(out), spec.steps(suite)) is None:
@@ -322,15 +330,23 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             return record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from).is_file() or \
                 _write_record(spec, suite, out, results, None)
 
+        started, done, ran = time.perf_counter(), 0, 0  # (a disabled bar counts nothing)
+
         def execute(specs: list[RunSpec]) -> None:
+            nonlocal done, ran
             todo = [s for s in specs if not recorded(s)]
             bar.update(len(specs) - len(todo))
+            done += len(specs) - len(todo)
             with ThreadPoolExecutor(jobs) as pool:
-                for path, error in pool.map(lambda spec: _run(spec, suite, out, results, base, threads), todo):
+                for spec, (path, error) in zip(todo, pool.map(
+                        lambda spec: _run(spec, suite, out, results, base, threads), todo)):
+                    done, ran = done + 1, ran + 1
+                    bar.update(1)
                     if error:
                         failures[str(path)] = error
                         log(f"run {path} failed: {error}")
-                    bar.update(1)
+                    elif bar.disable:  # no progress bar (output is not a terminal): one plain line per run
+                        log(_progress_line(spec, out, suite, done, bar.total, ran, time.perf_counter() - started))
 
         execute(lr_phase)
         for _ in range(suite.extend_lrs):  # until every arm's best learning rate is inside its grid
