@@ -26,6 +26,16 @@ TOKENS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(
 
 
 def hf_config(architecture: str):
+    """A tiny random config of each family; `-other` variants try another shape and the features left off."""
+    if architecture == "gemma2-other":  # no caps, a window as long as the context, SwiGLU, untied, MQA
+        return transformers.Gemma2Config(**{**COMMON, "num_key_value_heads": 1, "head_dim": 16}, sliding_window=4096,
+                                         attn_logit_softcapping=None, final_logit_softcapping=None,
+                                         hidden_activation="silu", tie_word_embeddings=False)
+    if architecture == "olmo2-other":  # tied, MQA, Llama 3.1 RoPE scaling
+        return transformers.Olmo2Config(**{**COMMON, "num_key_value_heads": 1}, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 16})
     if architecture == "mistral":
         return transformers.MistralConfig(**COMMON, sliding_window=5)
     if architecture == "gemma2":  # small caps, so that soft-capping changes the numbers
@@ -42,14 +52,18 @@ def hf_config(architecture: str):
 
 CLASSES = {"mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
            "olmo2": "Olmo2ForCausalLM"}
-ARCHITECTURES = list(CLASSES)
+ARCHITECTURES = [*CLASSES, "gemma2-other", "olmo2-other"]
+
+
+def family(architecture: str) -> str:
+    return architecture.removesuffix("-other")
 
 
 def hf_model(architecture: str):
     config = hf_config(architecture)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = getattr(transformers, CLASSES[architecture])(config).eval()
+    model = getattr(transformers, CLASSES[family(architecture)])(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # Gemma stores γ - 1; every γ > 0, as ER needs
@@ -75,7 +89,8 @@ def checkpoint(request, tmp_path_factory):
 def test_import_is_exact_and_export_writes_the_same_tensors(checkpoint, tmp_path, name):
     from safetensors.torch import load_file
 
-    architecture, path, expected = checkpoint
+    variant, path, expected = checkpoint
+    architecture = family(variant)
     assert import_hf(path, name, tmp_path / "run", warm_start=False, log=lambda *_: None) < 1e-4
     config, ours = load_run_model(tmp_path / "run")
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-5)
@@ -83,7 +98,8 @@ def test_import_is_exact_and_export_writes_the_same_tensors(checkpoint, tmp_path
     assert m.embedding_scale == architecture.startswith("gemma") and m.pre_norm == (architecture != "olmo2")
     assert s.post_norms == (architecture != "mistral") and bool(s.dnp) == (architecture in ("gemma3", "olmo2"))
     assert (m.sliding_window, m.full_attention_every) == {"mistral": (5, 0), "gemma2": (5, 2), "gemma3": (5, 4),
-                                                          "olmo2": (0, 0)}[architecture]
+                                                          "olmo2": (0, 0), "gemma2-other": (0, 0),
+                                                          "olmo2-other": (0, 0)}[variant]
     written = export_run(tmp_path / "run", tmp_path / "out", log=lambda *_: None)
     assert written == architecture
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
@@ -107,7 +123,7 @@ def test_apply_strategy_keeps_logits_and_unapply_reloads(tmp_path, architecture,
     assert sorted(infos) == sorted(n for n, _ in model.named_parameters())
     grouped = [n for g in param_groups(model, strategy(name).scale_decay) for n in g["names"]]
     assert sorted(grouped) == sorted(infos)
-    post = [info for n, info in infos.items() if "post_" in n and "layernorm" in n]  # Llama's is a pre-norm: none
+    post = [info for n, info in infos.items() if "post_" in n and "layernorm" in n]  # Mistral's is a pre-norm
     per_scale = 1 if strategy(name).scale == "plain" else 2  # γ, or direction and magnitude
     assert len(post) == (0 if architecture == "mistral" else 4 * 2 * per_scale)
     assert all(info.role.value == "output" and not info.feeds for info in post)  # Output-Norms: never feed a matrix

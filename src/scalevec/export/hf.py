@@ -165,7 +165,7 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str 
     if architecture in ("gemma2", "gemma3"):
         config |= {"hidden_activation": activation, "query_pre_attn_scalar": m.query_pre_attn_scalar or m.head_size,
                    "attn_logit_softcapping": m.attn_softcap or None, "final_logit_softcapping": m.final_softcap or None,
-                   "sliding_window": m.sliding_window or None, "layer_types": layer_types,
+                   "sliding_window": m.sliding_window or m.max_seq_len, "layer_types": layer_types,
                    "use_bidirectional_attention": False}
     if architecture == "gemma3":  # RoPE per layer type; windowed blocks without rope_local_theta share the global one
         config["rope_parameters"] = {"full_attention": rope, "sliding_attention":
