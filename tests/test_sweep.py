@@ -346,6 +346,18 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     assert summary["tokens_per_non_embedding_parameter"]["config"] == pytest.approx(8 * 4 * 32 / _non_embedding())
     report = (results / "report.md").read_text()
     assert "## paper" in report and "inconclusive" in report and (results / "gap.png").is_file()
+    assert "Interim" not in report and " of 3 |" not in report  # every planned seed ran
+
+    # a sweep stopped part-way: its report says so, arm by arm
+    moved = next((results / "records" / "hg").rglob("seed2.json"))
+    kept = moved.read_text()
+    moved.unlink()
+    interim = write_report(results)
+    report = (results / "report.md").read_text()
+    assert "**Interim**" in report and "| hg | 2 of 3 |" in report and "| standard-normal | 3 |" in report
+    assert {row["arm"]: row["n"] for row in interim["analyses"][0]["arms"]}["hg"] == 2
+    moved.write_text(kept)
+    summary = write_report(results)
 
     # a new machine: nothing but the results folder
     import shutil

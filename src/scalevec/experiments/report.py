@@ -94,6 +94,7 @@ def analyse(results: Path) -> dict:
     cpu_seconds = [r["wall_seconds"] * r["config"]["train"]["threads"] for r in records if r.get("wall_seconds")]
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
             "cpu_hours": suite.cpu_hours, "steps": suite.steps(), "runs_recorded": len(records),
+            "seeds_planned": len(suite.seeds),
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
             "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
@@ -289,7 +290,8 @@ def write_report(out: Path) -> dict:
             f"{row['diff_mean']:+.4f} ± {row['diff_std']:.4f}"
         p = "—" if row["p_value"] is None else f"{row['p_value']:.3f}{' *' if row['p_value'] < 0.05 else ''}"
         bpb = "—" if row["bits_per_byte"] is None else f"{row['bits_per_byte']:.4f}"
-        lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {len(row['seeds'])} | {row['mean']:.4f} ± "
+        lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {_seeds(len(row['seeds']), summary)} | "
+                     f"{row['mean']:.4f} ± "
                      f"{row['std']:.4f} | {diff} | {p} | {bpb} | {row['train_seconds']:.0f} |")
     lines += ["", "± is the standard deviation over seeds; * marks p < 0.05 (uncorrected). `(edge)`: the best learning "
               "rate is at the edge of the grid, so a better one may lie outside it.", ""]
@@ -372,18 +374,28 @@ def _number(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _seeds(n: int, summary: dict) -> str:
+    """A seed count, with the planned one beside it while the sweep has not run them all."""
+    planned = summary.get("seeds_planned")
+    return f"{n} of {planned}" if planned and n < planned else str(n)
+
+
 def _analysis_lines(summary: dict) -> list[str]:
     lines = []
     for analysis in summary["analyses"]:
         if not analysis["arms"]:
             continue
         lines += [f"## {analysis['name']} ({analysis['setting']}, baseline `{analysis['baseline']}` "
-                  f"{analysis['baseline_mean']:.4f})", "", analysis["claim"], "",
-                  "| arm | seeds | Δ | 95% interval | p | p (Holm) | paper | verdict | power at 0.02 | MDE (80%) |",
+                  f"{analysis['baseline_mean']:.4f})", "", analysis["claim"], ""]
+        if any(row["n"] < summary.get("seeds_planned", 0) for row in analysis["arms"]):
+            lines += ["**Interim**: the test seeds are still running, so these verdicts and intervals are not the "
+                      "study's; the rule applies to the planned seeds.", ""]
+        lines += ["| arm | seeds | Δ | 95% interval | p | p (Holm) | paper | verdict | power at 0.02 | MDE (80%) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in analysis["arms"]:
             interval = "—" if row["ci95"] is None else f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
-            lines.append(f"| {row['arm']} | {row['n']} | {row['delta']:+.4f} | {interval} | {_number(row['p'], '.3g')} "
+            lines.append(f"| {row['arm']} | {_seeds(row['n'], summary)} | {row['delta']:+.4f} | {interval} "
+                         f"| {_number(row['p'], '.3g')} "
                          f"| {_number(row['p_holm'], '.3g')} | {_number(row['expected'], '+.3f')} | {row['verdict']} | "
                          f"{_number(row['power'], '.2f')} | {_number(row['mde'], '.4f')} |")
         lines.append("")
