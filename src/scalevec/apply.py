@@ -129,10 +129,9 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
             if pre:
                 setattr(layer, pre, ParameterFreeNorm(eps))
             if post:
-                scale = make_scale(c.hidden_size, s.scale, Role.OUTPUT)
-                set_gamma(scale, gamma_of(getattr(layer, post)), post)
-                setattr(layer, post, ScaledNorm(scale, eps).to(owner.o_proj.weight.device if owner_name == "self_attn"
-                                                                else owner.down_proj.weight.device))
+                norm, scale = getattr(layer, post), make_scale(c.hidden_size, s.scale, Role.OUTPUT)
+                set_gamma(scale, gamma_of(norm), post)
+                setattr(layer, post, ScaledNorm(scale, eps).to(norm.weight.device))
         attn, mlp = layer.self_attn, layer.mlp
         for n in ("q", "k"):
             if hasattr(attn, f"{n}_norm"):  # the projection's DNP does it now

@@ -83,9 +83,11 @@ def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
         elif architecture == "gemma3":
             every = hf.get("sliding_window_pattern", 6)
             types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-        elif hf.get("model_type") == "mistral" or hf.get("use_sliding_window"):
-            first = hf.get("max_window_layers", 0) if hf.get("model_type") != "mistral" else 0
-            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        elif hf.get("model_type") == "mistral":
+            types = ["sliding_attention"] * n
+        elif hf.get("use_sliding_window"):  # Qwen's rule: the blocks from max_window_layers on
+            types = ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+                     for i in range(n)]
         else:
             types = ["full_attention"] * n
     window = hf.get("sliding_window")
@@ -100,8 +102,8 @@ def _window_fields(windowed: list[bool], window: int | None) -> dict:
         return {}
     every = 0 if all(windowed) else windowed.index(False) + 1
     if windowed != [not (every and (i + 1) % every == 0) for i in range(len(windowed))]:
-        raise ExportError("unsupported checkpoint: its sliding-window layers are not every layer but every "
-                          "full_attention_every-th (scalevec's model.full_attention_every)")
+        raise ExportError("unsupported checkpoint: its sliding-window layers follow no pattern scalevec has (every "
+                          "block windowed, or every n-th block full: model.full_attention_every)")
     return {"sliding_window": int(window), "full_attention_every": every}
 
 
