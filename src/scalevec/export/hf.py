@@ -111,25 +111,26 @@ def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
 def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
-    offset = NORM_OFFSET.get(architecture, 0.0)
+    offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
+    stored = lambda scale, size: _gamma(scale, size) - offset  # noqa: E731
     q, kv = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
     qk_norm_size = {"q": q, "k": kv} if architecture == "olmo2" else {"q": m.head_size, "k": m.head_size}
-    parts = {"embed": folded.tok_emb.weight, "final_norm": _gamma(folded.final_scale, m.d_model) - offset,
+    parts = {"embed": folded.tok_emb.weight, "final_norm": stored(folded.final_scale, m.d_model),
              "head": None if folded.head is None else folded.head.weight}
     state = {name: parts[key] for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
         qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-        parts = {"attn_norm": _gamma(qkv.shared_scale, m.d_model) - offset,
-                 "ffn_norm": _gamma(gate_up.shared_scale, m.d_model) - offset,
-                 "attn_post_norm": _gamma(block.attn_post_scale, m.d_model) - offset,
-                 "ffn_post_norm": _gamma(block.ffn_post_scale, m.d_model) - offset,
+        parts = {"attn_norm": stored(qkv.shared_scale, m.d_model),
+                 "ffn_norm": stored(gate_up.shared_scale, m.d_model),
+                 "attn_post_norm": stored(block.attn_post_scale, m.d_model),
+                 "ffn_post_norm": stored(block.ffn_post_scale, m.d_model),
                  **dict(zip("qkv", qkv.weight.split([q, kv, kv]))), "o": block.attn.o.weight,
                  **dict(zip(("gate", "up"), gate_up.weight.split([m.d_ff, m.d_ff]))), "down": block.ffn.down.weight}
         if qkv.bias is not None:
             parts |= dict(zip(("q_bias", "k_bias", "v_bias"), qkv.bias.split([q, kv, kv])))
         for name in ("q", "k"):
             scale = qkv.out_scales[name] if name in qkv.out_scales else None
-            parts[f"{name}_norm"] = _gamma(scale, qk_norm_size[name]) - offset
+            parts[f"{name}_norm"] = stored(scale, qk_norm_size[name])
         state |= {hf_name: parts[key] for key, hf_name in layer_keys(i, architecture).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
