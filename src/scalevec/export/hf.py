@@ -112,7 +112,10 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
-    stored = lambda scale, size: _gamma(scale, size) - offset  # noqa: E731
+
+    def stored(scale: Scale | None, size: int) -> torch.Tensor:
+        return _gamma(scale, size) - offset
+
     q, kv = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
     qk_norm_size = {"q": q, "k": kv} if architecture == "olmo2" else {"q": m.head_size, "k": m.head_size}
     parts = {"embed": folded.tok_emb.weight, "final_norm": stored(folded.final_scale, m.d_model),
