@@ -105,15 +105,9 @@ def test_zero_gradient_step_is_exactly_decoupled_decay(policy, scale, optimizer,
     assert not any(infos[n].invariant for n in decayed)
 
 
-class _no_warning:
-    def __enter__(self):
-        import warnings
-        self.catcher = warnings.catch_warnings()
-        self.catcher.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        self.catcher.__exit__(*exc)
+def _no_warning():
+    import warnings
+    return warnings.catch_warnings(action="error")
 
 
 def test_iwd_keeps_a_scale_undecayed_when_its_matrix_is_not_and_all_warns():

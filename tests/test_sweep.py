@@ -14,7 +14,7 @@ import pytest
 
 from scalevec.config import ConfigError
 from scalevec.experiments.report import write_report
-from scalevec.experiments.sweep import load_suite, run_sweep
+from scalevec.experiments.sweep import SUITE_DIR, load_suite, run_sweep
 
 pytestmark = pytest.mark.slow  # subprocesses and many short training runs
 
@@ -191,7 +191,7 @@ def test_shipped_suites_load_at_both_scales():
     for name in ("study-pilot", "study-improvements", "study-weight-decay", "study-optimizers", "study-ladder"):
         suite = load_suite(name, "cpu")
         assert suite.lr_seed not in suite.seeds and suite.extend_lrs > 0  # the LR seed is not a test seed
-        assert all(suite.base_config().model.init == "fan_in" for _ in [0])
+        assert suite.base_config().model.init == "fan_in"
     improvements = load_suite("improvements", "cpu")
     assert {"qknorm", "dnp+none", "unified", "or+iwd", "dnp+or"} <= set(improvements.strategies)
 
@@ -386,3 +386,32 @@ def test_analysis_arms_must_name_an_effect_or_control(small_data, tmp_path):
     (tmp_path / "missing.toml").write_text(missing)
     with pytest.raises(ConfigError, match="among the strategies"):
         load_suite(str(tmp_path / "missing.toml"), "cpu")
+
+
+def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
+    """No shipped arm warns about itself: every suite arm at both scales and both demo arms resolve to a
+    config whose scale-decay policy is coherent (no decayed scale feeding an undecayed matrix)."""
+    import warnings
+
+    import torch
+
+    from scalevec.config import load_config
+    from scalevec.experiments.compare import preset_path
+    from scalevec.experiments.sweep import overrides
+    from scalevec.model import build_model
+    from scalevec.optim import param_groups
+
+    configs = [load_config(preset_path("demo"), [f"strategy.preset={name}"]) for name in ("standard", "unified")]
+    for name in (p.stem for p in SUITE_DIR.glob("*.toml")):
+        for scale in ("cpu", "gpu"):
+            try:
+                suite = load_suite(name, scale)
+            except ConfigError:  # the study suites have a cpu scale only
+                continue
+            configs += [load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], seed=0))
+                        for arm in suite.arms()]
+    assert len(configs) > 100
+    for config in configs:
+        with torch.device("meta"), warnings.catch_warnings(action="error"):
+            model = build_model(config.model, config.strategy, config.seed, config.moe)
+            param_groups(model, config.strategy.scale_decay, config.optim)
