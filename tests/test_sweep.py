@@ -8,13 +8,15 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from scalevec.config import ConfigError
+from scalevec.config import ConfigError, load_config
+from scalevec.experiments.compare import preset_path
 from scalevec.experiments.report import write_report
-from scalevec.experiments.sweep import SUITE_DIR, load_suite, run_sweep
+from scalevec.experiments.sweep import SUITE_DIR, load_suite, overrides, run_sweep
 
 pytestmark = pytest.mark.slow  # subprocesses and many short training runs
 
@@ -236,7 +238,6 @@ def synthetic_scaling(multiplier: float, noise: float) -> tuple:
 
     import torch
 
-    from scalevec.config import load_config
     from scalevec.experiments.sweep import Arm, Suite
     from scalevec.model import Decoder
     from scalevec.strategy import strategy
@@ -263,7 +264,6 @@ def synthetic_scaling(multiplier: float, noise: float) -> tuple:
 def test_scaling_fit_recovers_a_known_compute_multiplier():
     import torch
 
-    from scalevec.config import load_config
     from scalevec.experiments.report import scaling_fit
     from scalevec.model import Decoder
     from scalevec.strategy import strategy
@@ -391,13 +391,8 @@ def test_analysis_arms_must_name_an_effect_or_control(small_data, tmp_path):
 def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
     """No shipped arm warns about itself: every suite arm at both scales and both demo arms resolve to a
     config whose scale-decay policy is coherent (no decayed scale feeding an undecayed matrix)."""
-    import warnings
-
     import torch
 
-    from scalevec.config import load_config
-    from scalevec.experiments.compare import preset_path
-    from scalevec.experiments.sweep import overrides
     from scalevec.model import build_model
     from scalevec.optim import param_groups
 
