@@ -356,8 +356,18 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     report = (results / "report.md").read_text()
     assert "**Interim**" in report and "| hg | 2 of 3 |" in report and "| standard-normal | 3 |" in report
     assert {row["arm"]: row["n"] for row in interim["analyses"][0]["arms"]}["hg"] == 2
+    # an arm with no test seed yet is named as pending, not silently left out
+    tested = {p: p.read_text() for p in (results / "records" / "hg").rglob("seed[0-2].json")}
+    for p in tested:
+        p.unlink()
+    pending = write_report(results)["arms_pending"]
+    assert len(pending) == 1 and pending[0].startswith("hg/")
+    assert f"**Interim**: no test seed recorded yet for {pending[0]};" in (results / "report.md").read_text()
+    for p, content in tested.items():
+        p.write_text(content)
     moved.write_text(kept)
     summary = write_report(results)
+    assert summary["arms_pending"] == []
 
     # a new machine: nothing but the results folder
     import shutil

@@ -94,7 +94,7 @@ def analyse(results: Path) -> dict:
     cpu_seconds = [r["wall_seconds"] * r["config"]["train"]["threads"] for r in records if r.get("wall_seconds")]
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
             "cpu_hours": suite.cpu_hours, "steps": suite.steps(), "runs_recorded": len(records),
-            "seeds_planned": len(suite.seeds),
+            "seeds_planned": len(suite.seeds), "arms_pending": [a.path for a in suite.arms() if a not in arms],
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
             "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
@@ -281,6 +281,9 @@ def write_report(out: Path) -> dict:
              f"paired seeds at that rate. Runs recorded: {summary['runs_recorded']}"
              + (f", {summary['cpu_hours_measured']:.2f} CPU-hours measured" if summary["cpu_hours_measured"] else "")
              + f" (declared budget {summary['cpu_hours']} CPU-hours).", ""]
+    if summary.get("arms_pending"):
+        lines += [f"**Interim**: no test seed recorded yet for {', '.join(summary['arms_pending'])}; the sweep has "
+                  "not finished, and the analyses below leave those arms out.", ""]
     lines += _facts_lines(summary)
     lines += ["| arm | best lr | seeds | final val loss | Δ vs baseline (paired) | p (paired t) | bits/byte "
               "| train s |", "|---|---|---|---|---|---|---|---|"]
