@@ -2,6 +2,7 @@
 
 import io
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -77,7 +78,7 @@ def test_zero_gradient_step_is_exactly_decoupled_decay(policy, scale, optimizer,
             p.add_(torch.randn_like(p) * 0.1)
     optim = OptimConfig(name=optimizer, lr=0.01, muon_lr=0.05, weight_decay=0.3, scale_weight_decay=0.2,
                         embedding_weight_decay=0.05, head_weight_decay=0.4, decay_or_direction=decay_direction)
-    with _no_warning():  # untied, every matrix decayed: IWD's balance argument holds
+    with warnings.catch_warnings(action="error"):  # untied, every matrix decayed: IWD's balance argument holds
         opt = Optimizers(model, optim, policy)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -105,23 +106,18 @@ def test_zero_gradient_step_is_exactly_decoupled_decay(policy, scale, optimizer,
     assert not any(infos[n].invariant for n in decayed)
 
 
-def _no_warning():
-    import warnings
-    return warnings.catch_warnings(action="error")
-
-
 def test_iwd_keeps_a_scale_undecayed_when_its_matrix_is_not_and_all_warns():
     model = build_model(TINY, strategy("iwd"))  # tied head, embedding undecayed by default
-    with _no_warning():
+    with warnings.catch_warnings(action="error"):
         rules = assign(model.param_info(), model, OptimConfig(), "iwd")
     assert rules["final_scale.weight"].weight_decay == 0.0
     assert rules["blocks.0.attn.qkv.shared_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
-    with _no_warning():
+    with warnings.catch_warnings(action="error"):
         rules = assign(model.param_info(), model, OptimConfig(embedding_weight_decay=0.1), "iwd")
     assert rules["final_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
     with pytest.warns(UserWarning, match="final_scale feeds undecayed tok_emb.weight"):
         param_groups(model, "all", OptimConfig())
-    with _no_warning():
+    with warnings.catch_warnings(action="error"):
         param_groups(model, "none", OptimConfig())
 
 

@@ -407,12 +407,11 @@ def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
     from scalevec.optim import param_groups
 
     configs = [load_config(preset_path("demo"), [f"strategy.preset={name}"]) for name in ("standard", "unified")]
-    for name in (p.stem for p in SUITE_DIR.glob("*.toml")):
+    for path in SUITE_DIR.glob("*.toml"):
         for scale in ("cpu", "gpu"):
-            try:
-                suite = load_suite(name, scale)
-            except ConfigError:  # the study suites have a cpu scale only
+            if f"[{scale}]" not in path.read_text():  # the study suites have a cpu scale only
                 continue
+            suite = load_suite(path.stem, scale)
             configs += [load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], seed=0))
                         for arm in suite.arms()]
     assert len(configs) > 100
