@@ -344,7 +344,9 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     assert 0 < summary["bigram_val_loss"] < summary["unigram_val_loss"]
     assert set(summary["val_sources"]) <= {"moby_dick", "milton"}
     assert summary["tokens_per_non_embedding_parameter"]["config"] == pytest.approx(8 * 4 * 32 / _non_embedding())
+    assert summary["steps"] == {"config": 8}
     report = (results / "report.md").read_text()
+    assert "8 steps per run;" in report
     assert "## paper" in report and "inconclusive" in report and (results / "gap.png").is_file()
     assert "Interim" not in report and " of 3 |" not in report  # every planned seed ran
 

@@ -93,7 +93,8 @@ def analyse(results: Path) -> dict:
     records = _all_records(results)
     cpu_seconds = [r["wall_seconds"] * r["config"]["train"]["threads"] for r in records if r.get("wall_seconds")]
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
-            "cpu_hours": suite.cpu_hours, "steps": suite.steps(), "runs_recorded": len(records),
+            "cpu_hours": suite.cpu_hours, "steps": {arm.size: suite.steps(arm) for arm in suite.arms()},
+            "runs_recorded": len(records),
             "seeds_planned": len(suite.seeds), "arms_pending": [a.path for a in suite.arms() if a not in arms],
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
@@ -272,12 +273,18 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
     return result
 
 
+def _steps_text(steps: dict[str, int]) -> str:
+    if len(set(steps.values())) == 1:
+        return f"{next(iter(steps.values()))} steps per run"
+    return "Steps per run: " + ", ".join(f"{n} ({size})" for size, n in steps.items())
+
+
 def write_report(out: Path) -> dict:
     summary = analyse(out)
     _plots(out, summary)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# Suite `{summary['suite']}` ({summary['scale']} scale)", "", summary["description"], "",
-             f"{summary['steps']} steps per run; each arm at its own best learning rate (swept with the LR seed), then "
+             f"{_steps_text(summary['steps'])}; each arm at its own best learning rate (swept with the LR seed), then "
              f"paired seeds at that rate. Runs recorded: {summary['runs_recorded']}"
              + (f", {summary['cpu_hours_measured']:.2f} CPU-hours measured" if summary["cpu_hours_measured"] else "")
              + f" (declared budget {summary['cpu_hours']} CPU-hours).", ""]
