@@ -1,0 +1,30 @@
+"""The committed study results regenerate from their records alone (issue 17): a change to the analysis that
+would alter a committed report fails here until `make reports` is run and the new reports are committed."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scalevec.experiments.report import write_report
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+STUDIES = sorted(p.name for p in RESULTS.glob("study-*-cpu"))
+
+
+def test_the_study_is_committed():
+    assert {"study-pilot-cpu", "study-improvements-cpu", "study-weight-decay-cpu", "study-optimizers-cpu",
+            "study-ladder-cpu"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_report_regenerates_from_the_records(name, tmp_path):
+    committed = RESULTS / name
+    copy = tmp_path / name
+    copy.mkdir()
+    for entry in ("records", "suite.json", "references.json"):
+        source = committed / entry
+        shutil.copytree(source, copy / entry) if source.is_dir() else shutil.copy(source, copy / entry)
+    summary = write_report(copy)
+    for text in ("summary.json", "report.md"):
+        assert (copy / text).read_text() == (committed / text).read_text(), f"{name}/{text}: run `make reports`"
+    assert summary["arms_pending"] == [] and summary["runs_recorded"] == len(list((copy / "records").rglob("*.json")))
