@@ -303,8 +303,12 @@ arms = {{ hg = -0.02, "standard-normal" = "control" }}
 def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(small_data, tmp_path):
     text = SUITE.format(strategies='["standard", "hg", "standard-normal"]', data=small_data, model=TINY_MODEL)
     text = text.replace("lrs = [0.003, 0.01]", "lrs = [0.003, 0.01]\nextend_lrs = 1", 1)
-    text = text.replace("lr_seed = 0\nseeds = [0, 1, 2]", "lr_seed = 7\nseeds = [0, 1, 2]", 1)
+    text = text.replace("lr_seed = 0\nseeds = [0, 1, 2]", 'lr_seed = 7\nseeds = [0, 1, 2]\nood_source = "python_docs"\n'
+                        "ood_tokens = 1024", 1)
     text = text.replace("[cpu.config]", STUDY.format() + "\n[cpu.config]", 1)
+    (tmp_path / "trained_on.toml").write_text(text.replace('ood_source = "python_docs"', 'ood_source = "milton"'))
+    with pytest.raises(ConfigError, match="ood_source 'milton' must be a bundled source outside the training mix"):
+        load_suite(str(tmp_path / "trained_on.toml"), "cpu")
     path = tmp_path / "study.toml"
     path.write_text(text)
     suite = load_suite(str(path), "cpu")
@@ -316,6 +320,17 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     record = json.loads((results / records[0]).read_text())
     assert record["config"]["model"]["d_model"] == 32 and record["final"]["step"] == 8
     assert set(record["final"]["val_loss_by_source"]) <= {"moby_dick", "milton"} and record["curve"][-1]["val_loss"]
+    # out of domain: the record's score equals the loss of each window scored on its own by `scalevec eval`'s path
+    from scalevec.checkpoint import load_run_model
+    from scalevec.evaluate import stream_loss
+    from scalevec.experiments.sweep import ood_windows
+    windows = ood_windows(small_data / "tokenizer.json", "python_docs", 1024, 32)
+    assert windows.shape == (32, 33) and len({w.tobytes() for w in windows}) == 32
+    run = out / records[0].relative_to("records").with_suffix("")
+    _, model = load_run_model(run)
+    nats, count = map(sum, zip(*(stream_loss(model.eval(), w, 32, 32, 1) for w in windows)))
+    assert json.loads((results / records[0]).read_text())["ood"]["python_docs"] == pytest.approx(nats / count,
+                                                                                                 rel=1e-6)
     variant = json.loads(next((results / "records" / "standard-normal").rglob("seed0.json")).read_text())
     assert variant["config"]["model"]["init"] == "normal" and variant["config"]["strategy"]["preset"] == "standard"
     # a best LR at the edge of the grid was extended once, by a factor of 2
@@ -336,6 +351,11 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     from scipy import stats
     t = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3 ** 0.5
     assert rows["hg"]["ci95"] == pytest.approx([statistics.mean(diffs) - t, statistics.mean(diffs) + t])
+    ood = {arm: {s: json.loads(next((results / "records" / arm).rglob(f"seed{s}.json")).read_text())["ood"]
+                 ["python_docs"] for s in range(3)} for arm in ("standard", "hg")}
+    assert rows["hg"]["ood_delta"] == pytest.approx(statistics.mean(ood["hg"][s] - ood["standard"][s]
+                                                                    for s in range(3)), abs=1e-12)
+    assert rows["hg"]["ood_n"] == 3 and rows["hg"]["ood_ci95"][0] < rows["hg"]["ood_delta"] < rows["hg"]["ood_ci95"][1]
     low, high = sorted([rows["hg"]["p"], rows["standard-normal"]["p"]])
     holm = {low: min(1.0, 2 * low), high: max(min(1.0, 2 * low), high)}  # Holm over a family of two
     assert rows["hg"]["p_holm"] == pytest.approx(holm[rows["hg"]["p"]])
@@ -348,6 +368,7 @@ def test_records_regenerate_the_report_and_a_new_machine_skips_recorded_runs(sma
     report = (results / "report.md").read_text()
     assert "8 steps per run;" in report
     assert "## paper" in report and "inconclusive" in report and (results / "gap.png").is_file()
+    assert "Δ out of domain" in report and "1,024 tokens of `python_docs`" in report
     assert "Interim" not in report and " of 3 |" not in report  # every planned seed ran
 
     # a sweep stopped part-way: its report says so, arm by arm

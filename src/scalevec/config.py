@@ -278,6 +278,9 @@ class OptimConfig:
     """Decay of the token embedding (tied head included)."""
     head_weight_decay: float = 0.1
     """Decay of an untied output head."""
+    router_weight_decay: float = 0.1
+    """Decay of MoE router matrices, as of the other matrices by default: the router's input γ decays under IWD,
+    and the balance argument for that needs its matrix decayed too (0 before scalevec 0.2)."""
     scale_lr_mult: float = 1.0
     """Scale vectors' learning rate as a multiple of `lr`."""
     embedding_lr_mult: float = 1.0
@@ -304,7 +307,8 @@ class OptimConfig:
         _check(self.lr > 0 and self.muon_lr > 0, "optim.lr and optim.muon_lr must be positive")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1,
                "optim.beta1, optim.beta2 and optim.muon_momentum must be in [0, 1)")
-        for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay"):
+        for name in ("weight_decay", "scale_weight_decay", "embedding_weight_decay", "head_weight_decay",
+                     "router_weight_decay"):
             _check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
         for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
             _check(getattr(self, name) > 0, f"optim.{name}={getattr(self, name)} must be positive")
@@ -403,6 +407,10 @@ class DistConfig:
         check_choices(self, "dist")
 
 
+CONFIG_FORMAT = 2
+"""The meaning of config values this release writes (Config.format)."""
+
+
 @dataclass
 class Config:
     """A whole run."""
@@ -417,6 +425,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     """Seed of initialization (and, in a run, of data order)."""
+    format: int = CONFIG_FORMAT
+    """What the config's values mean: every resolved config (a run's config.toml, a study record) carries it. One
+    without it was written before scalevec 0.2 and is read with that release's meaning (see `_migrate`)."""
 
 
 def _preset_values(section: str, name: str) -> dict:
@@ -536,9 +547,14 @@ RENAMED = {("strategy", "dp"): "dual_placement", ("strategy", "dp_output_role"):
 """Keys of earlier versions and their names now (`dp` read like data parallelism beside DDP)."""
 
 
-def _migrate(raw: dict) -> dict:
+def _migrate(raw: dict, resolved: bool = False) -> dict:
     """Keys of earlier versions, so their configs, run directories and `--set`s still load: the RENAMED
-    keys, and scalevec 0.1's `train.tensorboard = true`, which is `train.loggers = ["tensorboard"]`."""
+    keys, and scalevec 0.1's `train.tensorboard = true`, which is `train.loggers = ["tensorboard"]`.
+
+    A `resolved` config (written by a run) without `format` is format 1, whose values meant something else: its
+    `iwd` left an Input scale feeding an undecayed matrix undecayed (now `iwd-balanced`), and MoE routers did not
+    decay.
+    A hand-written config without `format` means the current one."""
     for (section, old), new in RENAMED.items():
         values = raw.get(section)
         if isinstance(values, dict) and old in values:
@@ -547,11 +563,21 @@ def _migrate(raw: dict) -> dict:
     if isinstance(train, dict) and "tensorboard" in train:
         if _coerce("train.tensorboard", train.pop("tensorboard"), bool):
             train["loggers"] = [*train.get("loggers", []), "tensorboard"]
+    if raw.get("format", 1 if resolved else CONFIG_FORMAT) == 1:
+        strategy, optim, model = (raw.get(name) if isinstance(raw.get(name), dict) else {}
+                                  for name in ("strategy", "optim", "model"))
+        if strategy.get("scale_decay") == "iwd":
+            strategy["scale_decay"] = "iwd-balanced"
+        if model.get("moe_experts"):
+            raw["optim"] = {"router_weight_decay": 0.0, **optim}
+        raw["format"] = CONFIG_FORMAT
     return raw
 
 
-def load_config(source: str | Path | dict | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """A validated Config from a TOML file (or a dict, or defaults) plus `--set` overrides."""
+def load_config(source: str | Path | dict | None = None, overrides: typing.Iterable[str] = (),
+                resolved: bool = False) -> Config:
+    """A validated Config from a TOML file (or a dict, or defaults) plus `--set` overrides. `resolved`: the source
+    was written by scalevec (a run's config.toml, a study record), so a missing `format` means format 1."""
     if source is None:
         raw: dict = {}
     elif isinstance(source, dict):
@@ -564,7 +590,7 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML ({err}); fix the file's syntax") from None
-    raw = _migrate({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()})
+    raw = _migrate({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}, resolved)
     for text in overrides:
         path, value = parse_override(text)
         if path[1:] == ["preset"] and path[0] in ("model", "strategy"):
@@ -606,6 +632,8 @@ def validate(config: Config) -> None:
     _check(0 <= sch.decay_start < t.steps,
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
     _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
+    _check(config.format == CONFIG_FORMAT, f"format={config.format} is not a config format this scalevec reads; "
+           f"omit it (format {CONFIG_FORMAT}) or give 1 for a config written before scalevec 0.2")
 
 
 def _validate_strategy(s: Strategy) -> None:

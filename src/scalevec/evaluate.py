@@ -82,6 +82,17 @@ def stream_loss(model: Decoder, tokens: np.ndarray, seq_len: int, stride: int, b
     return total, count
 
 
+@torch.no_grad()
+def windows_loss(model: Decoder, windows: np.ndarray, batch_size: int) -> float:
+    """Mean next-token loss in nats over fixed windows (n, length + 1), every target of every window, in fp32."""
+    total = 0.0
+    for first in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[first:first + batch_size].astype(np.int64))
+        logits = model(batch[:, :-1]).float()
+        total += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").double().item()
+    return total / windows[:, 1:].size
+
+
 def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: str, column: str
                ) -> tuple[np.ndarray, int, int]:
     """(token stream, documents, UTF-8 bytes) of one input."""

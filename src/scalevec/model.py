@@ -120,19 +120,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated FFN: down(act(gate) ⊙ up), SwiGLU or GeGLU."""
+    """Gated FFN: down(act(gate) ⊙ up), SwiGLU or GeGLU. `reader_scaled`: the caller owns the norm's shared γ and
+    passes it to `forward` (an MoE block's shared expert)."""
 
-    def __init__(self, m: ModelConfig, s: Strategy):
+    def __init__(self, m: ModelConfig, s: Strategy, reader_scaled: bool = False):
         super().__init__()
         ff = m.d_ff
         self.gate_up = Projection(d_in=m.d_model, branches=[Branch.whole("gate", ff), Branch.whole("up", ff)],
-                                  strategy=s, reads_norm=m.pre_norm, norm=m.norm, eps=m.norm_eps)
+                                  strategy=s, reads_norm=m.pre_norm, norm=m.norm, eps=m.norm_eps,
+                                  reader_scaled=reader_scaled)
         self.down = Projection(d_in=ff, branches=[Branch.whole("down", m.d_model)], strategy=s, reads_norm=False,
                                norm=m.norm, eps=m.norm_eps)
         self.activation = ACTIVATIONS[m.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
+    def forward(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.gate_up(x, reader_scale)
         return self.down(self.activation(gate) * up)[0]
 
 
@@ -144,7 +146,8 @@ class Block(nn.Module):
         if moe is None:
             self.ffn = FeedForward(m, s)
         else:
-            self.ffn = MoEFeedForward(m, s, moe, FeedForward(m, s) if m.moe_shared_expert else None)
+            shared_expert = FeedForward(m, s, reader_scaled=True) if m.moe_shared_expert else None
+            self.ffn = MoEFeedForward(m, s, moe, shared_expert)
         # Gemma-style sandwich norms: Output-Norms on each branch's output
         self.post_norms = s.post_norms
         param = s.scale if s.post_norms else "fixed"

@@ -38,7 +38,8 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) ->
 
 
 class MoEFeedForward(nn.Module):
-    """`shared_expert`: a dense FFN every token goes through (model.moe_shared_expert), or None."""
+    """`shared_expert`: a dense FFN every token goes through (model.moe_shared_expert), or None; without HG it
+    reads the block norm's one γ (`shared_scale`), as the router and the routed experts do."""
 
     def __init__(self, m: ModelConfig, s: Strategy, moe: MoEConfig, shared_expert: nn.Module | None = None):
         super().__init__()
@@ -146,7 +147,8 @@ class MoEFeedForward(nn.Module):
         weighted = outputs.to(tokens.dtype) * weights.reshape(-1)[order, None]
         combined = torch.zeros_like(tokens).index_add(0, token_of, weighted)
         if self.shared_expert is not None:
-            combined = combined + self.shared_expert(tokens)
+            gamma = None if self.shared_scale is None else self.shared_scale()
+            combined = combined + self.shared_expert(tokens, gamma)
         self._balance_losses(logits, scores, counts)
         return combined.reshape(shape)
 
@@ -170,23 +172,29 @@ class MoEFeedForward(nn.Module):
         self.expert_bias -= self.expert_bias.mean()
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
+        """Every scale's `feeds` names each matrix it multiplies: an input scale's rows [start, stop) of the
+        router, of every routed expert's gate_up (stacked: the rows of each expert) and of the shared expert."""
         de = self.d_expert
         infos = {f"{prefix}.router": ParamInfo(Role.NONE, Kind.ROUTER),
                  f"{prefix}.gate_up": ParamInfo(Role.NONE, Kind.MATRIX, blocks=(de, de)),
                  f"{prefix}.down": ParamInfo(Role.NONE, Kind.MATRIX)}
-        router_rows = ((f"{prefix}.router", 0, self.experts),)
-        if self.shared_scale is not None:
-            infos |= scale_param_info(f"{prefix}.shared_scale", self.shared_scale, router_rows)
-        if self.router_scale is not None:
-            infos |= scale_param_info(f"{prefix}.router_scale", self.router_scale, router_rows)
-        for name, scale in self.in_scales.items():  # feeds stacked experts: no 2-D balance bookkeeping
-            infos |= scale_param_info(f"{prefix}.in_scales.{name}", scale,
-                                      invariant_magnitude=self._invariant_inputs and self.placements[name] == "dnp")
-        for name, scale in self.out_scales.items():
-            infos |= scale_param_info(f"{prefix}.out_scales.{name}", scale)
+        router = ((f"{prefix}.router", 0, self.experts),)
+        routed = {"gate": (f"{prefix}.gate_up", 0, de), "up": (f"{prefix}.gate_up", de, 2 * de)}  # of every expert
+        shared = ()  # without HG the shared expert reads the block's γ too
         if self.shared_expert is not None:
             infos |= self.shared_expert.gate_up.param_info(f"{prefix}.shared_expert.gate_up")
             infos |= self.shared_expert.down.param_info(f"{prefix}.shared_expert.down")
+            shared = ((f"{prefix}.shared_expert.gate_up.weight", 0, sum(self.shared_expert.gate_up.sizes)),)
+        if self.shared_scale is not None:
+            feeds = (*router, *routed.values(), *shared)
+            infos |= scale_param_info(f"{prefix}.shared_scale", self.shared_scale, feeds)
+        if self.router_scale is not None:
+            infos |= scale_param_info(f"{prefix}.router_scale", self.router_scale, router)
+        for name, scale in self.in_scales.items():
+            infos |= scale_param_info(f"{prefix}.in_scales.{name}", scale, (routed[name],),
+                                      invariant_magnitude=self._invariant_inputs and self.placements[name] == "dnp")
+        for name, scale in self.out_scales.items():
+            infos |= scale_param_info(f"{prefix}.out_scales.{name}", scale)
         return infos
 
 

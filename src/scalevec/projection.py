@@ -57,10 +57,12 @@ class Projection(nn.Module):
 
     `reads_norm`: the input is a block norm's output, so an input-side scale always exists
     (shared across branches, or one per branch under HG); otherwise only DP/DNP branches get one.
+    `reader_scaled`: the norm's one shared γ belongs to the module that calls this one, which passes it to
+    `forward` (an MoE block's shared expert reads the block's γ, as the router and routed experts do).
     """
 
     def __init__(self, d_in: int, branches: list[Branch], strategy: Strategy, reads_norm: bool,
-                 norm: str, eps: float, bias: bool = False):
+                 norm: str, eps: float, bias: bool = False, reader_scaled: bool = False):
         super().__init__()
         self.branches = branches
         self.sizes = [b.out_features for b in branches]
@@ -74,7 +76,8 @@ class Projection(nn.Module):
         self.shared_scale: Scale | None = None
         self.in_scales = nn.ModuleDict()
         if reads_norm and not strategy.heterogeneous:
-            self.shared_scale = make_scale(d_in, param, Role.INPUT, strategy.input_magnitude(self.placements))
+            if not reader_scaled:
+                self.shared_scale = make_scale(d_in, param, Role.INPUT, strategy.input_magnitude(self.placements))
         else:
             for b, placement in zip(branches, self.placements):
                 if reads_norm or placement != "standard":
@@ -100,8 +103,13 @@ class Projection(nn.Module):
             return self.shared_scale
         return self.in_scales[branch] if branch in self.in_scales else None
 
-    def effective_weight(self) -> torch.Tensor:
-        """diag(γa) W diag(γb), per branch, as one fused matrix."""
+    def effective_weight(self, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """diag(γa) W diag(γb), per branch, as one fused matrix; `reader_scale`: the caller's γb (reader_scaled)."""
+        if reader_scale is not None:
+            return self._effective_weight() * reader_scale
+        return self._effective_weight()
+
+    def _effective_weight(self) -> torch.Tensor:
         if self.shared_scale is not None and not any(p == "dp" for p in self.placements):
             return self.weight * self.shared_scale()
         if not self.in_scales and not any(p == "dp" for p in self.placements):
@@ -126,8 +134,8 @@ class Projection(nn.Module):
                           else bias)
         return torch.cat(pieces)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        y = F.linear(x, self.effective_weight(), self.effective_bias())
+    def forward(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+        y = F.linear(x, self.effective_weight(reader_scale), self.effective_bias())
         outputs = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
         for i, (b, placement) in enumerate(zip(self.branches, self.placements)):
             if placement != "dnp":

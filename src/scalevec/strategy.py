@@ -12,7 +12,7 @@ from typing import Literal
 
 Parameterization = Literal["fixed", "plain", "or", "er"]
 ProjectionName = Literal["q", "k", "v", "o", "gate", "up", "down"]
-ScaleDecay = Literal["iwd", "all", "none"]
+ScaleDecay = Literal["iwd", "iwd-balanced", "all", "none"]
 
 
 @dataclass
@@ -41,7 +41,8 @@ class Strategy:
     dual_placement_role: Literal["input", "output"] = "input"
     """Role of DP's output-side scale: `input` (it folds into the weight's rows) or `output`."""
     scale_decay: ScaleDecay = "none"
-    """Weight decay of scale vectors: `iwd` (Input-Norm scales whose matrices decay too), `all`, `none`."""
+    """Weight decay of scale vectors: `iwd` (every Input-Norm scale, the paper's rule), `iwd-balanced` (only the
+    Input-Norm scales whose matrices decay too), `all`, `none` (optim/policy.py)."""
     expert_scales: Literal["per_expert", "shared"] = "per_expert"
     """MoE under HG: gate/up scales `per_expert` or `shared` by all experts of a layer."""
 
@@ -74,8 +75,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
                 {"dnp": ["gate", "up"]}),
     "or": ("Every scale as β·α/RMS(α).", {"scale": "or"}),
     "er": ("Every scale as exp(β)·exp(α - mean α).", {"scale": "er"}),
-    "iwd": ("Decay Input-Norm scales (those whose matrices decay too), never Output-Norm scales.",
-            {"scale_decay": "iwd"}),
+    "iwd": ("Decay every Input-Norm scale, never an Output-Norm scale (the paper's rule).", {"scale_decay": "iwd"}),
+    "iwd-balanced": ("IWD only where the balance argument holds: an Input-Norm scale feeding an undecayed matrix "
+                     "(a tied head, an undecayed router) is not decayed.", {"scale_decay": "iwd-balanced"}),
     "wd-all": ("Decay every scale vector.", {"scale_decay": "all"}),
     "unified": (
         "The paper's strategy: HG + DNP on q, k, gate, up + OR + IWD.",

@@ -32,6 +32,7 @@ class Run:
     tokens: int
     val_bpb: float | None
     by_source: dict[str, float]
+    ood: dict[str, float]  # out-of-domain loss per source (suites with an ood_source)
 
 
 def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Run | None:
@@ -40,7 +41,7 @@ def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0)
         return None
     final = record["final"]
     return Run(final["val_loss"], [(r["tokens"], r["val_loss"]) for r in record["curve"]], record["train_seconds"],
-               final["tokens"], final.get("val_bpb"), final.get("val_loss_by_source", {}))
+               final["tokens"], final.get("val_bpb"), final.get("val_loss_by_source", {}), record.get("ood", {}))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -75,6 +76,8 @@ def analyse(results: Path) -> dict:
                      "curve": _mean_curve([r.curve for r in seeds.values()]),
                      "by_source": {name: statistics.mean(r.by_source[name] for r in seeds.values())
                                    for name in next(iter(seeds.values())).by_source}}
+        if suite.ood_source:
+            arms[arm]["ood"] = {str(s): r.ood[suite.ood_source] for s, r in seeds.items() if suite.ood_source in r.ood}
     for arm, row in arms.items():
         row["wsd"] = wsd_study(results, suite, arm, row)
     for arm, row in arms.items():
@@ -97,6 +100,7 @@ def analyse(results: Path) -> dict:
             "runs_recorded": len(records),
             "seeds_planned": len(suite.seeds), "arms_pending": [a.path for a in suite.arms() if a not in arms],
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
+            **({"ood_source": suite.ood_source, "ood_tokens": suite.ood_tokens} if suite.ood_source else {}),
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
             "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
             "scaling": scaling_fit(suite, arms)}
@@ -154,6 +158,7 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
                     continue
                 result = paired([row["seeds"][s] - base["seeds"][s] for s in common], len(members), TARGET_EFFECT)
                 rows.append({"arm": name, "expected": None if expected == CONTROL else expected, **result,
+                             **(_ood_delta(row, base, len(members)) if suite.ood_source else {}),
                              "delta_curve": _delta_curve(row["curves"], base["curves"], common)})
             for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
                 row["p_holm"] = adjusted
@@ -161,6 +166,15 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
             out.append({"name": family["name"], "claim": family.get("claim", ""), "baseline": family["baseline"],
                         "setting": f"{size}/{optimizer}-{schedule}", "baseline_mean": base["mean"], "arms": rows})
     return out
+
+
+def _ood_delta(row: dict, base: dict, family: int) -> dict:
+    """The paired Δ out of domain (the suite's ood_source) over the seeds both arms have a score for."""
+    common = sorted(set(row["ood"]) & set(base["ood"]), key=int)
+    if not common:
+        return {"ood_n": 0, "ood_delta": None, "ood_ci95": None}
+    result = paired([row["ood"][s] - base["ood"][s] for s in common], family, TARGET_EFFECT)
+    return {"ood_n": result["n"], "ood_delta": result["delta"], "ood_ci95": result["ci95"]}
 
 
 def _delta_curve(curves: dict, base: dict, seeds: list[str]) -> list[dict]:
@@ -380,6 +394,10 @@ def _source_lines(summary: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _interval(ci: list[float] | None) -> str:
+    return "—" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _number(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -400,17 +418,24 @@ def _analysis_lines(summary: dict) -> list[str]:
         if any(row["n"] < summary.get("seeds_planned", 0) for row in analysis["arms"]):
             lines += ["**Interim**: the test seeds are still running, so these verdicts and intervals are not the "
                       "study's; the rule applies to the planned seeds.", ""]
-        lines += ["| arm | seeds | Δ | 95% interval | p | p (Holm) | paper | verdict | power at 0.02 | MDE (80%) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        ood = "ood_source" in summary
+        lines += ["| arm | seeds | Δ | 95% interval | p | p (Holm) | paper | verdict | power at 0.02 | MDE (80%) |"
+                  + (" Δ out of domain | its 95% interval |" if ood else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if ood else "")]
         for row in analysis["arms"]:
-            interval = "—" if row["ci95"] is None else f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
-            lines.append(f"| {row['arm']} | {_seeds(row['n'], summary)} | {row['delta']:+.4f} | {interval} "
-                         f"| {_number(row['p'], '.3g')} "
+            lines.append(f"| {row['arm']} | {_seeds(row['n'], summary)} | {row['delta']:+.4f} "
+                         f"| {_interval(row['ci95'])} | {_number(row['p'], '.3g')} "
                          f"| {_number(row['p_holm'], '.3g')} | {_number(row['expected'], '+.3f')} | {row['verdict']} | "
-                         f"{_number(row['power'], '.2f')} | {_number(row['mde'], '.4f')} |")
+                         f"{_number(row['power'], '.2f')} | {_number(row['mde'], '.4f')} |"
+                         + (f" {_number(row['ood_delta'], '+.4f')} | {_interval(row['ood_ci95'])} |" if ood else ""))
         lines.append("")
     if lines:
-        lines += [VERDICT_RULE, "", "![gap over training](gap.png)", ""]
+        lines += [VERDICT_RULE, ""]
+        if "ood_source" in summary:
+            lines += [f"Out of domain: every final model scored on {summary['ood_tokens']:,} tokens of "
+                      f"`{summary['ood_source']}` (a bundled source outside the training mix, evenly spaced "
+                      "windows), paired over the same seeds; the verdicts are the in-domain ones.", ""]
+        lines += ["![gap over training](gap.png)", ""]
     return lines
 
 

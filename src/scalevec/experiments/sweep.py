@@ -37,9 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from ..config import ConfigError, load_config, to_toml
+from ..config import BUNDLED_SOURCES, ConfigError, load_config, to_toml
 from ..outputs import write_text_atomic
 from ..rundir import final_eval, read_metrics
 
@@ -81,6 +82,8 @@ class Suite:
     analyses: list[dict] = field(default_factory=list)
     extend_lrs: int = 0
     tokens_per_parameter: float = 0.0  # > 0: each size trains this many tokens per non-embedding parameter
+    ood_source: str = ""  # a bundled source outside the training mix: every run's final model is scored on it
+    ood_tokens: int = 131072  # how many of its tokens (evenly spaced windows of train.seq_len)
 
     def arms(self) -> list[Arm]:
         return [Arm(st, si, o, sc) for si in self.sizes for o in self.optimizers for sc in self.schedules
@@ -146,6 +149,12 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
                                   f"effect in nats (negative = lower loss) or \"{CONTROL}\", not {expected!r}")
     for arm in suite.arms():  # every arm's config is checked now, not when its run starts
         load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], suite.lr_seed))
+    if suite.ood_source:
+        trained_on = suite.base_config().data.sources
+        if suite.ood_source not in BUNDLED_SOURCES or suite.ood_source in trained_on:
+            raise ConfigError(f"suite {suite.name}: ood_source {suite.ood_source!r} must be a bundled source outside "
+                              f"the training mix ({', '.join(trained_on)}); choose from "
+                              f"{', '.join(s for s in BUNDLED_SOURCES if s not in trained_on)}")
     return suite
 
 
@@ -218,8 +227,9 @@ def record_path(results: Path, arm: Arm, lr: float, seed: int, decay_from: int =
     return run.parent / f"{run.name}.json"
 
 
-def make_record(path: Path, wall_seconds: float | None) -> dict:
-    """What the report needs of a finished run: resolved config, final metrics, validation curve, time."""
+def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarray] | None = None) -> dict:
+    """What the report needs of a finished run: resolved config, final metrics, validation curve, time, and with
+    `ood` (a source's name and windows) the final model's loss out of domain."""
     rows = read_metrics(path)
     seconds, previous = 0.0, 0
     for row in rows:
@@ -227,11 +237,37 @@ def make_record(path: Path, wall_seconds: float | None) -> dict:
             seconds += (row["tokens"] - previous) / row["tokens_per_s"]
             previous = row["tokens"]
     keep = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "val_loss_by_source")
-    return {"config": tomllib.loads((path / "config.toml").read_text()),
-            "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
-            "train_seconds": seconds, "wall_seconds": wall_seconds,
-            "curve": [{key: row[key] for key in ("tokens", "val_loss", "val_loss_by_source") if key in row}
-                      for row in rows if "val_loss" in row]}
+    record = {"config": tomllib.loads((path / "config.toml").read_text()),
+              "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
+              "train_seconds": seconds, "wall_seconds": wall_seconds,
+              "curve": [{key: row[key] for key in ("tokens", "val_loss", "val_loss_by_source") if key in row}
+                        for row in rows if "val_loss" in row]}
+    if ood is not None:
+        from ..checkpoint import load_run_model
+        from ..evaluate import windows_loss
+
+        config, model = load_run_model(path)
+        record["ood"] = {ood[0]: windows_loss(model.eval(), ood[1], config.train.eval_batch_size)}
+    return record
+
+
+def ood_windows(tokenizer: Path, source: str, tokens: int, seq_len: int) -> np.ndarray:
+    """`tokens // seq_len` windows of seq_len + 1 tokens, evenly spaced over bundled `source`'s documents joined
+    with the end-of-text token, encoded with the study's tokenizer: the same out-of-domain text for every run."""
+    from ..data.prepare import END_OF_TEXT, load_tokenizer
+    from ..data.sources import CORPUS_DIR, SourceFile, read_documents
+
+    encoder = load_tokenizer(tokenizer)
+    documents = [text for text in read_documents(SourceFile(CORPUS_DIR / f"{source}.jsonl.xz", source)) if text]
+    eos = encoder.token_to_id(END_OF_TEXT)
+    stream = np.concatenate([np.asarray([eos, *e.ids], dtype=np.int64)
+                             for e in encoder.encode_batch_fast(documents, add_special_tokens=False)])
+    count = tokens // seq_len
+    if len(stream) < count * (seq_len + 1):
+        raise ConfigError(f"ood_source {source} has {len(stream):,} tokens, fewer than ood_tokens={tokens:,} needs; "
+                          "lower ood_tokens")
+    starts = np.linspace(0, len(stream) - seq_len - 1, count).round().astype(np.int64)
+    return np.stack([stream[start:start + seq_len + 1] for start in starts])
 
 
 def read_record(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> dict | None:
@@ -259,7 +295,8 @@ def best_lr(results: Path, suite: Suite, arm: Arm) -> float | None:
     return min(losses, key=losses.get) if losses else None
 
 
-def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, threads: int) -> tuple[Path, str | None]:
+def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, threads: int, ood
+         ) -> tuple[Path, str | None]:
     path = spec.path(out)
     command = [sys.executable, "-m", "scalevec", "train", str(base), "--out", str(path),
                *[x for o in [*spec.overrides(out, suite), f"train.threads={threads}"] for x in ("--set", o)]]
@@ -272,7 +309,7 @@ def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, thre
         (path / "failed.txt").write_text(result.stderr[-4000:])
         return path, result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
     (path / "failed.txt").unlink(missing_ok=True)
-    _write_record(spec, suite, out, results, time.perf_counter() - started)
+    _write_record(spec, suite, out, results, time.perf_counter() - started, ood)
     return path, None
 
 
@@ -284,13 +321,13 @@ def _progress_line(spec: RunSpec, out: Path, suite: Suite, done: int, total: int
             f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.0f} min")
 
 
-def _write_record(spec: RunSpec, suite: Suite, out: Path, results: Path, wall_seconds: float | None) -> bool:
+def _write_record(spec: RunSpec, suite: Suite, out: Path, results: Path, wall_seconds: float | None, ood) -> bool:
     """Record a finished run (False if it has not finished)."""
     if final_eval(spec.path(out), spec.steps(suite)) is None:
         return False
     target = record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(target, json.dumps(make_record(spec.path(out), wall_seconds), indent=1) + "\n")
+    write_text_atomic(target, json.dumps(make_record(spec.path(out), wall_seconds, ood), indent=1) + "\n")
     return True
 
 
@@ -320,6 +357,10 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             raise ConfigError(f"gpu suites need your own data: {data_dir} has {meta['train']['tokens']:,} training "
                               f"tokens, a run needs {needed:,}; prepare more data and set data.* in the suite")
     threads = config.train.threads or max(1, (os.cpu_count() or 1) // jobs)
+    ood = None
+    if suite.ood_source:
+        ood = suite.ood_source, ood_windows(data_dir / "tokenizer.json", suite.ood_source, suite.ood_tokens,
+                                            config.train.seq_len)
     failures: dict[str, str] = {}
     arms = suite.arms()
     lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
@@ -328,7 +369,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
     with tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
         def recorded(spec: RunSpec) -> bool:  # a run finished before records existed is recorded now
             return record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from).is_file() or \
-                _write_record(spec, suite, out, results, None)
+                _write_record(spec, suite, out, results, None, ood)
 
         started, done, ran = time.perf_counter(), 0, 0  # (a disabled bar counts nothing)
 
@@ -339,7 +380,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             done += len(specs) - len(todo)
             with ThreadPoolExecutor(jobs) as pool:
                 for spec, (path, error) in zip(todo, pool.map(
-                        lambda spec: _run(spec, suite, out, results, base, threads), todo)):
+                        lambda spec: _run(spec, suite, out, results, base, threads, ood), todo)):
                     done, ran = done + 1, ran + 1
                     bar.update(1)
                     if error:

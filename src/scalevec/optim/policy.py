@@ -10,15 +10,21 @@ means per parameterization (decoupled decay pulls the *parameter* toward 0):
   norm, and so its effective learning rate, in check) |
 | ER exp(β)·exp(α − mean α) | β and α | toward 1 (not 0) |
 
-Scale decay policies (strategy.scale_decay): `iwd` decays Input-Norm scales only (the paper's
-rule), and among them only those whose matrices decay too: the paper's argument for decaying γ is the
-balance of γ·w, which needs both sides decayed, so a final norm feeding a tied, undecayed embedding
-keeps its γ undecayed; `all` decays every scale, `none` no scale. DP's output-side scale is an Input scale by default
-(strategy.dual_placement_role). A parameter the loss does not depend on (`ParamInfo.invariant`) is never decayed.
+Scale decay policies (strategy.scale_decay), docs/paper-notes.md section 3:
+- `iwd`, the paper's rule: every Input-Norm scale the loss depends on decays (pre-attention, pre-FFN, an MoE
+  block's FFN norm, the router's own γ, the final norm, a tied head's included), no Output-Norm scale does. The
+  balance argument for decaying γ (γ² − ||w||² driven to 0) needs the matrices it feeds decayed too; where one is
+  not (a tied head with an undecayed embedding), the scale still decays and one warning at start names it.
+- `iwd-balanced`: `iwd` only where that argument holds; an Input scale feeding an undecayed matrix keeps its γ
+  undecayed (scalevec's rule before 0.2; runs written then resume and report under this name).
+- `all` decays every scale (with the same warning), `none` no scale.
+DP's output-side scale is an Input scale by default (strategy.dual_placement_role). A parameter the loss does not
+depend on (`ParamInfo.invariant`) is never decayed.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, replace
 
@@ -28,7 +34,7 @@ from ..config import OptimConfig
 from ..scales import Kind, ParamInfo, Role
 from ..strategy import Strategy
 
-DECAYED_ROLES = {"iwd": {Role.INPUT}, "all": {Role.INPUT, Role.OUTPUT}, "none": set()}
+DECAYED_ROLES = {"iwd": {Role.INPUT}, "iwd-balanced": {Role.INPUT}, "all": {Role.INPUT, Role.OUTPUT}, "none": set()}
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ def policy_table(optim: OptimConfig, scale_decay: str) -> dict[tuple[Role, Kind]
         (Role.NONE, Kind.MATRIX): Rule(matrix_optimizer, 1.0, optim.weight_decay),
         (Role.NONE, Kind.EMBEDDING): Rule("adamw", optim.embedding_lr_mult, optim.embedding_weight_decay),
         (Role.NONE, Kind.HEAD): Rule("adamw", optim.head_lr_mult, optim.head_weight_decay),
-        (Role.NONE, Kind.ROUTER): Rule("adamw", 1.0, 0.0),
+        (Role.NONE, Kind.ROUTER): Rule("adamw", 1.0, optim.router_weight_decay),
         (Role.NONE, Kind.BIAS): Rule("adamw", 1.0, 0.0),
     }
     for role in (Role.INPUT, Role.OUTPUT):
@@ -82,7 +88,7 @@ def assign(infos: dict[str, ParamInfo], model: nn.Module, optim: OptimConfig, sc
             raise PolicyError(f"parameter {name} ({info.role.value}, {info.kind.value}) matches no rule of the table")
         rule = table[(info.role, info.kind)]
         rules[name] = replace(rule, weight_decay=0.0) if info.invariant else rule
-    if scale_decay == "iwd":
+    if scale_decay == "iwd-balanced":
         for name in _unbalanced(infos, rules):
             rules[name] = replace(rules[name], weight_decay=0.0)
     _warn_unbalanced(infos, rules)
@@ -95,17 +101,25 @@ def _unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> list[str
             and any(rules[matrix].weight_decay == 0 for matrix, _, _ in info.feeds)]
 
 
+MATRIX_DECAY_OPTION = {Kind.EMBEDDING: "optim.embedding_weight_decay", Kind.HEAD: "optim.head_weight_decay",
+                       Kind.ROUTER: "optim.router_weight_decay", Kind.MATRIX: "optim.weight_decay"}
+"""The option that decays a matrix of each kind, for the warning below."""
+
+
 def _warn_unbalanced(infos: dict[str, ParamInfo], rules: dict[str, Rule]) -> None:
-    """The balance argument (γ² vs ||w||²) needs the matrices a decayed Input scale feeds to decay too
-    (`iwd` keeps such scales undecayed; `all` decays them as asked, with this warning)."""
-    pairs = sorted({(name.rsplit(".", 1)[0], matrix) for name in _unbalanced(infos, rules)
-                    for matrix, _, _ in infos[name].feeds if rules[matrix].weight_decay == 0})
+    """One warning naming every decayed Input scale whose matrix is not decayed, and how to decay that matrix:
+    the paper's balance argument (γ² vs ||w||²) needs both sides decayed. Blocks are folded into `blocks.*`."""
+    pairs: dict[tuple[str, str], str] = {}
+    for name in _unbalanced(infos, rules):
+        for matrix, _, _ in infos[name].feeds:
+            if rules[matrix].weight_decay == 0:
+                key = tuple(re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in (name.rsplit(".", 1)[0], matrix))
+                pairs[key] = MATRIX_DECAY_OPTION[infos[matrix].kind]
     if pairs:
-        scale, matrix = pairs[0]
-        warnings.warn(f"decayed Input scale {scale} feeds undecayed {matrix}"
-                      f"{f' (and {len(pairs) - 1} more)' if len(pairs) > 1 else ''}: the paper's balance argument "
-                      "for decaying it does not hold; decay the matrix (e.g. optim.embedding_weight_decay for a tied "
-                      "head) or untie the head", stacklevel=3)
+        named = "; ".join(f"{scale} feeds {matrix} (set {option} > 0)" for (scale, matrix), option in pairs.items())
+        warnings.warn(f"decayed Input scales feed undecayed matrices, so the paper's balance argument for decaying "
+                      f"them does not hold: {named}; or use strategy.scale_decay=iwd-balanced to leave such scales "
+                      "undecayed", stacklevel=3)
 
 
 def param_groups(model: nn.Module, policy: str | None = None, optim: OptimConfig | None = None,

@@ -14,6 +14,13 @@ def _summary(values: list[torch.Tensor]) -> dict:
     return {"mean": flat.mean().item(), "min": flat.min().item(), "max": flat.max().item()}
 
 
+def _column_norms(matrix: torch.Tensor, start: int, stop: int, ndim: int) -> torch.Tensor:
+    """Σ over rows [start, stop) of ||w_row||² per column, of a matrix (out, in) or stacked experts (E, out, in),
+    summed over the experts a γ of `ndim` dimensions is shared by (one γ per expert: ndim 2)."""
+    norms = matrix[..., start:stop, :].float().pow(2).sum(-2)
+    return norms.sum(0) if norms.ndim > ndim else norms
+
+
 @torch.no_grad()
 def scale_diagnostics(model: torch.nn.Module, infos: dict[str, ParamInfo]) -> dict:
     scales: dict[str, tuple[Role, tuple]] = {}
@@ -26,9 +33,8 @@ def scale_diagnostics(model: torch.nn.Module, infos: dict[str, ParamInfo]) -> di
         gamma = model.get_submodule(prefix)().float()
         gammas[role].append(gamma)
         if feeds:
-            column_norms = sum(model.get_parameter(matrix)[start:stop].float().pow(2).sum(0)
-                               for matrix, start, stop in feeds)
-            balances.append(gamma.pow(2) - column_norms)
+            balances.append(gamma.pow(2) - sum(_column_norms(model.get_parameter(matrix), start, stop, gamma.ndim)
+                                               for matrix, start, stop in feeds))
     result = {role.value: {"gamma": _summary(values)} for role, values in gammas.items() if values}
     if balances:
         result[Role.INPUT.value]["balance"] = _summary(balances)
