@@ -1,14 +1,16 @@
 """Issue "Foundation": config files, overrides, validation, and the CLI's one-line errors."""
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from scalevec.cli import main
-from scalevec.config import ConfigError, ModelConfig, load_config, to_toml
+from scalevec.config import ConfigError, ModelConfig, OptimConfig, load_config, to_toml
 
 
 def test_presets_fill_fields_and_explicit_fields_override(tmp_path):
@@ -82,7 +84,6 @@ def test_cli_entry_point_exit_code():
 
 
 def test_info_reports_counts(capsys):
-    import json
     assert main(["info", "cpu-1m", "--json", "--set", "strategy.preset=unified"]) == 0
     summary = json.loads(capsys.readouterr().out)
     by_kind = summary["by_kind"]
@@ -134,3 +135,48 @@ def test_renamed_strategy_keys_still_load_from_files_and_overrides(tmp_path):
     assert load_config(path, ["strategy.dp=gate"]).strategy.dual_placement == ["gate"]
     assert load_config(None, ["strategy.dp=k,up"]).strategy.dual_placement == ["k", "up"]
     assert "dual_placement = [" in to_toml(config) and "\ndp =" not in to_toml(config)
+
+
+def test_runs_written_before_format_2_keep_their_iwd_rule(tmp_path, capsys):
+    """A run or study record of scalevec < 0.2 (no `format`) ran IWD as `iwd-balanced` and undecayed routers; it
+    resumes and reports as such. A hand-written config without `format` means the current rule."""
+    from scalevec.rundir import RunDirError, check_run_dir
+
+    committed = Path(__file__).resolve().parents[1] / "results/study-improvements-cpu/records/unified"
+    record = json.loads(next(committed.rglob("seed0.json")).read_text())["config"]
+    assert "format" not in record and record["strategy"]["scale_decay"] == "iwd"
+    old = load_config(record, resolved=True)
+    assert (old.format, old.strategy.scale_decay, old.strategy.preset) == (2, "iwd-balanced", "unified")
+    assert load_config(record).strategy.scale_decay == "iwd"  # read as a hand-written file: today's rule
+    moe = {**record, "model": {**record["model"], "moe_experts": 4}}
+    assert load_config(moe, resolved=True).optim.router_weight_decay == 0.0
+    assert load_config(moe).optim.router_weight_decay == OptimConfig().router_weight_decay == 0.1
+    assert load_config(None, ["strategy.preset=or+iwd", "format=1"]).strategy.scale_decay == "iwd-balanced"
+    with pytest.raises(ConfigError, match="format=3 is not a config format this scalevec reads"):
+        load_config(None, ["format=3"])
+
+    run = tmp_path / "old-run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(load_config(record)).replace("format = 2\n", "")
+                                     .replace('scale_decay = "iwd-balanced"', 'scale_decay = "iwd"'))
+    assert main(["train", "--resume", "--out", str(run), "--print-config"]) == 0
+    assert 'scale_decay = "iwd-balanced"' in capsys.readouterr().out
+    check_run_dir(run, old, resume=True, overwrite=False)  # the saved config and the migrated one agree
+    with pytest.raises(RunDirError, match="strategy.scale_decay differs"):
+        check_run_dir(run, load_config(record), resume=True, overwrite=False)
+
+
+def test_info_counts_the_decayed_scale_entries_per_role_and_kind(capsys):
+    assert main(["info", "cpu-0.5m", "--json", "--set", "strategy.preset=unified"]) == 0
+    counts = json.loads(capsys.readouterr().out)["scale_decay"]
+    # cpu-0.5m: 3 blocks; OR β of each v-input scale and of the final norm; no DNP-input β, no α, no Output
+    assert counts["input/or_magnitude"] == {"decayed": 4, "entries": 4}
+    assert counts["input/or_direction"] == {"decayed": 0, "entries": 3 * 5 * 64 + 64}
+    assert counts["output/or_direction"]["decayed"] == counts["output/or_magnitude"]["decayed"] == 0
+    assert main(["info", "cpu-0.5m", "--json", "--set", "strategy.preset=unified",
+                 "--set", "optim.decay_or_direction=true"]) == 0
+    assert json.loads(capsys.readouterr().out)["scale_decay"]["input/or_direction"]["decayed"] == 3 * 5 * 64 + 64
+    assert main(["info", "cpu-0.5m", "--set", "strategy.preset=iwd"]) == 0
+    out = capsys.readouterr().out
+    assert "scale entries decayed (strategy.scale_decay=iwd): input/gain 448 of 448" in out
+    assert "final_scale feeds tok_emb.weight" in out

@@ -16,6 +16,7 @@ from scalevec.optim import Muon, Optimizers, PolicyError, param_groups
 from scalevec.optim.policy import assign
 from scalevec.scales import Kind, Role
 from scalevec.schedule import lr_factor
+from scalevec.strategy import PRESETS
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16)
 PRESET_NAMES = ["standard", "none", "gemma", "hg", "dp", "dnp", "or", "er", "unified", "hg+dp+er+wd-all"]
@@ -106,19 +107,107 @@ def test_zero_gradient_step_is_exactly_decoupled_decay(policy, scale, optimizer,
     assert not any(infos[n].invariant for n in decayed)
 
 
-def test_iwd_keeps_a_scale_undecayed_when_its_matrix_is_not_and_all_warns():
+def test_iwd_decays_the_tied_final_norm_with_one_warning_and_iwd_balanced_does_not():
     model = build_model(TINY, strategy("iwd"))  # tied head, embedding undecayed by default
-    with warnings.catch_warnings(action="error"):
+    with pytest.warns(UserWarning) as caught:
         rules = assign(model.param_info(), model, OptimConfig(), "iwd")
-    assert rules["final_scale.weight"].weight_decay == 0.0
-    assert rules["blocks.0.attn.qkv.shared_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
-    with warnings.catch_warnings(action="error"):
-        rules = assign(model.param_info(), model, OptimConfig(embedding_weight_decay=0.1), "iwd")
+    assert len(caught) == 1
+    assert "final_scale feeds tok_emb.weight (set optim.embedding_weight_decay > 0)" in str(caught[0].message)
     assert rules["final_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
-    with pytest.warns(UserWarning, match="final_scale feeds undecayed tok_emb.weight"):
+    with warnings.catch_warnings(action="error"):
+        balanced = assign(model.param_info(), model, OptimConfig(), "iwd-balanced")
+    assert balanced["final_scale.weight"].weight_decay == 0.0
+    assert balanced["blocks.0.attn.qkv.shared_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
+    for policy in ("iwd", "iwd-balanced"):  # a decayed embedding restores the balance: both decay, no warning
+        with warnings.catch_warnings(action="error"):
+            rules = assign(model.param_info(), model, OptimConfig(embedding_weight_decay=0.1), policy)
+        assert rules["final_scale.weight"].weight_decay == OptimConfig().scale_weight_decay
+    with pytest.warns(UserWarning, match="final_scale feeds tok_emb.weight"):
         param_groups(model, "all", OptimConfig())
     with warnings.catch_warnings(action="error"):
         param_groups(model, "none", OptimConfig())
+
+
+def test_the_warning_names_every_unbalanced_pair_once_with_its_option():
+    model = build_model(replace(TINY, moe_experts=3, moe_top_k=2), strategy("iwd"))
+    with pytest.warns(UserWarning) as caught:
+        param_groups(model, "iwd", OptimConfig(router_weight_decay=0.0))
+    (message,) = [str(w.message) for w in caught]
+    assert message.count("final_scale feeds tok_emb.weight (set optim.embedding_weight_decay > 0)") == 1
+    assert message.count("blocks.*.ffn.shared_scale feeds blocks.*.ffn.router (set optim.router_weight_decay > 0)") \
+        == 1  # both blocks, folded into one entry
+
+
+SHAPES = {"tied": TINY, "untied": replace(TINY, tie_embeddings=False),
+          "moe": replace(TINY, moe_experts=3, moe_top_k=2),
+          "moe+shared": replace(TINY, moe_experts=3, moe_top_k=2, moe_shared_expert=True, tie_embeddings=False)}
+MAGNITUDES = (Kind.GAIN, Kind.OR_MAGNITUDE, Kind.ER_MAGNITUDE)
+
+
+@pytest.mark.parametrize("preset", [*PRESETS, "hg+dp+er", "dnp+or", "gemma+hg", "unified+iwd-balanced"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_iwd_decays_every_input_norm_magnitude_and_iwd_balanced_none_feeding_an_undecayed_matrix(preset, shape):
+    infos, named = None, None
+    for policy, optim in (("iwd", OptimConfig()), ("iwd", OptimConfig(router_weight_decay=0.0)),
+                          ("iwd-balanced", OptimConfig()), ("iwd-balanced", OptimConfig(router_weight_decay=0.0))):
+        with torch.device("meta"):
+            model = Decoder(SHAPES[shape], strategy(preset, scale_decay=policy))
+        infos, named = model.param_info(), dict(model.named_parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rules = assign(infos, model, optim, policy)
+        decays = {name: rules[name].weight_decay > 0 for name in infos}
+        assert not any(decays[n] for n, i in infos.items() if i.role is Role.OUTPUT), "an Output-Norm scale decays"
+        loose = [n for n, i in infos.items() if i.role is Role.INPUT and i.kind.is_scale and decays[n]
+                 and any(not decays[matrix] for matrix, _, _ in i.feeds)]
+        if policy == "iwd":
+            undecayed = [n for n, i in infos.items() if i.role is Role.INPUT and i.kind in MAGNITUDES
+                         and not i.invariant and not decays[n]]
+            assert not undecayed, f"{preset} on {shape}: Input-Norm magnitudes left undecayed: {undecayed}"
+            for name in ("final_scale.weight", "final_scale.magnitude", "blocks.0.ffn.shared_scale.weight",
+                         "blocks.0.ffn.router_scale.weight", "blocks.0.ffn.router_scale.magnitude"):
+                assert decays.get(name, name not in named), name  # the tied final norm, the MoE FFN norm, the router's γ
+        else:
+            assert not loose, f"{preset} on {shape}: decayed under iwd-balanced but feeding an undecayed matrix: {loose}"
+    assert "blocks.0.ffn.shared_expert.gate_up.shared_scale.weight" not in named  # one γ per norm
+
+
+FEED_PRESETS = ["standard", "hg", "dp", "dnp", "gemma", "qknorm", "hg+dp", "dnp-ffn"]
+
+
+def _zero_columns(model, feeds, column, keep=None):
+    with torch.no_grad():
+        for k, (matrix, start, stop) in enumerate(feeds):
+            if k != keep:
+                model.get_parameter(matrix)[..., start:stop, column] = 0.0
+
+
+@pytest.mark.parametrize("preset", FEED_PRESETS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_feeds_name_every_matrix_an_input_scale_multiplies(preset, shape):
+    """With column j of every matrix a scale feeds set to 0, the loss no longer depends on γ_j; with any one of
+    them kept, it does: `feeds` lists exactly the matrices the scale multiplies (experts and shared expert too)."""
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = build_model(SHAPES[shape], strategy(preset), seed=3)
+    scales = {n.rsplit(".", 1)[0]: i.feeds for n, i in model.param_info().items()
+              if i.role is Role.INPUT and i.feeds and not n.startswith("blocks.1.")}
+    assert scales and all(model.get_submodule(prefix).parameterization == "plain" for prefix in scales)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def gradient(prefix):
+        model.zero_grad()
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:]).backward()
+        return model.get_submodule(prefix).weight.grad[..., 5].abs().max().item()
+
+    for prefix, feeds in scales.items():
+        model.load_state_dict(state)
+        _zero_columns(model, feeds, 5)
+        assert gradient(prefix) < 1e-9, f"{prefix}: γ still acts after zeroing {feeds}"
+        for keep in range(len(feeds)):
+            model.load_state_dict(state)
+            _zero_columns(model, feeds, 5, keep)
+            assert gradient(prefix) > 1e-7, f"{prefix} is said to feed {feeds[keep][0]}, which it does not"
 
 
 def test_adamw_step_matches_closed_form():
@@ -241,9 +330,9 @@ def test_schedule_values():
         assert lr_factor(wsd, 9, 100) == pytest.approx(1.0)
         assert lr_factor(wsd, 50, 100) == 1.0  # stable phase
         assert lr_factor(wsd, 79, 100) == 1.0
-        assert lr_factor(wsd, 80, 100) == pytest.approx(1.0)  # decay start
-        assert lr_factor(wsd, 90, 100) == pytest.approx(mid)
-        assert lr_factor(wsd, 100, 100) == pytest.approx(0.1)  # decay end
+        assert lr_factor(wsd, 80, 100) < 1.0  # the first decay step already decays
+        assert lr_factor(wsd, 89, 100) == pytest.approx(mid)  # half of the 20 decay steps done
+        assert lr_factor(wsd, 99, 100) == pytest.approx(0.1)  # the last step runs at the floor
     const = ScheduleConfig(name="constant", warmup_steps=4)
     assert [lr_factor(const, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
 

@@ -9,11 +9,12 @@ from scalevec.experiments.report import write_report
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STUDIES = sorted(p.name for p in RESULTS.glob("study-*-cpu"))
+COMPLETE = {"study-pilot-cpu", "study-improvements-cpu", "study-weight-decay-cpu", "study-optimizers-cpu",
+            "study-ladder-cpu"}  # the others are still running: their committed reports say so (Interim)
 
 
 def test_the_study_is_committed():
-    assert {"study-pilot-cpu", "study-improvements-cpu", "study-weight-decay-cpu", "study-optimizers-cpu",
-            "study-ladder-cpu"} <= set(STUDIES)
+    assert COMPLETE | {"study-iwd-cpu"} <= set(STUDIES)
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -27,4 +28,5 @@ def test_committed_report_regenerates_from_the_records(name, tmp_path):
     summary = write_report(copy)
     for text in ("summary.json", "report.md"):
         assert (copy / text).read_text() == (committed / text).read_text(), f"{name}/{text}: run `make reports`"
-    assert summary["arms_pending"] == [] and summary["runs_recorded"] == len(list((copy / "records").rglob("*.json")))
+    assert summary["runs_recorded"] == len(list((copy / "records").rglob("*.json")))
+    assert (summary["arms_pending"] == []) or name not in COMPLETE

@@ -422,8 +422,8 @@ def test_analysis_arms_must_name_an_effect_or_control(small_data, tmp_path):
 
 
 def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
-    """No shipped arm warns about itself: every suite arm at both scales and both demo arms resolve to a
-    config whose scale-decay policy is coherent (no decayed scale feeding an undecayed matrix)."""
+    """Every suite arm at both scales and both demo arms resolve to a config whose scale-decay policy warns about
+    itself only as the paper's rule says it must: a decayed final norm before a tied, undecayed embedding."""
     import torch
 
     from scalevec.model import build_model
@@ -439,6 +439,12 @@ def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
                         for arm in suite.arms()]
     assert len(configs) > 100
     for config in configs:
-        with torch.device("meta"), warnings.catch_warnings(action="error"):
+        with torch.device("meta"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             model = build_model(config.model, config.strategy, config.seed, config.moe)
             param_groups(model, config.strategy.scale_decay, config.optim)
+        s, m = config.strategy, config.model
+        tied_and_decayed = s.scale_decay in ("iwd", "all") and s.scale != "fixed" and m.tie_embeddings \
+            and config.optim.embedding_weight_decay == 0
+        pairs = [re.findall(r"(\S+ feeds \S+) \(set", str(w.message)) for w in caught]
+        assert pairs == ([["final_scale feeds tok_emb.weight"]] if tied_and_decayed else []), (s.preset, pairs)

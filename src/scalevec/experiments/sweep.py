@@ -228,8 +228,14 @@ def record_path(results: Path, arm: Arm, lr: float, seed: int, decay_from: int =
 
 
 def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarray] | None = None) -> dict:
-    """What the report needs of a finished run: resolved config, final metrics, validation curve, time, and with
-    `ood` (a source's name and windows) the final model's loss out of domain."""
+    """What the report needs of a finished run: resolved config, final metrics, validation curve, time, how many
+    scale entries decayed per role and kind, and with `ood` (a source's name and windows) the final model's loss
+    out of domain."""
+    import torch
+
+    from ..model import Decoder
+    from ..optim import decay_counts
+
     rows = read_metrics(path)
     seconds, previous = 0.0, 0
     for row in rows:
@@ -237,8 +243,12 @@ def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarr
             seconds += (row["tokens"] - previous) / row["tokens_per_s"]
             previous = row["tokens"]
     keep = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "val_loss_by_source")
-    record = {"config": tomllib.loads((path / "config.toml").read_text()),
-              "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
+    raw = tomllib.loads((path / "config.toml").read_text())
+    config = load_config(raw, resolved=True)
+    with torch.device("meta"):
+        model = Decoder(config.model, config.strategy, config.moe)
+    record = {"config": raw, "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
+              "scale_decay": decay_counts(model, config.strategy.scale_decay, config.optim),
               "train_seconds": seconds, "wall_seconds": wall_seconds,
               "curve": [{key: row[key] for key in ("tokens", "val_loss", "val_loss_by_source") if key in row}
                         for row in rows if "val_loss" in row]}
@@ -246,8 +256,8 @@ def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarr
         from ..checkpoint import load_run_model
         from ..evaluate import windows_loss
 
-        config, model = load_run_model(path)
-        record["ood"] = {ood[0]: windows_loss(model.eval(), ood[1], config.train.eval_batch_size)}
+        _, trained = load_run_model(path)
+        record["ood"] = {ood[0]: windows_loss(trained.eval(), ood[1], config.train.eval_batch_size)}
     return record
 
 

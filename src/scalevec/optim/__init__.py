@@ -2,6 +2,6 @@
 
 from .muon import Muon, orthogonalize
 from .optimizers import Optimizers
-from .policy import PolicyError, param_groups, policy_table
+from .policy import PolicyError, decay_counts, param_groups, policy_table
 
-__all__ = ["Muon", "Optimizers", "PolicyError", "orthogonalize", "param_groups", "policy_table"]
+__all__ = ["Muon", "Optimizers", "PolicyError", "decay_counts", "orthogonalize", "param_groups", "policy_table"]

@@ -152,3 +152,20 @@ def param_groups(model: nn.Module, policy: str | None = None, optim: OptimConfig
         group["names"].append(name)
         group["blocks"].append(infos[name].blocks)
     return list(groups.values())
+
+
+def decay_counts(model: nn.Module, policy: str, optim: OptimConfig) -> dict[str, dict[str, int]]:
+    """Scale entries per `role/kind` of `model`: how many decay under `policy`, of how many (warnings silenced:
+    this only counts)."""
+    infos = model.param_info()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rules = assign(infos, model, optim, policy)
+    counts: dict[str, dict[str, int]] = {}
+    for name, info in infos.items():
+        if info.kind.is_scale:
+            row = counts.setdefault(f"{info.role.value}/{info.kind.value}", {"decayed": 0, "entries": 0})
+            entries = model.get_parameter(name).numel()
+            row["entries"] += entries
+            row["decayed"] += entries if rules[name].weight_decay > 0 else 0
+    return counts
