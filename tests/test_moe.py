@@ -226,3 +226,31 @@ def test_expert_bias_moves_in_an_optimizer_step_hook_from_the_summed_load():
         expected = 0.1 * torch.sign(2 * load.mean() - 2 * load)
         torch.testing.assert_close(moe.expert_bias, expected - expected.mean())
         assert torch.equal(moe.step_load, torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["standard", "hg"])
+def test_balance_diagnostic_sums_every_matrix_a_scale_feeds(name):
+    """γ_j² − Σ_f ||w_{f,j}||² over the router, every routed expert and the shared expert (standard), or per expert
+    for an HG per-expert scale, written out by hand."""
+    from scalevec.train.diagnostics import scale_diagnostics
+
+    model = build_model(replace(TINY, n_layers=1, moe_shared_expert=True), strategy(name), seed=4)
+    randomize_scales(model)
+    moe = model.blocks[0].ffn
+    de = moe.d_expert
+    if name == "standard":
+        columns = (moe.router.pow(2).sum(0) + moe.gate_up.pow(2).sum((0, 1))
+                   + moe.shared_expert.gate_up.weight.pow(2).sum(0))
+        balances = [moe.shared_scale().pow(2) - columns]
+    else:
+        balances = [moe.router_scale().pow(2) - moe.router.pow(2).sum(0),
+                    moe.in_scales["gate"]().pow(2) - moe.gate_up[:, :de].pow(2).sum(1),
+                    moe.in_scales["up"]().pow(2) - moe.gate_up[:, de:].pow(2).sum(1)]
+        shared = moe.shared_expert.gate_up  # HG: the shared expert's branches have their own scales
+        for branch, rows in zip(("gate", "up"), shared.weight.split(shared.sizes)):
+            balances.append(shared.in_scales[branch]().pow(2) - rows.pow(2).sum(0))
+    infos = {n: i for n, i in model.param_info().items() if "ffn" in n}
+    expected = torch.cat([b.detach().flatten() for b in balances]).double()
+    balance = scale_diagnostics(model, infos)["input"]["balance"]
+    assert balance == pytest.approx({"mean": expected.mean().item(), "min": expected.min().item(),
+                                     "max": expected.max().item()}, rel=1e-5)
