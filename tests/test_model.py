@@ -122,10 +122,13 @@ def test_fold_scales_reproduces_logits(cfg, strat, untie):
     tokens = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
         before = model(tokens)
+        oracle = reference_logits(dict(model.named_parameters()), cfg, strat, tokens)  # written apart from fold
         embedding = model.tok_emb.weight.clone()
         fold_scales(model, untie=untie)
         after = model(tokens)
+        oracle_after = reference_logits(dict(model.named_parameters()), model.config, strat, tokens)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(oracle_after, oracle, atol=1e-5, rtol=1e-5)
     assert torch.equal(model.tok_emb.weight, embedding), "folding must never rescale the input embedding"
     # every input-side and DP output-side scale is now exactly the identity
     for module in model.modules():

@@ -104,10 +104,12 @@ def test_batched_dispatch_equals_per_token_loop(name, expert_scales, experts, to
         torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
-def test_fold_reproduces_moe_logits():
+@pytest.mark.parametrize("shared_expert", [False, True])
+def test_fold_reproduces_moe_logits(shared_expert):
     for name, expert_scales in (("standard", "per_expert"), ("hg", "per_expert"), ("hg+dp", "shared"),
-                                ("unified", "per_expert"), ("hg+dp+er", "per_expert")):
-        model = build_model(TINY, strategy(name, expert_scales=expert_scales), seed=2)
+                                ("unified", "per_expert"), ("hg+dp+er", "per_expert"), ("dp+or", "per_expert")):
+        model = build_model(replace(TINY, moe_shared_expert=shared_expert), strategy(name, expert_scales=expert_scales),
+                            seed=2)
         randomize_scales(model)
         tokens = torch.randint(0, 64, (2, 12))
         with torch.no_grad():

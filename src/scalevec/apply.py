@@ -212,11 +212,7 @@ def unapply(model: nn.Module) -> nn.Module:
             first = scales[names[0]]
             shared = pre is not None and first is not None and all(scale is first for scale in scales.values())
             for n, proj in projections.items():
-                weight = proj.weight
-                if scales[n] is not None and not shared:
-                    weight = weight * scales[n]()
-                if proj.placements[0] == "dp" and n in proj.out_scales:
-                    weight = weight * proj.out_scales[n]().unsqueeze(1)
+                weight = proj.effective_weight(without=first if shared else None)  # a shared γ goes to the norm
                 setattr(owner, f"{n}_proj", _linear(weight, proj.effective_bias()))
                 if proj.placements[0] == "dnp":  # the architecture's QK-norm
                     setattr(attn, f"{n}_norm", norm(proj.out_scales[n](), weight))

@@ -40,21 +40,22 @@ def _take_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> bool:
 @torch.no_grad()
 def _convert_projection(source: Projection, target: Projection, where: str) -> None:
     """Weights and scales of a folded source projection (only block-norm γ and DNP output scales left) into
-    `target`; a norm γ the target has no scale for goes into the weight's columns."""
-    gamma = None if source.shared_scale is None else source.shared_scale().detach()
-    weight = source.weight.detach().clone()
-    start = 0
+    `target`; a norm γ the target has no scale for stays folded into the weight's columns."""
+    shared = source.shared_scale
+    kept, folded = source.effective_weight(without=shared), source.effective_weight()
+    weight, start = [], 0
     for branch, placement, source_placement in zip(target.branches, target.placements, source.placements):
         rows = slice(start, start + branch.out_features)
         start += branch.out_features
-        if gamma is not None and not _take_gamma(target.in_scale(branch.name), gamma, f"{where} input scale"):
-            weight[rows] *= gamma
+        taken = shared is not None and _take_gamma(target.in_scale(branch.name), shared().detach(),
+                                                   f"{where} input scale")
+        weight.append(kept[rows] if shared is None or taken else folded[rows])
         if source_placement == placement == "dnp" and branch.name in source.out_scales and \
                 branch.name in target.out_scales:
             out, into = source.out_scales[branch.name]().detach(), target.out_scales[branch.name]
             # a head-shaped scale becomes a full-width one by repeating it over the heads
             _take_gamma(into, out.repeat(into().shape[-1] // out.shape[-1]), f"{where}.out_scales.{branch.name}")
-    target.weight.copy_(weight)
+    target.weight.copy_(torch.cat(weight))
     if source.bias is not None:
         target.bias.copy_(source.bias)
 

@@ -79,12 +79,13 @@ class MoEFeedForward(nn.Module):
         gamma = scale()
         return gamma.unsqueeze(-2)  # (E, 1, d) or (1, d): broadcast over each expert's rows
 
-    def effective_gate_up(self) -> torch.Tensor:
-        """diag(γa) W diag(γb) per expert, (E, 2·d_expert, d)."""
+    def effective_gate_up(self, without: Scale | None = None) -> torch.Tensor:
+        """diag(γa) W diag(γb) per expert, (E, 2·d_expert, d); `without`: a scale left out (a kept norm weight)."""
         pieces = []
         for name, w in zip(("gate", "up"), self.gate_up.split(self.d_expert, dim=1)):
-            column = self._column_scale(self.shared_scale if self.shared_scale is not None else
-                                        self.in_scales[name] if name in self.in_scales else None)
+            scale = self.shared_scale if self.shared_scale is not None else self.in_scales[name] \
+                if name in self.in_scales else None
+            column = self._column_scale(None if scale is without else scale)
             if column is not None:
                 w = w * column
             if self.placements[name] == "dp" and name in self.out_scales:
@@ -92,10 +93,31 @@ class MoEFeedForward(nn.Module):
             pieces.append(w)
         return torch.cat(pieces, dim=1)
 
+    def effective_router(self, without: Scale | None = None) -> torch.Tensor:
+        """The router matrix times its input scale's columns (the block's γ, or its own under HG)."""
+        scale = self.shared_scale if self.shared_scale is not None else self.router_scale
+        column = self._column_scale(None if scale is without else scale)
+        return self.router if column is None else self.router * column
+
+    @torch.no_grad()
+    def fold(self, keep_shared: bool = False) -> None:
+        """Fold the router's and experts' input scales and DP's output scales into their matrices, the shared
+        expert's included (`Projection.fold`); `keep_shared` keeps the block norm's one γ as it is."""
+        kept = self.shared_scale if keep_shared else None
+        if self.shared_expert is not None:
+            reader = None if self.shared_scale is None or keep_shared else self.shared_scale()
+            self.shared_expert.gate_up.fold(keep_shared, reader)
+            self.shared_expert.down.fold(keep_shared)
+        self.router.copy_(self.effective_router(without=kept))
+        self.gate_up.copy_(self.effective_gate_up(without=kept))
+        dual = [self.out_scales[name] for name, p in self.placements.items() if p == "dp" and name in self.out_scales]
+        for scale in (self.shared_scale, self.router_scale, *self.in_scales.values(), *dual):
+            if scale is not None and scale is not kept:
+                scale.reset_to_identity()
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits, scores, top-k expert indices, top-k weights) for tokens x (N, d)."""
-        column = self._column_scale(self.shared_scale if self.shared_scale is not None else self.router_scale)
-        logits = F.linear(x, self.router if column is None else self.router * column)
+        logits = F.linear(x, self.effective_router())
         scores = logits.softmax(-1) if self.moe.router == "softmax" else logits.sigmoid()
         chooser = scores + self.expert_bias if self.moe.balance == "bias" else scores
         indices = chooser.topk(self.top_k, dim=-1).indices

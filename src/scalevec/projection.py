@@ -103,26 +103,42 @@ class Projection(nn.Module):
             return self.shared_scale
         return self.in_scales[branch] if branch in self.in_scales else None
 
-    def effective_weight(self, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """diag(γa) W diag(γb), per branch, as one fused matrix; `reader_scale`: the caller's γb (reader_scaled)."""
-        if reader_scale is not None:
-            return self._effective_weight() * reader_scale
-        return self._effective_weight()
+    def effective_weight(self, reader_scale: torch.Tensor | None = None, without: Scale | None = None
+                         ) -> torch.Tensor:
+        """diag(γa) W diag(γb), per branch, as one fused matrix. `reader_scale`: the caller's γb (reader_scaled);
+        `without`: a scale left out of the product (a norm's weight that stays where it is, e.g. on export)."""
+        weight = self._scaled_weight(without)
+        return weight if reader_scale is None else weight * reader_scale
 
-    def _effective_weight(self) -> torch.Tensor:
-        if self.shared_scale is not None and not any(p == "dp" for p in self.placements):
-            return self.weight * self.shared_scale()
-        if not self.in_scales and not any(p == "dp" for p in self.placements):
-            return self.weight
+    def _scaled_weight(self, without: Scale | None) -> torch.Tensor:
+        shared = None if self.shared_scale is without else self.shared_scale
+        if not any(p == "dp" for p in self.placements) and (shared is not None or not self.in_scales):
+            return self.weight if shared is None else self.weight * shared()
         pieces = []
         for b, placement, w in zip(self.branches, self.placements, self.weight.split(self.sizes)):
             scale = self.in_scale(b.name)
-            if scale is not None:
+            if scale is not None and scale is not without:
                 w = w * scale()
             if placement == "dp" and b.name in self.out_scales:
                 w = w * self.out_scales[b.name]().unsqueeze(1)
             pieces.append(w)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    @torch.no_grad()
+    def fold(self, keep_shared: bool = False, reader_scale: torch.Tensor | None = None) -> None:
+        """Fold every scale that a weight absorbs (input-side, DP's output-side, the caller's γb) into the weight
+        and bias, exactly: the scales become 1 and the outputs stay. `keep_shared` leaves the shared input scale
+        (the weight of the norm before it) as it is; DNP's output scales sit behind a norm and stay."""
+        kept = self.shared_scale if keep_shared else None
+        weight, bias = self.effective_weight(reader_scale, without=kept), self.effective_bias()
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        dual = [self.out_scales[b.name] for b, p in zip(self.branches, self.placements)
+                if p == "dp" and b.name in self.out_scales]
+        for scale in (self.shared_scale, *self.in_scales.values(), *dual):
+            if scale is not None and scale is not kept:
+                scale.reset_to_identity()
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias with DP's row scale applied, per branch."""

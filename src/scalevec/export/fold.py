@@ -3,7 +3,8 @@
 `W (γ ⊙ x̂) = (W diag γ) x̂`: an input-side scale is a column scaling of the next weight, and DP's
 output-side scale a row scaling. After folding, those scales are exactly 1 and the logits are
 unchanged. Scales behind a norm (DNP outputs, QK-norm, post-branch norms) stay: no weight absorbs
-them. Written independently of `Projection.effective_weight`, so a bug in one shows against the other.
+them. Each module folds through its own effective weight (`Projection.fold`, `MoEFeedForward.fold`), the
+product its forward computes; tests/reference.py checks the result against a decoder written apart.
 """
 
 from __future__ import annotations
@@ -11,53 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import Decoder
-from ..moe import MoEFeedForward
-from ..projection import Projection
-
-
-@torch.no_grad()
-def _fold_projection(proj: Projection, keep_shared: bool) -> None:
-    start = 0
-    for branch, placement in zip(proj.branches, proj.placements):
-        rows = slice(start, start + branch.out_features)
-        start += branch.out_features
-        column_scale = None if keep_shared else proj.shared_scale
-        if branch.name in proj.in_scales:
-            column_scale = proj.in_scales[branch.name]
-        if column_scale is not None:
-            proj.weight[rows] *= column_scale()[None, :]
-        if placement == "dp" and branch.name in proj.out_scales:
-            gamma = proj.out_scales[branch.name]()
-            proj.weight[rows] *= gamma[:, None]
-            if proj.bias is not None:
-                proj.bias[rows] *= gamma
-            proj.out_scales[branch.name].reset_to_identity()
-    if proj.shared_scale is not None and not keep_shared:
-        proj.shared_scale.reset_to_identity()
-    for scale in proj.in_scales.values():
-        scale.reset_to_identity()
-
-
-@torch.no_grad()
-def _fold_moe(moe: MoEFeedForward, keep_shared: bool) -> None:
-    """Router and per-expert gate/up scales into each expert's columns (rows for DP)."""
-    de = moe.d_expert
-    router_scale = moe.shared_scale if not keep_shared and moe.shared_scale is not None else moe.router_scale
-    if router_scale is not None:
-        moe.router *= router_scale()[None, :]
-    for name, rows in (("gate", slice(0, de)), ("up", slice(de, 2 * de))):
-        column = moe.in_scales[name] if name in moe.in_scales else None if keep_shared else moe.shared_scale
-        if column is not None:
-            gamma = column()
-            moe.gate_up[:, rows] *= gamma[:, None, :] if gamma.ndim == 2 else gamma[None, None, :]
-        if moe.placements[name] == "dp" and name in moe.out_scales:
-            gamma = moe.out_scales[name]()
-            moe.gate_up[:, rows] *= gamma[:, :, None] if gamma.ndim == 2 else gamma[None, :, None]
-            moe.out_scales[name].reset_to_identity()
-    for scale in (moe.router_scale, *moe.in_scales.values(), None if keep_shared else moe.shared_scale):
-        if scale is not None:
-            scale.reset_to_identity()
+from ..model import Decoder, FeedForward
 
 
 @torch.no_grad()
@@ -74,11 +29,14 @@ def fold_scales(model: Decoder, untie: bool = False, keep_norm_weights: bool = F
     if not isinstance(model, Decoder):
         raise TypeError(f"fold_scales takes a scalevec Decoder, not {type(model).__name__}; for a transformers model "
                         "converted by apply_strategy use scalevec.unapply(model)")
-    for module in model.modules():
-        if isinstance(module, Projection):
-            _fold_projection(module, keep_norm_weights)
-        elif isinstance(module, MoEFeedForward):
-            _fold_moe(module, keep_norm_weights)
+    for block in model.blocks:
+        block.attn.qkv.fold(keep_norm_weights)
+        block.attn.o.fold(keep_norm_weights)
+        if isinstance(block.ffn, FeedForward):
+            block.ffn.gate_up.fold(keep_norm_weights)
+            block.ffn.down.fold(keep_norm_weights)
+        else:
+            block.ffn.fold(keep_norm_weights)
     if model.final_scale is None or keep_norm_weights:
         return model
     gamma = model.final_scale()
