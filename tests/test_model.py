@@ -227,3 +227,33 @@ def test_qkv_biases_fold_and_are_never_decayed(name):
     (group,) = [g for g in param_groups(model, None, OptimConfig()) if any(n.endswith("qkv.bias") for n in g["names"])]
     assert group["weight_decay"] == 0.0 and group["optimizer"] == "adamw"
     assert len([n for n in group["names"] if n.endswith("qkv.bias")]) == m.n_layers
+
+
+@pytest.mark.parametrize("shape", ["dense", "moe", "moe+shared", "moe every 2nd"])
+def test_every_residual_output_is_declared_and_depth_scaled(shape):
+    """The matrices that write into the residual stream, listed by the block's structure (not by ParamInfo):
+    exactly these are declared residual outputs and start with std init_gain/sqrt(fan_in)/sqrt(2·layers)."""
+    from dataclasses import replace
+
+    moe = {"dense": {}, "moe": {"moe_experts": 4}, "moe+shared": {"moe_experts": 4, "moe_shared_expert": True},
+           "moe every 2nd": {"moe_experts": 4, "moe_every": 2, "moe_shared_expert": True}}[shape]
+    cfg = replace(ModelConfig(preset="", vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+                              max_seq_len=16, init="fan_in", init_gain=1.0), **moe)
+    model = build_model(cfg, strategy("hg"), seed=5)
+    expected = set()
+    for i, block in enumerate(model.blocks):
+        expected.add(f"blocks.{i}.attn.o.weight")
+        if hasattr(block.ffn, "experts"):
+            expected.add(f"blocks.{i}.ffn.down")
+            if block.ffn.shared_expert is not None:
+                expected.add(f"blocks.{i}.ffn.shared_expert.down.weight")
+        else:
+            expected.add(f"blocks.{i}.ffn.down.weight")
+    infos = model.param_info()
+    assert {name for name, info in infos.items() if info.residual_output} == expected
+    for name, info in infos.items():
+        if info.kind.is_scale or info.kind.value in ("embedding", "bias"):
+            continue
+        p = model.get_parameter(name)
+        sigma = 1.0 / p.shape[-1] ** 0.5 / ((2 * cfg.n_layers) ** 0.5 if name in expected else 1.0)
+        assert p.std().item() == pytest.approx(sigma, rel=0.1), name

@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=m.pre_norm, norm=m.norm,
                               eps=m.norm_eps, bias=m.qkv_bias)
         self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,
-                            norm=m.norm, eps=m.norm_eps)
+                            norm=m.norm, eps=m.norm_eps, residual_output=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         """`kv`: this layer's cache [keys, values] (empty before the prompt), extended in place."""
@@ -130,7 +130,7 @@ class FeedForward(nn.Module):
                                   strategy=s, reads_norm=m.pre_norm, norm=m.norm, eps=m.norm_eps,
                                   reader_scaled=reader_scaled)
         self.down = Projection(d_in=ff, branches=[Branch.whole("down", m.d_model)], strategy=s, reads_norm=False,
-                               norm=m.norm, eps=m.norm_eps)
+                               norm=m.norm, eps=m.norm_eps, residual_output=True)
         self.activation = ACTIVATIONS[m.activation]
 
     def forward(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,7 +220,7 @@ class Decoder(nn.Module):
             fan_in = param.shape[-1]  # matrices are stored (..., out, in)
             sigma = m.init_gain / math.sqrt(fan_in) if m.init == "fan_in" and info.kind != Kind.EMBEDDING \
                 else m.init_std
-            if name.endswith(("attn.o.weight", "ffn.down.weight", "ffn.down")):  # residual outputs: GPT-2 scaling
+            if info.residual_output:  # GPT-2's depth scaling
                 sigma /= math.sqrt(2 * m.n_layers)
             param.copy_(torch.randn(param.shape, generator=gen) * sigma)
         for module in self.modules():

@@ -199,7 +199,7 @@ class MoEFeedForward(nn.Module):
         de = self.d_expert
         infos = {f"{prefix}.router": ParamInfo(Role.NONE, Kind.ROUTER),
                  f"{prefix}.gate_up": ParamInfo(Role.NONE, Kind.MATRIX, blocks=(de, de)),
-                 f"{prefix}.down": ParamInfo(Role.NONE, Kind.MATRIX)}
+                 f"{prefix}.down": ParamInfo(Role.NONE, Kind.MATRIX, residual_output=True)}
         router = ((f"{prefix}.router", 0, self.experts),)
         routed = {"gate": (f"{prefix}.gate_up", 0, de), "up": (f"{prefix}.gate_up", de, 2 * de)}  # of every expert
         shared = ()  # without HG the shared expert reads the block's γ too

@@ -59,11 +59,13 @@ class Projection(nn.Module):
     (shared across branches, or one per branch under HG); otherwise only DP/DNP branches get one.
     `reader_scaled`: the norm's one shared γ belongs to the module that calls this one, which passes it to
     `forward` (an MoE block's shared expert reads the block's γ, as the router and routed experts do).
+    `residual_output`: the output is added to the residual stream (o, down), which its init scaling reads.
     """
 
     def __init__(self, d_in: int, branches: list[Branch], strategy: Strategy, reads_norm: bool,
-                 norm: str, eps: float, bias: bool = False, reader_scaled: bool = False):
+                 norm: str, eps: float, bias: bool = False, reader_scaled: bool = False, residual_output: bool = False):
         super().__init__()
+        self.residual_output = residual_output
         self.branches = branches
         self.sizes = [b.out_features for b in branches]
         self.placements = [strategy.placement(b.name) for b in branches]
@@ -164,7 +166,8 @@ class Projection(nn.Module):
         return outputs
 
     def param_info(self, prefix: str) -> dict[str, ParamInfo]:
-        infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX, blocks=tuple(self.sizes))}
+        infos = {f"{prefix}.weight": ParamInfo(Role.NONE, Kind.MATRIX, blocks=tuple(self.sizes),
+                                               residual_output=self.residual_output)}
         if self.bias is not None:
             infos[f"{prefix}.bias"] = ParamInfo(Role.NONE, Kind.BIAS)
         rows, start = {}, 0

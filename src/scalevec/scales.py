@@ -51,6 +51,9 @@ class ParamInfo:
     invariant: bool = False
     # row counts of the logical matrices stored fused in this matrix (q, k, v; gate, up); () = one
     blocks: tuple[int, ...] = ()
+    # a matrix that writes into the residual stream (o, down; routed and shared experts' down): its init is
+    # scaled by 1/sqrt(2·layers), GPT-2's rule
+    residual_output: bool = False
 
 
 class Scale(nn.Module):
