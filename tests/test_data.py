@@ -88,10 +88,14 @@ def test_loader_resumes_exactly_mid_epoch(small_data):
 
 
 def test_loader_refuses_state_of_another_setup(small_data):
+    """Another seed is refused; another world size is not (the position is global: elastic resume)."""
     windows = TokenWindows(small_data, "train", seq_len=64)
     state = Loader(windows, 4, seed=3, rank=0, world_size=2).state_dict()
-    with pytest.raises(DataError, match="world_size=2"):
-        Loader(windows, 4, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="seed=3"):
+        Loader(windows, 4, seed=4).load_state_dict(state)
+    one_rank = Loader(windows, 8, seed=3)
+    one_rank.load_state_dict(state)
+    assert one_rank.position == state["global_position"]
 
 
 def test_two_ranks_see_every_window_once_per_epoch(small_data):
@@ -117,14 +121,15 @@ def test_validation_budget_is_fixed_and_split_by_rank(small_data):
 
 def test_split_is_stratified_by_source():
     # source a: 10 documents, b: 3, c and d: one each (pooled)
+    files = [("a", 10), ("b", 3), ("c", 1), ("d", 1)]
     sources = ["a"] * 10 + ["b"] * 3 + ["c", "d"]
     sizes = [100] * 10 + [50, 60, 70] + [30, 40]
-    val = split_documents(sources, sizes, 0.2, seed=0)
+    val = split_documents(files, sizes, 0.2, seed=0)
     assert sum(sizes[i] for i in val if sources[i] == "a") == 200  # a fifth of a's text
     assert len([i for i in val if sources[i] == "b"]) == 1  # at least one document, never all
     assert len([i for i in val if sources[i] in "cd"]) == 1  # c and d split as one pool
-    assert val == split_documents(sources, sizes, 0.2, seed=0)
-    assert split_documents(sources, sizes, 0.0, seed=0) == set()
+    assert val == split_documents(files, sizes, 0.2, seed=0)
+    assert split_documents(files, sizes, 0.0, seed=0) == set()
 
 
 def test_validation_windows_cover_every_source_in_proportion(tmp_path):

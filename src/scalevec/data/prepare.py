@@ -1,10 +1,18 @@
 """`scalevec data prepare`: documents -> train/validation split -> byte-level BPE -> token shards.
 
 The output directory holds `meta.json`, `tokenizer.json` and memmap shards (`train_000.bin`, ...,
-`val_000.bin`, ...). It is built in a temporary directory and renamed into place, so a failure
-leaves nothing partial; re-running with the same inputs is a no-op (the fingerprint matches).
-`meta.json` is the manifest: a stale directory is rebuilt only if it holds nothing but the files
-meta.json lists; any other existing path needs `--overwrite`, and a file is never touched.
+`val_000.bin`, ...). `meta.json` is the manifest: a stale directory is rebuilt only if it holds nothing but the
+files meta.json lists; any other existing path needs `--overwrite`, and a file is never touched. Re-running with the
+same inputs is a no-op (the fingerprint matches).
+
+At any corpus size, in bounded memory: a first streaming pass indexes every document's size (the split, the
+tokenizer's sample and the parts need sizes, not text), then the documents stream again through worker processes
+into shards written as they fill. The work happens in `.<out>.prepare-<fingerprint>/` beside the output, in parts
+(`--part i/n`: a contiguous range of documents, by file and within a file by byte range at a document boundary);
+a part checkpoints as its shards fill, so a killed preparation resumes from its finished shards. The last part to
+finish joins the parts into the shards one process would have written and renames the whole into place: the output
+never exists half-written. A failed preparation (bad input, full disk) removes its work; an interrupted one (Ctrl-C,
+SIGTERM, SIGKILL) leaves it to resume.
 """
 
 from __future__ import annotations
@@ -13,42 +21,68 @@ import contextlib
 import hashlib
 import json
 import lzma
+import os
 import random
+import re
+import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from ..config import DataConfig
 from ..outputs import (
+    DirectoryLock,
     OutputError,
     check_output_path,
     claim_directory,
     contains,
     file_sha256,
     first_line,
-    new_directory,
     parent_lock,
+    remove_tree,
+    replace_directory,
+    write_atomic,
+    write_text_atomic,
     writing,
 )
-from .sources import DataError, SourceFile, read_documents, resolve_sources
+from .encode import Encoder, batches
+from .index import DocumentIndex, build_index, documents_from
+from .progress import Progress, duration
+from .shards import ShardWriter, StaleState, join_parts
+from .sources import DataError, SourceFile, resolve_sources
 
 FORMAT = 3  # 2: splits record their bytes (bits per byte); 3: a split stratified by source, spans per source
 END_OF_TEXT = "<|endoftext|>"
-ENCODE_BATCH = 64  # documents per call into the Rust encoder
+CHECKPOINT_SECONDS = 30.0  # a part also checkpoints whenever a shard fills
+DEFAULTS = DataConfig()
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, progress: bool) -> Tokenizer:
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """`i/n` (0 <= i < n) as (i, n)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise DataError(f"--part {text!r} is not i/n with 0 <= i < n; e.g. --part 0/4 (SLURM: "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(match[1]), int(match[2])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool, length: int | None = None) -> Tokenizer:
     """Byte-level BPE: every byte sequence encodes, and decode(encode(text)) == text."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer, length=length)
     return tokenizer
 
 
@@ -61,8 +95,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def fingerprint(data: DataConfig, files: list[SourceFile]) -> dict:
-    """Everything the output depends on."""
-    return {
+    """Everything the output depends on (settings at their defaults left out, so older outputs stay current)."""
+    inputs = {
         "format": FORMAT,
         "sources": [{"name": f.name, "sha256": f.sha256()} for f in files],
         "tokenizer": file_sha256(Path(data.tokenizer)) if data.tokenizer else None,
@@ -73,73 +107,42 @@ def fingerprint(data: DataConfig, files: list[SourceFile]) -> dict:
         "jsonl_field": data.jsonl_field,
         "parquet_column": data.parquet_column,
     }
+    if data.on_bad_record != DEFAULTS.on_bad_record:
+        inputs["on_bad_record"] = data.on_bad_record
+    if not data.tokenizer and data.tokenizer_sample_bytes != DEFAULTS.tokenizer_sample_bytes:
+        inputs["tokenizer_sample_bytes"] = data.tokenizer_sample_bytes
+    return inputs
 
 
-def split_documents(sources: list[str], sizes: list[int], val_fraction: float, seed: int) -> set[int]:
-    """Indices of validation documents, stratified by source: each source of two or more documents gives
-    about val_fraction of its text (at least one document, never all), from a seeded shuffle; single-document
-    sources (e.g. a folder of .txt files) are split as one pool. So every source the split can hold is in it."""
+def split_documents(files: list[tuple[str, int]], sizes, val_fraction: float, seed: int) -> set[int]:
+    """Indices of validation documents, given (source name, document count) per file and each document's size,
+    stratified by source: each source of two or more documents gives about val_fraction of its text (at least one
+    document, never all), from a seeded shuffle; single-document sources (e.g. a folder of .txt files) are split
+    as one pool. So every source the split can hold is in it."""
     if val_fraction <= 0:
         return set()
+    sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) < 2:
         raise DataError("need at least 2 documents to split train/validation; add data or set "
                         "data.val_fraction=0")
-    groups: dict[str, list[int]] = {}
-    for index, source in enumerate(sources):
-        groups.setdefault(source, []).append(index)
-    pool = [i for members in groups.values() if len(members) == 1 for i in members]
-    strata = [members for members in groups.values() if len(members) > 1] + ([pool] if len(pool) > 1 else [])
+    groups: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for name, count in files:
+        groups.setdefault(name, []).append(np.arange(start, start + count, dtype=np.int64))
+        start += count
+    members = {name: np.concatenate(ranges) for name, ranges in groups.items()}
+    singles = [m for m in members.values() if len(m) == 1]
+    pool = np.concatenate(singles) if singles else np.zeros(0, dtype=np.int64)
+    strata = [m for m in members.values() if len(m) > 1] + ([pool] if len(pool) > 1 else [])
     rng, val = random.Random(seed), set()
-    for members in strata:
-        order = list(members)
-        rng.shuffle(order)
-        budget, taken = val_fraction * sum(sizes[i] for i in members), 0
-        for index in order[:-1]:  # the last one always stays in train
-            if taken >= budget:
-                break
-            val.add(index)
-            taken += sizes[index]
+    for stratum in strata:
+        order = stratum.copy()
+        rng.shuffle(order)  # the same permutation as of a list: shuffle depends only on the length
+        budget = val_fraction * int(sizes[stratum].sum())
+        taken_before = np.concatenate([[0], np.cumsum(sizes[order[:-2]])])  # before each of order[:-1]
+        full = np.flatnonzero(taken_before >= budget)  # the last one always stays in train
+        val.update(order[:full[0] if len(full) else len(order) - 1].tolist())
     return val
-
-
-def write_shards(tokenizer: Tokenizer, docs: list[tuple[str, str]], out: Path, split: str, dtype, shard_tokens: int,
-                 eos_id: int | None, progress) -> dict:
-    """Encode (source, text) documents, grouped by source, into shards; the split's summary for meta.json,
-    with each source's consecutive token span (`sources`, in shard order) for per-source evaluation."""
-    shards, current, current_len, total, total_bytes = [], [], 0, 0, 0
-    sources: list[dict] = []
-
-    def flush():
-        nonlocal current, current_len
-        if current_len:
-            name = f"{split}_{len(shards):03d}.bin"
-            np.concatenate(current).astype(dtype).tofile(out / name)
-            shards.append({"file": name, "tokens": current_len})
-        current, current_len = [], 0
-
-    for start in range(0, len(docs), ENCODE_BATCH):
-        batch = docs[start:start + ENCODE_BATCH]
-        encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
-        for (source, text), encoding in zip(batch, encodings, strict=True):
-            ids = encoding.ids + ([eos_id] if eos_id is not None else [])
-            if not sources or sources[-1]["name"] != source:
-                sources.append({"name": source, "tokens": 0, "bytes": 0, "documents": 0})
-            sources[-1]["tokens"] += len(ids)
-            sources[-1]["bytes"] += len(text.encode())
-            sources[-1]["documents"] += 1
-            array = np.asarray(ids, dtype=np.int64)
-            while len(array):
-                piece, array = array[:shard_tokens - current_len], array[shard_tokens - current_len:]
-                current.append(piece)
-                current_len += len(piece)
-                total += len(piece)
-                if current_len == shard_tokens:
-                    flush()
-        batch_bytes = sum(len(text.encode()) for _, text in batch)
-        total_bytes += batch_bytes
-        progress.update(batch_bytes)
-    flush()
-    return {"tokens": total, "documents": len(docs), "bytes": total_bytes, "shards": shards, "sources": sources}
 
 
 @contextlib.contextmanager
@@ -153,13 +156,14 @@ def reading_inputs():
 
 
 def own_files(out: Path) -> list[str] | None:
-    """The files a previous `prepare` wrote in `out`, from its meta.json; None if `out` holds no readable one."""
+    """The files a previous `prepare` or `import` wrote in `out`, from its meta.json; None if `out` holds no
+    readable one. Shards an import references in place (absolute paths) are not in `out`."""
     try:
         meta = json.loads((out / "meta.json").read_text())
         shards = [shard["file"] for split in ("train", "val") for shard in meta[split]["shards"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return ["meta.json", "tokenizer.json", *shards]
+    return ["meta.json", "tokenizer.json", *(s for s in shards if not Path(s).is_absolute())]
 
 
 def _inputs(data: DataConfig) -> tuple[list[SourceFile], dict, str]:
@@ -172,25 +176,44 @@ def _inputs(data: DataConfig) -> tuple[list[SourceFile], dict, str]:
     return files, inputs, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+def _meta(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "meta.json").read_text()) if own_files(out) is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def imported_from(out: Path) -> dict | None:
+    """The `imported` record of a directory `scalevec data import` wrote (its tokens came from elsewhere, so no
+    [data] section describes them), else None."""
+    meta = _meta(out)
+    return meta.get("imported") if meta else None
+
+
 def _up_to_date(out: Path, digest: str) -> bool:
-    return own_files(out) is not None and json.loads((out / "meta.json").read_text()).get("fingerprint") == digest
+    meta = _meta(out)
+    return meta is not None and meta.get("fingerprint") == digest
 
 
 def require_prepared(data: DataConfig) -> Path:
-    """data.dir, once it holds the shards of exactly this [data] section (a run reads, never builds, its data)."""
+    """data.dir, once it holds the shards of exactly this [data] section, or tokens imported with `scalevec data
+    import` (a run reads, never builds, its data)."""
     out = Path(data.dir)
-    if not _up_to_date(out, _inputs(data)[2]):
+    if imported_from(out) is None and not _up_to_date(out, _inputs(data)[2]):
         raise DataError(f"data.dir {out} does not hold the shards of this config's [data] (missing or stale); "
                         f"run `scalevec data prepare` with this config first (`scalevec train` does)")
     return out
 
 
 def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite: bool = False,
-            protect: Path | None = None, flag: str = "data.dir") -> Path:
+            protect: Path | None = None, flag: str = "data.dir", workers: int | None = None,
+            part: tuple[int, int] = (0, 1)) -> Path:
     """Build (or find up to date) the token shards of `data` in `data.dir`; returns the directory.
 
     An existing data.dir that another prepare did not write is replaced only with `overwrite`.
     `protect`: a directory (the run being started) that data.dir must not be or contain.
+    `workers`: tokenizer processes (default: the cores available). `part` (i, n): prepare only part i of n; the
+    last of the n to finish writes data.dir (n processes, or nodes sharing a filesystem, prepare it together).
     """
     out = Path(data.dir)
     if protect is not None and contains(out, protect):
@@ -202,6 +225,11 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
         check_output_path(out, flag)  # a file, or a path that cannot be written: refuse now
     except OutputError as err:
         raise DataError(str(err)) from None
+    imported = imported_from(out)
+    if imported is not None and not overwrite:
+        log(f"data in {out} was imported ({imported['tokens']:,} tokens from elsewhere); the [data] inputs are not "
+            "used")
+        return out
     files, inputs, digest = _inputs(data)
     with writing(f"the data directory {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,61 +237,192 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
         if _up_to_date(out, digest):
             log(f"data in {out} is up to date")
             return out
-        try:
-            claim_directory(out, own_files(out), overwrite, flag, fix)
-        except OutputError as err:
-            raise DataError(str(err)) from None
-        _build_shards(data, files, inputs, digest, out, progress, log)
+        _claim(out, overwrite, flag, fix)
+        if part[1] == 1:
+            Preparation(data, files, inputs, digest, out, progress, log, workers).run(part, overwrite, flag, fix)
+            return out
+    # the parts of a preparation run side by side: none holds the output's lock while it works
+    Preparation(data, files, inputs, digest, out, progress, log, workers).run(part, overwrite, flag, fix)
     return out
 
 
-def _build_shards(data, files, inputs, digest, out: Path, progress, log) -> None:
-    started = time.perf_counter()
-    texts, per_source = [], []  # texts: (source name, document), grouped by source
-    for source in files:
+def _claim(out: Path, overwrite: bool, flag: str, fix: str) -> None:
+    try:
+        claim_directory(out, own_files(out), overwrite, flag, fix)
+    except OutputError as err:
+        raise DataError(str(err)) from None
+
+
+class Preparation:
+    """One [data] section's preparation in its work directory: index, split, tokenizer, parts, join."""
+
+    def __init__(self, data: DataConfig, files: list[SourceFile], inputs: dict, digest: str, out: Path, progress,
+                 log, workers: int | None):
+        self.data, self.files, self.inputs, self.digest, self.out = data, files, inputs, digest, out
+        self.progress, self.log, self.workers = progress, log, workers or default_workers()
+        self.work = out.parent / f".{out.name}.prepare-{digest[:16]}"
+        self.started, self.rate = time.perf_counter(), None
+
+    def run(self, part: tuple[int, int], overwrite: bool, flag: str, fix: str) -> None:
+        index, count = part
+        part_dir = self.work / f"part-{index:05d}-of-{count:05d}"
+        try:
+            with writing(f"the data directory {self.out}", "free space and run it again"):
+                self.work.mkdir(exist_ok=True)
+                self._shared()
+                self._part(part_dir, index, count)
+                # one process runs inside prepare's lock of the output already; a part takes it to join
+                with parent_lock(self.out) if count > 1 else contextlib.nullcontext():
+                    self._join(count, overwrite, flag, fix)
+        except Exception:
+            remove_tree(self.work if count == 1 else part_dir)  # a failure leaves nothing; an interruption resumes
+            raise
+
+    def _shared(self) -> None:
+        """The index, the split and the tokenizer, made once in the work directory for every part."""
+        with parent_lock(self.work / "index.npz"):  # an flock of the work directory: one part builds, others wait
+            path = self.work / "index.npz"
+            if path.is_file():
+                self.index = DocumentIndex.load(path)
+            else:
+                total = sum(f.path.stat().st_size for f in self.files)
+                with reading_inputs(), Progress("indexing", total, self.progress, self.log) as bar:
+                    self.index = build_index(self.files, self.data.jsonl_field, self.data.parquet_column,
+                                             self.data.on_bad_record, bar)
+                write_atomic(path, self.index.save)
+            self.val = split_documents([(f.name, int(n)) for f, n in zip(self.files, self.index.file_documents,
+                                                                           strict=True)],
+                                       self.index.chars, self.data.val_fraction, self.data.split_seed)
+            self.tokenizer_path = self.work / "tokenizer.json"
+            if not self.tokenizer_path.is_file():
+                tokenizer = load_tokenizer(self.data.tokenizer) if self.data.tokenizer else self._train_tokenizer()
+                write_atomic(self.tokenizer_path, lambda tmp: tokenizer.save(str(tmp)))
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        self.vocab = tokenizer.get_vocab_size()
+        self.eos_id = tokenizer.token_to_id(END_OF_TEXT)
+        self.dtype = np.dtype(np.uint16 if self.vocab < 2**16 else np.uint32)
+
+    def _train_tokenizer(self) -> Tokenizer:
+        """A byte-level BPE trained on the training split, or a seeded sample of its documents when it is larger
+        than data.tokenizer_sample_bytes."""
+        index, data = self.index, self.data
+        train = np.ones(len(index.bytes), dtype=bool)
+        train[list(self.val)] = False
+        train_bytes = int(index.bytes[train].sum())
+        if train_bytes > data.tokenizer_sample_bytes:
+            share = data.tokenizer_sample_bytes / train_bytes
+            train &= np.random.default_rng(data.split_seed).random(len(train)) < share
+        count = int(train.sum())
+        self.log(f"training a byte-level BPE tokenizer (vocab {data.vocab_size}) on {count} documents "
+                 f"({int(index.bytes[train].sum()) / 1e6:.1f} MB)")
+        texts = (text for number, _, text in documents_from(self.files, index, 0, len(train), data.jsonl_field,
+                                                             data.parquet_column, data.on_bad_record)
+                 if train[number])
         with reading_inputs():
-            docs = [t for t in read_documents(source, data.jsonl_field, data.parquet_column) if t]
-        if not docs:
-            raise DataError(f"input {source.name} holds no text; remove it or fill it")
-        per_source.append({"name": source.name, "sha256": inputs["sources"][len(per_source)]["sha256"],
-                           "documents": len(docs), "bytes": sum(len(t.encode()) for t in docs)})
-        texts.extend((source.name, doc) for doc in docs)
-    val = split_documents([name for name, _ in texts], [len(t) for _, t in texts], data.val_fraction,
-                          data.split_seed)
-    train_texts = [t for i, t in enumerate(texts) if i not in val]
-    val_texts = [t for i, t in enumerate(texts) if i in val]
+            return train_tokenizer(texts, data.vocab_size, sys.stderr.isatty() if self.progress is None
+                                   else self.progress, length=count)
 
-    if data.tokenizer:
-        tokenizer = load_tokenizer(data.tokenizer)
-    else:
-        log(f"training a byte-level BPE tokenizer (vocab {data.vocab_size}) on {len(train_texts)} documents")
-        tokenizer = train_tokenizer([text for _, text in train_texts], data.vocab_size,
-                                    sys.stderr.isatty() if progress is None else progress)
-    vocab = tokenizer.get_vocab_size()
-    dtype = np.uint16 if vocab < 2**16 else np.uint32
-    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    def part_range(self, index: int, count: int) -> tuple[int, int]:
+        """Documents [start, stop) of part `index` of `count`: equal shares of the text's bytes, cut at documents."""
+        ends = np.cumsum(self.index.bytes)
+        total = int(ends[-1])
+        start, stop = (int(np.searchsorted(ends, total * k // count, side="right")) if k else 0
+                       for k in (index, index + 1))
+        return start, stop
 
-    with new_directory(out, f"the data directory {out}") as tmp:
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        total_bytes = sum(p["bytes"] for p in per_source)
-        encode_started = time.perf_counter()
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                  disable=None if progress is None else not progress) as bar:
-            splits = {name: write_shards(tokenizer, split_texts, tmp, name, dtype, data.shard_tokens, eos_id, bar)
-                      for name, split_texts in (("train", train_texts), ("val", val_texts))}
-        encode_seconds = time.perf_counter() - encode_started
+    def _part(self, part_dir: Path, index: int, count: int) -> None:
+        """Tokenize this part's documents into its shards, resuming from its last checkpoint."""
+        part_dir.mkdir(exist_ok=True)
+        done, state_path = part_dir / "done.json", part_dir / "state.json"
+        if done.is_file():
+            return
+        start, stop = self.part_range(index, count)
+        sha = file_sha256(self.tokenizer_path)
+        with DirectoryLock(part_dir, "the data preparation part"):
+            state = json.loads(state_path.read_text()) if state_path.is_file() else None
+            if state and (state["range"] != [start, stop] or state["tokenizer_sha256"] != sha):
+                state = None
+            try:
+                writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens,
+                                              state and state[split]) for split in ("train", "val")}
+            except StaleState as err:
+                self.log(f"cannot resume part {index}/{count} ({err}): starting it again")
+                state = None
+                writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens)
+                           for split in ("train", "val")}
+            first = state["next"] if state else start
+            if first > start:
+                self.log(f"resuming part {index}/{count} at document {first:,} of {start:,}..{stop:,}")
+            self._encode(writers, first, stop, lambda next_document: write_text_atomic(state_path, json.dumps({
+                "range": [start, stop], "tokenizer_sha256": sha, "next": next_document,
+                **{split: writer.checkpoint() for split, writer in writers.items()}})))
+            summary = {"range": [start, stop], **{split: writer.finish() for split, writer in writers.items()}}
+            write_text_atomic(done, json.dumps(summary))
+            state_path.unlink(missing_ok=True)
+
+    def _encode(self, writers: dict[str, ShardWriter], first: int, stop: int, checkpoint) -> None:
+        index, data, names = self.index, self.data, [f.name for f in self.files]
+        total = int(index.bytes[first:stop].sum())
+        documents = documents_from(self.files, index, first, stop, data.jsonl_field, data.parquet_column,
+                                   data.on_bad_record)
+        last, shards = time.perf_counter(), self._shard_count(writers)
+        with Encoder(str(self.tokenizer_path), self.workers, self.eos_id) as encoder, \
+                Progress("tokenizing", total, self.progress, self.log) as bar:
+            for batch, ids, lengths in encoder.encode(batches(documents)):
+                ends = np.cumsum(lengths)
+                for (number, file_number, _), end, length in zip(batch, ends, lengths, strict=True):
+                    writers["val" if number in self.val else "train"].add(ids[end - length:end], names[file_number],
+                                                                          int(index.bytes[number]))
+                bar.update(int(index.bytes[batch[0][0]:batch[-1][0] + 1].sum()))
+                if self._shard_count(writers) != shards or time.perf_counter() - last > CHECKPOINT_SECONDS:
+                    checkpoint(batch[-1][0] + 1)
+                    last, shards = time.perf_counter(), self._shard_count(writers)
+            self.rate = bar.rate()
+
+    @staticmethod
+    def _shard_count(writers: dict[str, ShardWriter]) -> int:
+        return sum(len(w.summary["shards"]) for w in writers.values())
+
+    def _join(self, count: int, overwrite: bool, flag: str, fix: str) -> None:
+        """Once every part is done: the shards one process would have written, with meta.json, put in place."""
+        if _up_to_date(self.out, self.digest):  # another part joined first
+            return
+        parts = [self.work / f"part-{i:05d}-of-{count:05d}" for i in range(count)]
+        missing = [i for i, p in enumerate(parts) if not (p / "done.json").is_file()]
+        if missing:
+            self.log(f"part done; {len(missing)} of {count} parts still to finish (the last one joins them): "
+                     f"{', '.join(str(i) for i in missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            return
+        _claim(self.out, overwrite, flag, fix)
+        summaries = [json.loads((p / "done.json").read_text()) for p in parts]
+        joined = self.work / "joined"
+        remove_tree(joined)  # a join killed part way starts again: it only linked or copied the parts' shards
+        joined.mkdir()
+        splits = {split: join_parts([(p, s[split]) for p, s in zip(parts, summaries, strict=True)], joined, split,
+                                    self.dtype, self.data.shard_tokens) for split in ("train", "val")}
+        shutil.copyfile(self.tokenizer_path, joined / "tokenizer.json")
+        index = self.index
         meta = {
             "format": FORMAT,
-            "fingerprint": digest,
-            "inputs": inputs,
-            "sources": per_source,
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-            "vocab_size": vocab,
-            "eos_id": eos_id,
-            "dtype": np.dtype(dtype).name,
+            "fingerprint": self.digest,
+            "inputs": self.inputs,
+            "sources": [{"name": f.name, "sha256": self.inputs["sources"][i]["sha256"],
+                         "documents": int(index.file_documents[i]),
+                         "bytes": int(index.bytes[index.file_starts[i]:index.file_starts[i + 1]].sum())}
+                        for i, f in enumerate(self.files)],
+            "tokenizer_sha256": file_sha256(joined / "tokenizer.json"),
+            "vocab_size": self.vocab,
+            "eos_id": self.eos_id,
+            "dtype": self.dtype.name,
             **splits,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    log(f"wrote {out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation tokens, "
-        f"vocab {vocab}, tokenized {total_bytes / 1e6 / encode_seconds:.1f} MB/s, "
-        f"{time.perf_counter() - started:.0f}s in all")
+        if self.data.on_bad_record == "skip":
+            meta["skipped_records"] = index.skipped
+            meta["skipped_examples"] = index.skipped_examples
+        (joined / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        replace_directory(joined, self.out)
+        remove_tree(self.work)
+        rate = f", tokenized {self.rate / 1e6:.1f} MB/s" if self.rate else ""
+        skipped = f", skipped {index.skipped:,} bad records" if index.skipped else ""
+        self.log(f"wrote {self.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} validation "
+                 f"tokens, vocab {self.vocab}{rate}{skipped}, {duration(time.perf_counter() - self.started)} in all")
