@@ -273,14 +273,13 @@ def cmd_compare(args) -> None:
 
 
 def cmd_theory(args) -> None:
-    from .theory import EXPERIMENTS
+    from .theory import EXPERIMENTS, describe
 
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     check_output_path(Path(args.out), "--out")
     for name in names:
         summary = EXPERIMENTS[name](Path(args.out), fast=args.fast)
-        verdict = "holds" if summary.get("holds", True) else "does NOT hold here (see the summary)"
-        print(f"{name}: {summary['claim']}: {verdict}; wrote {args.out}/{name}.png and {name}.json")
+        print(f"{name}: " + "\n".join(describe(summary)) + f"\nwrote {args.out}/{name}.png and {name}.json")
 
 
 def cmd_bench(args) -> None:

@@ -2,10 +2,15 @@
 
 Each experiment `run(out, fast)` measures its quantities with plain gradient descent (the
 theorems concern gradient flow / GD, not Adam or Muon), writes `NAME.png` and `NAME.json` to
-`out`, and returns the summary, which states whether the claim held where its hypothesis holds.
+`out`, and returns the summary: `claim`, `setup`, `measured` (the claim's test where its hypothesis
+holds), `control` (the same test where it must fail) and `holds`, true only when the claim reproduced
+and the control did not.
 """
 
 from . import dual_placement, fold, preconditioning, reparam, weight_decay
+from .common import describe
+
+__all__ = ["EXPERIMENTS", "describe"]
 
 EXPERIMENTS = {
     "fold": fold.run,
