@@ -448,3 +448,22 @@ def test_shipped_suites_and_demo_are_coherent_with_their_own_defaults():
             and config.optim.embedding_weight_decay == 0
         pairs = [re.findall(r"(\S+ feeds \S+) \(set", str(w.message)) for w in caught]
         assert pairs == ([["final_scale feeds tok_emb.weight"]] if tied_and_decayed else []), (s.preset, pairs)
+
+
+def test_wsd_decay_points_follow_each_size_of_a_ladder():
+    """With tokens_per_parameter every size trains its own number of steps, so its decays launch from its own
+    stable phase (not the first size's)."""
+    from scalevec.experiments.sweep import Arm, Suite
+
+    suite = Suite(name="s", description="", baseline="standard", scale="cpu", strategies=["standard"],
+                  sizes=["cpu-0.5m", "cpu-1m"], optimizers=["adamw"], schedules=["wsd"], lrs=[0.003], muon_lrs=[0.02],
+                  lr_seed=0, seeds=[0], wsd_decays=[0.5], tokens_per_parameter=20.0,
+                  config={"train": {"batch_size": 4, "seq_len": 64, "checkpoint_every": 10},
+                          "schedule": {"decay_fraction": 0.2}})
+    for size in suite.sizes:
+        arm = Arm("standard", size, "adamw", "wsd")
+        steps = suite.steps(arm)
+        stable = steps - round(0.2 * steps)
+        assert suite.decay_points(arm) == [stable // 2 // 10 * 10]
+    small, large = (suite.decay_points(Arm("standard", size, "adamw", "wsd"))[0] for size in suite.sizes)
+    assert large > small

@@ -96,17 +96,19 @@ class Suite:
         """The suite's config with its first size (every run overrides the size anyway)."""
         return load_config(self.config, size_overrides(self, self.sizes[0]))
 
+    def arm_config(self, arm: Arm):
+        """The suite's config at `arm`'s size (its steps, with tokens_per_parameter, depend on the size)."""
+        return load_config(self.config, size_overrides(self, arm.size))
+
     def steps(self, arm: Arm | None = None) -> int:
         """Steps of a run of `arm` (of the first size if None)."""
-        if arm is None:
-            return self.base_config().train.steps
-        return load_config(self.config, size_overrides(self, arm.size)).train.steps
+        return (self.base_config() if arm is None else self.arm_config(arm)).train.steps
 
     def decay_points(self, arm: Arm) -> list[int]:
         """Stable-phase checkpoint steps of a WSD arm's runs that launch extra decays."""
         if arm.schedule != "wsd" or not self.wsd_decays:
             return []
-        config = self.base_config()
+        config = self.arm_config(arm)
         stable = config.train.steps - round(config.schedule.decay_fraction * config.train.steps)
         every = config.train.checkpoint_every
         return sorted({int(f * stable) // every * every for f in self.wsd_decays} - {0})
