@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     compare.set_defaults(func=cmd_compare)
 
-    theory = sub.add_parser("theory", help="check the paper's theorems numerically (plain GD)")
+    theory = sub.add_parser("theory", help="check the paper's theorems numerically (plain GD), each against a control")
     theory.add_argument("name", choices=["fold", "preconditioning", "weight-decay", "dual-placement", "reparam", "all"])
     theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
     theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")

@@ -96,7 +96,7 @@ def refactor(role: str, w: torch.Tensor, gamma: torch.Tensor, like_w: torch.Tens
     direction of W are fixed; only ||W|| is free (Norm removes it), and it is copied."""
     if role == "input":
         column_norms = (w * gamma).norm(dim=0)
-        new_gamma = (column_norms * like_gamma / like_w.norm(dim=0)).sqrt()
+        new_gamma = (column_norms * like_gamma.abs() / like_w.norm(dim=0)).sqrt()
         return w * gamma / new_gamma, new_gamma
     return w * (like_w.norm() / w.norm()), gamma.clone()
 
