@@ -80,3 +80,20 @@ def test_compile_smoke():
     torch.testing.assert_close(compiled_ce, ce, rtol=1e-4, atol=1e-5)
     for a, b in zip(compiled_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_profile_tables_each_arm_and_what_it_adds():
+    from scalevec.bench import format_profile
+
+    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=1, warmup=1, profile_steps=2)
+    profiles = {name: {op["name"]: op for op in row["profile"]} for name, row in report["results"].items()}
+    for profile in profiles.values():
+        assert sum(op["share"] for op in profile.values()) == pytest.approx(1.0)
+        assert all(op["calls"] > 0 and op["self_ms"] > 0 for op in profile.values())
+    # call counts are deterministic: unified multiplies by its many scales (HG, OR, DNP's γa) and normalizes q, k,
+    # gate and up, so it calls elementwise products and norms more often per step
+    assert profiles["unified"]["aten::mul"]["calls"] > profiles["standard"]["aten::mul"]["calls"]
+    assert profiles["unified"]["aten::mm"]["calls"] == profiles["standard"]["aten::mm"]["calls"]  # no matmul added
+    text = format_profile(report)
+    assert "standard: self time per step by operator (CPU op)" in text and "| aten::mm |" in text
+    assert "unified over standard:" in text

@@ -10,6 +10,9 @@ strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak
 Memory: on CUDA the allocator's peak; on CPU, where torch keeps no allocator statistics, the bytes
 of parameters, gradients and optimizer state plus the activations saved for backward in one step
 (counted by storage through saved-tensor hooks), which is what differs between strategies.
+
+Profile (`profile_steps`): each arm's steps under torch.profiler, every operator (CPU) or kernel (CUDA)
+with its calls and self time per step and its share of the step; then what each arm adds over the first.
 """
 
 from __future__ import annotations
@@ -103,9 +106,31 @@ def _hf_arm(config: Config, device) -> TimedArm:
     return TimedArm("transformers-llama", hf, partial(lm_objective, lambda inputs: hf(inputs).logits), optimizer)
 
 
+def _profile(arm: TimedArm, tokens: torch.Tensor, device: torch.device, autocast, steps: int) -> list[dict]:
+    """Every operator (CPU) or kernel (CUDA) of `steps` steps: calls and self milliseconds per step, share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            _step(arm, tokens, device, autocast)
+    rows = []
+    for event in prof.key_averages():
+        micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if micros > 0:
+            rows.append({"name": event.key, "calls": event.count / steps, "self_ms": micros / 1e3 / steps})
+    total = sum(row["self_ms"] for row in rows)
+    for row in rows:
+        row["share"] = row["self_ms"] / total
+    return sorted(rows, key=lambda row: -row["self_ms"])
+
+
 def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: int = 3, compile: bool = False,
-              hf: bool = False, activation_checkpointing: bool = False, peak: float | None = None) -> dict:
-    """`peak`: the device's bf16 TFLOP/s for MFU (default: looked up by GPU name; none on CPU)."""
+              hf: bool = False, activation_checkpointing: bool = False, peak: float | None = None,
+              profile_steps: int = 0) -> dict:
+    """`peak`: the device's bf16 TFLOP/s for MFU (default: looked up by GPU name; none on CPU); `profile_steps`:
+    also profile that many steps per arm, after the timed ones (profiling slows them, so it never times)."""
     device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
     bf16 = device.type == "cuda"
 
@@ -153,6 +178,9 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
     for row in results.values():
         row["step_ratio"] = row["step_s"] / base["step_s"]
         row["memory_ratio"] = row["memory_bytes"] / base["memory_bytes"]
+    if profile_steps:
+        for arm in arms:
+            results[arm.name]["profile"] = _profile(arm, tokens, device, autocast, profile_steps)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "peak_tflops": peak, "flops_per_token": flops, "threads": torch.get_num_threads(), "compile": compile,
             "activation_checkpointing": activation_checkpointing, "model": config.model.preset,
@@ -170,4 +198,31 @@ def format_bench(report: dict) -> str:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         lines.append(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {row['step_ratio']:.3f} | "
                      f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def format_profile(report: dict, top: int = 15) -> str:
+    """Per arm, its `top` operators by self time per step; then, per arm, the operators whose time per step
+    grew most over the first arm's (what that arm adds)."""
+    results = report["results"]
+    first = next(iter(results))
+    lines = []
+    for name, row in results.items():
+        lines += ["", f"{name}: self time per step by operator ({'kernel' if report['device'] != 'cpu' else 'CPU op'})",
+                  "| operator | calls | self ms | share |", "|---|---|---|---|"]
+        lines += [f"| {op['name']} | {op['calls']:g} | {op['self_ms']:.2f} | {op['share']:.1%} |"
+                  for op in row["profile"][:top]]
+        rest = row["profile"][top:]
+        lines.append(f"| (other {len(rest)}) | | {sum(op['self_ms'] for op in rest):.2f} | "
+                     f"{sum(op['share'] for op in rest):.1%} |")
+    base = {op["name"]: op["self_ms"] for op in results[first]["profile"]}
+    base_total = sum(base.values())
+    for name, row in list(results.items())[1:]:
+        added = sorted(((op["self_ms"] - base.get(op["name"], 0.0), op["name"]) for op in row["profile"]),
+                       reverse=True)
+        total = sum(op["self_ms"] for op in row["profile"]) - base_total
+        lines += ["", f"{name} over {first}: {total:+.2f} ms per step ({total / base_total:+.1%} of {first}'s profiled "
+                  "step); the operators that grew most:", "| operator | Δ self ms | new |", "|---|---|---|"]
+        lines += [f"| {op} | {delta:+.2f} | {'yes' if op not in base else ''} |"
+                  for delta, op in added[:top] if delta > 0]
     return "\n".join(lines)
