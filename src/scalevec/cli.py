@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from .export import ExportError
 from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
 from .rundir import RunDirError, TrainError, check_run_dir
 from .strategy import UnknownPreset
+from .train.preempt import EXIT_STOPPED, StoppedEarly
 
 BAD_INPUT = (ConfigError, DataError, RunDirError, ExportError, UnknownPreset, OutputError)  # exit 2
 RUN_STOPPED = (TrainError, WriteFailed)  # exit 1
@@ -541,15 +543,25 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help, --version or a usage error, already printed
         return exit.code if isinstance(exit.code, int) else 2
+    # under torchrun rank 0 speaks for all: the other ranks' failures reach it (dist.fail_together)
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         args.func(args)
+    except StoppedEarly as stop:  # a signal or train.time_limit: the step reached is saved
+        if speaks:
+            print(f"scalevec: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except (*BAD_INPUT, UsageError) as err:
-        print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
+        if speaks:
+            print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except RUN_STOPPED as err:
-        print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
+        if speaks:
+            print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:  # a write site without its own message: still one line when the disk is full
+        if not speaks:
+            return 1
         if not is_disk_full(err):
             raise
         print(f"scalevec: error: writing failed ({first_line(err)}); free space and run the command again",

@@ -386,9 +386,28 @@ class TrainConfig:
     """W&B project of `wandb` logging."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """W&B mode: `offline` (sync later with `wandb sync`), `online` or `disabled`."""
+    stop_signals: list[Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals that stop the run gracefully: it finishes the optimizer step, checkpoints it on every rank and exits
+    with code 75 (continue with --resume); a second signal stops at once. May change on --resume."""
+    time_limit: str = ""
+    """Wall-clock budget of the process, e.g. `3h50m`, `90m`, `45s` (empty: none): reached, the run stops as on a
+    stop signal. Leave a margin below the job's limit for the checkpoint. May change on --resume."""
+
+    @property
+    def time_limit_s(self) -> float:
+        """train.time_limit in seconds (0: none)."""
+        import re
+
+        match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", self.time_limit.replace(" ", ""))
+        _check(match is not None, f"train.time_limit={self.time_limit!r} is not a duration; write e.g. 3h50m, 90m "
+                                  "or 45s (empty for none)")
+        hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        return 3600 * hours + 60 * minutes + seconds
 
     def validate(self) -> None:
         check_choices(self, "train")
+        _check(self.time_limit_s > 0 or not self.time_limit, f"train.time_limit={self.time_limit!r} must be positive")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batch_size", "log_every",
                      "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")

@@ -24,6 +24,11 @@ METRICS_NAME = "metrics.jsonl"
 RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "metrics.csv", "checkpoints", "tensorboard", "wandb", "failed.txt")
 
 
+# what a resumed run may set differently from its saved config: how this job stops, and the layout of its ranks
+# (a checkpoint resumes on any world size and dist.mode)
+RESUME_MAY_CHANGE = {"train": ("time_limit", "stop_signals"), "dist": ("mode",)}
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked; one line naming the fix (exit 2)."""
 
@@ -63,12 +68,18 @@ def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) 
             old, new = to_dict(load_config(saved)), to_dict(config)
             if not started(run_dir):  # e.g. a fresh import: only the weights' shape is fixed yet
                 old, new = ({k: d[k] for k in ("model", "strategy", "moe")} for d in (old, new))
-            difference = _first_difference(old, new)
+            difference = _first_difference(*map(_fixed_part, (old, new)))
             if difference:
                 raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
                                   "(omit CONFIG to use the saved one) or start a new --out")
     elif not overwrite:
         raise RunDirError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+
+
+def _fixed_part(config: dict) -> dict:
+    """A config as a dict without the keys a resume may change."""
+    return {section: {k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE.get(section, ())}
+            if isinstance(values, dict) else values for section, values in config.items()}
 
 
 def started(run_dir: Path) -> bool:

@@ -1,7 +1,8 @@
 """Reading token shards: contiguous windows of seq_len+1 tokens, in a seeded order, per rank.
 
-A loader's whole state is its position in an endless stream of epochs, each a fresh seeded
-permutation of the windows; rank r of w takes every w-th window of it, so ranks never overlap.
+A loader's whole state is the global position in an endless stream of epochs, each a fresh seeded
+permutation of the windows; the ranks' micro-batches take the next slots of it together, rank r
+of w every w-th, so ranks never overlap and a run resumes on another number of ranks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from .sources import DataError
 
 
@@ -84,18 +86,45 @@ def check_compatible(windows: TokenWindows, tokenizer: str, model_vocab: int) ->
                         f"model.vocab_size={model_vocab}; set model.vocab_size >= {windows.meta['vocab_size']}")
 
 
+def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:
+    """(micro-batch per rank, micro-batches per step) that make `global_batch` sequences per optimizer step on
+    `world_size` ranks, the micro-batch as large as divides the rank's share without exceeding `max_micro_batch`."""
+    if global_batch % world_size:
+        sizes = ", ".join(str(n) for n in range(1, global_batch + 1) if global_batch % n == 0)
+        raise ConfigError(f"a world size of {world_size} cannot divide the run's global batch of {global_batch} "
+                          f"sequences per step; resume on {sizes} ranks")
+    per_rank = global_batch // world_size
+    micro = max(n for n in range(1, min(per_rank, max_micro_batch) + 1) if per_rank % n == 0)
+    return micro, per_rank // micro
+
+
 class Loader:
-    """Training batches for one data-parallel rank; `state_dict()` is its exact position."""
+    """Training batches for one data-parallel rank; `state_dict()` is the global position, so a run resumes on
+    any number of ranks.
+
+    The data are one endless stream of slots, epoch e being a seeded permutation of all windows. The ranks'
+    micro-batches of `b` sequences together take the next `w·b` slots, rank r every w-th of them: the same
+    windows, in the same steps, whatever the split into ranks and micro-batches.
+    """
 
     def __init__(self, windows: TokenWindows, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = len(windows) // world_size
-        if self.per_rank < batch_size:
-            raise DataError(f"{len(windows)} training windows are too few for batch_size={batch_size} on "
-                            f"{world_size} rank(s); use more data, a smaller batch or a shorter seq_len")
-        self.position = 0
+        self.windows, self.seed, self.rank, self.world_size = windows, seed, rank, world_size
+        self.per_rank = len(windows) // world_size  # windows of an epoch for each rank
+        self.batch_size = batch_size
+        self.position = 0  # slots taken by all ranks together
         self._epoch, self._order = -1, None
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per micro-batch of this rank."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, size: int) -> None:
+        if self.per_rank < size:  # one window would come twice in the ranks' micro-batch
+            raise DataError(f"{len(self.windows)} training windows are too few for batches of {size} on "
+                            f"{self.world_size} rank(s); use more data, a smaller batch or a shorter seq_len")
+        self._batch_size = size
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -103,26 +132,37 @@ class Loader:
             self._epoch, self._order = epoch, torch.randperm(len(self.windows), generator=gen)
         return self._order
 
+    def slot_window(self, slot: int) -> int:
+        epoch, i = divmod(slot, len(self.windows))
+        return int(self.epoch_order(epoch)[i])
+
     def window_index(self, position: int) -> int:
-        epoch, i = divmod(position, self.per_rank)
-        return int(self.epoch_order(epoch)[i * self.world_size + self.rank])
+        """This rank's `position`-th window of the stream (its micro-batches take them in order)."""
+        return self.slot_window(position * self.world_size + self.rank)
+
+    def batch_indices(self) -> list[int]:
+        """The windows of this rank's next micro-batch; the position moves on by all ranks' micro-batches."""
+        indices = [self.slot_window(self.position + j * self.world_size + self.rank) for j in range(self.batch_size)]
+        self.position += self.batch_size * self.world_size
+        return indices
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = [self.window_index(p) for p in range(self.position, self.position + self.batch_size)]
-        self.position += self.batch_size
-        return self.windows.batch(indices)
+        return self.windows.batch(self.batch_indices())
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "windows": len(self.windows)}
+        return {"global_position": self.position, "seed": self.seed, "windows": len(self.windows)}
 
     def load_state_dict(self, state: dict) -> None:
         expected = self.state_dict()
-        for key in ("seed", "world_size", "windows"):
+        for key in ("seed", "windows"):
             if state[key] != expected[key]:
                 raise DataError(f"the checkpoint's data loader had {key}={state[key]}, this run has {expected[key]}; "
-                                "resume with the same data, seed and world size")
-        self.position = state["position"]
+                                "resume with the same data and seed")
+        if "global_position" in state:
+            self.position = state["global_position"]
+        else:  # before scalevec 0.2: rank r of w took every w-th window of epochs of (windows // w) · w slots
+            epoch, i = divmod(state["position"], state["windows"] // state["world_size"])
+            self.position = epoch * state["windows"] + i * state["world_size"]
 
 
 def validation_windows(windows: TokenWindows, budget_tokens: int) -> list[int]:
@@ -146,10 +186,14 @@ def validation_windows(windows: TokenWindows, budget_tokens: int) -> list[int]:
 
 
 def validation_batches(windows: TokenWindows, batch_size: int, budget_tokens: int, rank: int = 0,
-                       world_size: int = 1) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """(window sources, inputs, targets) of the fixed validation set, rank r taking every w-th window."""
+                       world_size: int = 1) -> Iterator[tuple[list[str | None], torch.Tensor, torch.Tensor]]:
+    """(window sources, inputs, targets) of the fixed validation set, rank r taking every w-th window, so the set is
+    the same on any number of ranks. Every rank runs as many batches (a sharded forward is collective): a rank
+    short of a window fills its row with the first window, its source None (not counted)."""
     chosen = validation_windows(windows, budget_tokens)
-    mine = chosen[rank:len(chosen) - len(chosen) % world_size:world_size]
+    mine: list[int | None] = chosen[rank::world_size]
+    mine += [None] * (-(-len(chosen) // world_size) - len(mine))
     for start in range(0, len(mine), batch_size):
-        indices = mine[start:start + batch_size]
-        yield [windows.source(i) for i in indices], *windows.batch(indices)
+        rows = mine[start:start + batch_size]
+        yield ([None if i is None else windows.source(i) for i in rows],
+               *windows.batch([chosen[0] if i is None else i for i in rows]))

@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,11 @@ from tqdm import tqdm
 from .._version import __version__
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
 from ..config import Config, ConfigError, to_dict
-from ..data.loader import Loader, TokenWindows, check_compatible, validation_batches
+from ..data.loader import Loader, TokenWindows, check_compatible, split_global_batch, validation_batches
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
 from ..data.sources import DataError
-from ..dist import all_mean, all_reduce_sum, all_sum, barrier, gradient_sync, init_world, wrap
+from ..dist import all_reduce, all_reduce_sum, all_sum, barrier, fail_together, gradient_sync, init_world, wrap
 from ..model import Decoder, build_model
 from ..moe import expert_balancing_hook
 from ..optim import Optimizers
@@ -40,6 +41,7 @@ from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_di
 from ..schedule import lr_factor
 from .diagnostics import scale_diagnostics
 from .loggers import LOGGERS, ProgressLines, check_loggers
+from .preempt import StoppedEarly, StopRequests
 
 
 def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
@@ -113,27 +115,42 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def recorded_global_batch(state: dict) -> int:
+    """Sequences per optimizer step of the run that wrote a checkpoint's state.json (older ones: from its config)."""
+    if "global_batch" in state:
+        return state["global_batch"]
+    train = state["config"]["train"]
+    return train["batch_size"] * train.get("grad_accum", 1) * state["loader"]["world_size"]
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, log=print):
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
         t = config.train
         check_run_dir(self.run_dir, config, resume, overwrite)
-        self.device = resolve_device(t.device)
-        check_memory(config, self.device)
+        device = resolve_device(t.device)
+        check_memory(config, device)
         check_loggers(t.loggers)
         check_tokenizer(config)
-        if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and self.device.type == "cpu":
+        if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and device.type == "cpu":
             raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
                               "only); use moe.dispatch=auto or padded, or train.compile=false")
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.world = world = init_world(self.device.type)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", world.local_rank)
+        self.stop_requests = StopRequests(t.stop_signals, t.time_limit_s)  # the time limit counts from here
+        self.world = world = init_world(device)
+        self.device = world.device
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
-        self.sharded = world.size > 1 and config.dist.mode == "fsdp2"
+        self.rundir = None
+        with fail_together(world):  # a rank that cannot start ends the others, which wait in a collective
+            self._start(branch_from=t.branch_from, resume=resume, overwrite=overwrite)
+
+    def _start(self, branch_from: str, resume: bool, overwrite: bool) -> None:
+        config, t, world = self.config, self.config.train, self.world
+        # under torchrun a process group exists at any world size, so one rank shards (and checkpoints) as many do
+        self.sharded = world.grouped and config.dist.mode == "fsdp2"
         if contains(config.data.dir, self.run_dir):
             raise DataError(f"data.dir {config.data.dir} is or contains the run directory {self.run_dir}; "
                             "choose another data.dir")
@@ -144,7 +161,7 @@ class Trainer:
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction > 0 "
                             "or use more data")
         check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
-        branch = self._read_branch(Path(t.branch_from)) if t.branch_from else None
+        branch = self._read_branch(Path(branch_from)) if branch_from else None
 
         self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
         if t.init_from:  # before sharding; a checkpoint found by --resume replaces these weights
@@ -152,20 +169,20 @@ class Trainer:
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
-        self.wrapped = wrap(self.model, config.dist.mode, self.device.type, self.device.type == "cuda") \
-            if world.size > 1 else self.model
+        self.wrapped = wrap(self.model, config.dist.mode, self.device.type == "cuda") if world.grouped else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         if self.moe_layers:
             self.optimizers.register_step_post_hook(
                 expert_balancing_hook(self.moe_layers, functools.partial(all_reduce_sum, world=world)))
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
+        self._set_global_batch(t.batch_size * t.grad_accum * world.size)  # a resumed run: the checkpoint's
         # static shapes: the short last validation batch gets its own graph instead of turning the training
         # graph dynamic (slower kernels, and a slower compile)
         objective = functools.partial(lm_objective, self.wrapped, z_loss=t.z_loss)
         self.objective = torch.compile(objective, dynamic=False) if t.compile else objective
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.stop_agreed = 0, 0, False
         self.metrics_path = self.run_dir / METRICS_NAME
 
         # everything above only reads: the run directory is taken (locked) and written from here on
@@ -181,12 +198,18 @@ class Trainer:
                     raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
                 self.log(f"branched from {branch[0]} at step {self.step}")
             self.loggers = [LOGGERS[name](self.run_dir, config, resume) for name in t.loggers] if world.main else []
-            lines = not sys.stderr.isatty() if progress is None else False  # a log file or a job: plain lines
+            lines = not sys.stderr.isatty() if self.progress is None else False  # a log file or a job: plain lines
             if lines and world.main:
                 self.loggers.append(ProgressLines(t.steps, self.step))
         except BaseException:
             self.close(failed=not resume)
             raise
+
+    def _set_global_batch(self, global_batch: int) -> None:
+        """Sequences per optimizer step, whatever the world size: this world's micro-batch and accumulation."""
+        self.global_batch = global_batch
+        self.loader.batch_size, self.grad_accum = split_global_batch(global_batch, self.world.size,
+                                                                     self.config.train.batch_size)
 
     def close(self, failed: bool = False) -> None:
         """Release the run directory (idempotent); `failed` start: remove the directory if this start created it."""
@@ -230,6 +253,8 @@ class Trainer:
             "version": __version__,
             "config": to_dict(self.config),
             "loader": self.loader.state_dict(),
+            "global_batch": self.global_batch,
+            "world_size": self.world.size,
             "skipped": self.skipped,
             "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
@@ -254,7 +279,7 @@ class Trainer:
         try:
             # applied inside the fallback loop: a checkpoint that reads but does not fit falls back too
             found = newest_usable(root, lambda path, state: self._apply_checkpoint(
-                path, self._read_checkpoint(path, state)))
+                path, self._read_checkpoint(path, state), own=True))
         except CheckpointError as err:
             raise RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite"
                               ) from None
@@ -269,38 +294,33 @@ class Trainer:
 
     def _read_checkpoint(self, path: Path, state: dict) -> dict:
         """The files of a verified checkpoint, read into memory; CheckpointError for anything unusable."""
-        if (path / "dcp").is_dir() != self.sharded:
-            raise RunDirError(f"{path} was saved {'with' if (path / 'dcp').is_dir() else 'without'} FSDP2 sharding; "
-                              "resume with the same dist.mode and world size")
         loaded = {"state": state,
                   "trainer": load_file_checked(path / "trainer.pt", functools.partial(torch.load, weights_only=True))}
-        if not self.sharded:
+        if not (path / "dcp").is_dir():
             loaded["model"] = load_file_checked(path / "model.safetensors", load_file)
-        counters = (state.get("step"), state.get("skipped"), (state.get("loader") or {}).get("position"))
+        loader = state.get("loader") or {}
+        counters = (state.get("step"), state.get("skipped"), loader.get("global_position", loader.get("position")))
         if not all(isinstance(n, int) and n >= 0 for n in counters) or not isinstance(loaded["trainer"], dict) \
                 or "torch_rng" not in loaded["trainer"] or not {"python_rng", "numpy_rng"} <= state.keys():
             raise CheckpointError(f"{path}/state.json or trainer.pt lacks a field of a checkpoint or has a wrong type")
         return loaded
 
-    def _apply_checkpoint(self, path: Path, loaded: dict) -> None:
-        """Model, optimizer, RNG, data position and step from a checkpoint read by _read_checkpoint."""
+    def _apply_checkpoint(self, path: Path, loaded: dict, own: bool = False) -> None:
+        """Model, optimizer, RNG, data position and step from a checkpoint read by _read_checkpoint, written on any
+        number of ranks, sharded or not; the run's `own` checkpoint also sets the global batch."""
         state, trainer_state = loaded["state"], loaded["trainer"]
-        if self.sharded:
-            from torch.distributed.checkpoint import load
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            optimizers = [self.optimizers]
-            model_state, optim_state = get_state_dict(self.model, optimizers)
-            shards = {"model": model_state, "optim": optim_state}
-            load(shards, checkpoint_id=path / "dcp")
-            set_state_dict(self.model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optim"])
-        else:
-            try:
+        if own:
+            self._set_global_batch(recorded_global_batch(state))
+        try:
+            if (path / "dcp").is_dir():
+                self._load_shards(path / "dcp")
+            elif self.sharded:
+                self._load_full_into_shards(loaded["model"], trainer_state["optimizers"])
+            else:
                 self.model.load_state_dict(loaded["model"])
                 self.optimizers.load_state_dict(trainer_state["optimizers"])
-            except (RuntimeError, KeyError, ValueError) as err:
-                raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})"
-                                      ) from None
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})") from None
         torch.set_rng_state(trainer_state["torch_rng"])
         if "cuda_rng" in trainer_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
@@ -310,6 +330,34 @@ class Trainer:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped = state["step"], state["skipped"]
+
+    def _load_shards(self, path: Path) -> None:
+        """A torch.distributed.checkpoint (an FSDP2 run's) into this layout: DCP reshards to this world's shards,
+        or reads whole tensors in one process."""
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, [self.optimizers])
+        shards = {"model": model_state, "optim": optim_state}
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            load(shards, checkpoint_id=path)
+        set_state_dict(self.model, [self.optimizers], model_state_dict=shards["model"],
+                       optim_state_dict=shards["optim"])
+
+    def _load_full_into_shards(self, model_state: dict, optim_state: dict) -> None:
+        """Whole tensors (a checkpoint of one process or DDP) into this rank's FSDP2 shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if set(optim_state) != {"state", "param_groups"}:
+            raise ValueError("the optimizer state is of scalevec 0.1; resume it with dist.mode=ddp")
+        names = {id(p): name for name, p in self.model.named_parameters()}  # torch numbers them group by group
+        order = [names[id(p)] for group in self.optimizers.param_groups for p in group["params"]]
+        by_name = {"state": {order[int(i)]: value for i, value in optim_state["state"].items()},
+                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                    for g in optim_state["param_groups"]]}
+        set_state_dict(self.model, [self.optimizers], model_state_dict=model_state, optim_state_dict=by_name,
+                       options=StateDictOptions(full_state_dict=True))
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +382,8 @@ class Trainer:
                 logits = self.wrapped(inputs.to(self.device))
             losses = F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device), reduction="none")
             for source, loss in zip(sources, losses.mean(1).tolist(), strict=True):
+                if source is None:  # a row that fills this rank's last batch
+                    continue
                 sums[source] += loss
                 counts[source] += 1
         self.model.train()
@@ -351,16 +401,19 @@ class Trainer:
         lr = lr_factor(self.config.schedule, self.step, t.steps)
         self.optimizers.set_lr_factor(lr)
         ce_sum = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum):
+        for micro in range(self.grad_accum):
             inputs, targets = self.loader.next_batch()
-            with gradient_sync(self.wrapped, micro == t.grad_accum - 1):  # all-reduce once, on the last one
+            with gradient_sync(self.wrapped, micro == self.grad_accum - 1):  # all-reduce once, on the last one
                 objective, ce = self._loss(inputs.to(self.device), targets.to(self.device))
-                (objective / t.grad_accum).backward()
+                (objective / self.grad_accum).backward()
             ce_sum += ce.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        mean_ce = all_mean(ce_sum / t.grad_accum, self.world)
-        loss, grad_norm = torch.stack([mean_ce.float(), grad_norm.float()]).tolist()  # the step's one host sync
+        # the ranks' stop requests ride on the loss's all-reduce: all stop after the same step
+        stop = torch.tensor(float(self.stop_requests.requested()), device=self.device)
+        summed = all_reduce(torch.stack([ce_sum.float() / self.grad_accum, stop]), self.world)
+        loss, grad_norm, stops = torch.stack([summed[0] / self.world.size, grad_norm.float(), summed[1]]).tolist()
+        self.stop_agreed = stops > 0  # the line above is the step's one host sync
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if t.nonfinite == "stop":
                 raise TrainError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
@@ -379,12 +432,10 @@ class Trainer:
         """Load imbalance since the last record: max over mean tokens per expert, averaged over MoE layers."""
         if not self.moe_layers:
             return {}
-        imbalance = []
+        loads = all_reduce(torch.stack([moe.log_load for moe in self.moe_layers]), self.world)
         for moe in self.moe_layers:
-            load = torch.tensor(all_sum(moe.log_load.tolist(), self.world))
-            imbalance.append((load.max() / load.mean().clamp(min=1)).item())
             moe.log_load.zero_()
-        return {"expert_imbalance": sum(imbalance) / len(imbalance)}
+        return {"expert_imbalance": (loads.amax(1) / loads.mean(1).clamp(min=1)).mean().item()}
 
     def _write(self, record: dict) -> None:
         if not self.world.main:
@@ -413,37 +464,47 @@ class Trainer:
         return copy
 
     def run(self) -> dict:
-        t = self.config.train
-        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * self.world.size
-        if self.step == 0:
-            self._write({"step": 0, "tokens": 0, **self._eval_record()})
-        bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+        """Train to train.steps; StoppedEarly after checkpointing the step reached when a stop was requested."""
+        bar = tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=None if self.progress is None else not self.progress)
-        window_start, window_steps, last = time.perf_counter(), 0, {}
         try:
-            while self.step < t.steps:
-                last = self._train_step()
-                window_steps += 1
-                done = self.step == t.steps
-                evaluate = self.step % t.eval_every == 0 or done
-                if self.step % t.log_every == 0 or evaluate:
-                    # throughput of the training steps since the last record, evaluation and saving excluded
-                    elapsed = time.perf_counter() - window_start
-                    last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
-                            "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped,
-                            **self._expert_load()}
-                    if evaluate:
-                        last |= self._eval_record()
-                    self._write(last)
-                    bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                if self.step % t.checkpoint_every == 0 or done:
-                    self._save()
-                if "tokens_per_s" in last and last["step"] == self.step:
-                    window_start, window_steps = time.perf_counter(), 0
-                bar.update(1)
+            with self.stop_requests, fail_together(self.world, passing=(StoppedEarly,)):
+                return self._loop(bar)
         finally:
             bar.close()
             for logger in self.loggers:
                 logger.close()
             self.close()
+
+    def _loop(self, bar: tqdm) -> dict:
+        t = self.config.train
+        tokens_per_step = self.global_batch * t.seq_len
+        if self.step == 0:
+            self._write({"step": 0, "tokens": 0, **self._eval_record()})
+        window_start, window_steps, last = time.perf_counter(), 0, {}
+        while self.step < t.steps:
+            last = self._train_step()
+            window_steps += 1
+            done = self.step == t.steps
+            evaluate = self.step % t.eval_every == 0 or done
+            if self.step % t.log_every == 0 or evaluate:
+                # throughput of the training steps since the last record, evaluation and saving excluded
+                elapsed = time.perf_counter() - window_start
+                last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
+                        "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped,
+                        **self._expert_load()}
+                if evaluate:
+                    last |= self._eval_record()
+                self._write(last)
+                bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            stopping = self.stop_agreed and not done
+            if self.step % t.checkpoint_every == 0 or done or stopping:
+                self._save()
+            if stopping:
+                reason = self.stop_requests.reason or "another rank's request"
+                raise StoppedEarly(f"stopped at step {self.step} of {t.steps} on {reason}; the checkpoint of step "
+                                   f"{self.step} is saved: continue with scalevec train --resume --out {self.run_dir}")
+            if "tokens_per_s" in last and last["step"] == self.step:
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
         return last
