@@ -164,11 +164,12 @@ def test_iwd_decays_every_input_norm_magnitude_and_iwd_balanced_none_feeding_an_
             undecayed = [n for n, i in infos.items() if i.role is Role.INPUT and i.kind in MAGNITUDES
                          and not i.invariant and not decays[n]]
             assert not undecayed, f"{preset} on {shape}: Input-Norm magnitudes left undecayed: {undecayed}"
+            # the tied final norm, the MoE FFN norm, the router's γ
             for name in ("final_scale.weight", "final_scale.magnitude", "blocks.0.ffn.shared_scale.weight",
                          "blocks.0.ffn.router_scale.weight", "blocks.0.ffn.router_scale.magnitude"):
-                assert decays.get(name, name not in named), name  # the tied final norm, the MoE FFN norm, the router's γ
+                assert decays.get(name, name not in named), name
         else:
-            assert not loose, f"{preset} on {shape}: decayed under iwd-balanced but feeding an undecayed matrix: {loose}"
+            assert not loose, f"{preset} on {shape}: decayed under iwd-balanced, feeding an undecayed matrix: {loose}"
     assert "blocks.0.ffn.shared_expert.gate_up.shared_scale.weight" not in named  # one γ per norm
 
 

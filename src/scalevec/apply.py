@@ -20,7 +20,7 @@ from torch import nn
 
 from .convert import convert_decoder, set_gamma
 from .export import ExportError
-from .hf_keys import MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
+from .hf_keys import HF_BRANCHES, MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
 from .model import Decoder
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
@@ -93,11 +93,6 @@ def _branch(s: Strategy, name: str, out_features: int, head_dim: int) -> Branch:
                   out_scale_size=head_dim if s.qk_scale_shape == "head" else out_features)
 
 
-BRANCHES = (("self_attn", ("q", "k", "v"), "attn_norm", "attn_post_norm"),
-            ("mlp", ("gate", "up"), "ffn_norm", "ffn_post_norm"))
-"""Each branch of a layer: its module, projections, and the key-map parts of its pre- and post-norm."""
-
-
 @torch.no_grad()
 def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     architecture = _architecture(model)
@@ -108,7 +103,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
     gamma_of = lambda norm: norm.weight.detach().float() + offset  # noqa: E731
     for layer in model.model.layers:
-        for owner_name, names, pre, post in BRANCHES:
+        for owner_name, names, pre, post in HF_BRANCHES:
             owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
             gamma = None if pre is None else gamma_of(getattr(layer, pre))
             shared = None if s.heterogeneous or gamma is None else make_scale(
@@ -205,7 +200,7 @@ def unapply(model: nn.Module) -> nn.Module:
     norm = lambda gamma, like: _norm(norm_cls, (gamma - offset).to(like.dtype), eps)  # noqa: E731
     for layer in model.model.layers:
         attn = layer.self_attn
-        for owner_name, names, pre, post in BRANCHES:
+        for owner_name, names, pre, post in HF_BRANCHES:
             owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
             projections = {n: getattr(owner, f"{n}_proj").projection for n in names}
             scales = {n: p.in_scales[n] if n in p.in_scales else None for n, p in projections.items()}

@@ -19,7 +19,18 @@ from safetensors.torch import save_file
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_toml
 from .convert import convert_decoder
 from .export import ExportError
-from .hf_keys import HF_ACTIVATIONS, MODEL_TYPES, NORM_OFFSET, global_keys, hf_shapes, layer_keys, source_strategy
+from .hf_keys import (
+    GLOBAL_PARTS,
+    HF_ACTIVATIONS,
+    LAYER_PARTS,
+    MODEL_TYPES,
+    NORM_OFFSET,
+    global_keys,
+    hf_shapes,
+    layer_keys,
+    source_strategy,
+    write_part,
+)
 from .model import Decoder
 from .outputs import check_output_path, remove_tree, write_text_atomic, writing
 from .strategy import Strategy, keeping_source_norms
@@ -217,29 +228,15 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
 
 @torch.no_grad()
 def _source_model(m: ModelConfig, architecture: str, source: Strategy, state: dict) -> Decoder:
-    """The checkpoint exactly, under its architecture's own strategy: every norm weight a plain scale."""
-    model = Decoder(m, source)  # scales start at γ = 1; every matrix is copied below
+    """The checkpoint exactly, under its architecture's own strategy: every part written where export reads it
+    (hf_keys), every norm weight a plain scale."""
+    model = Decoder(m, source)  # scales start at γ = 1; every matrix is written below
     offset = NORM_OFFSET.get(architecture, 0.0)
-    top = {key: state[name] for key, name in global_keys(m).items()}
-    model.tok_emb.weight.copy_(top["embed"])
-    if model.head is not None:
-        model.head.weight.copy_(top["head"])
-    model.final_scale.set_gamma(top["final_norm"].float() + offset)
+    for key, name in global_keys(m).items():
+        write_part(model, GLOBAL_PARTS[key], state[name], offset)
     for i, block in enumerate(model.blocks):
-        part = {key: state[name] for key, name in layer_keys(i, architecture).items()}
-        qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-        qkv.weight.copy_(torch.cat([part[n] for n in "qkv"]))
-        if qkv.bias is not None:
-            qkv.bias.copy_(torch.cat([part[f"{n}_bias"] for n in "qkv"]))
-        gate_up.weight.copy_(torch.cat([part["gate"], part["up"]]))
-        block.attn.o.weight.copy_(part["o"])
-        block.ffn.down.weight.copy_(part["down"])
-        scales = {"attn_norm": qkv.shared_scale, "ffn_norm": gate_up.shared_scale,
-                  "attn_post_norm": block.attn_post_scale, "ffn_post_norm": block.ffn_post_scale,
-                  **{f"{n}_norm": qkv.out_scales[n] for n in qkv.out_scales}}
-        for key, scale in scales.items():
-            if key in part:
-                scale.set_gamma(part[key].float() + offset)
+        for key, name in layer_keys(i, architecture).items():
+            write_part(block, LAYER_PARTS[key], state[name], offset)
     return model
 
 

@@ -1,7 +1,9 @@
 """The one map between scalevec's decoder and transformers checkpoints: which tensor each part of the
-model is, its shape, and the strategy a checkpoint of each architecture is exactly. Export writes these
-names (export/hf.py), import reads and checks them (hf_import.py), apply_strategy converts the modules
-they belong to (apply.py); a part's name is the same on all sides.
+model is, where it lives in a Decoder (`GLOBAL_PARTS`, `LAYER_PARTS`: `read_part`/`write_part`), its shape,
+and the strategy a checkpoint of each architecture is exactly. Export reads every part of a folded model
+into these names (export/hf.py), import writes them back (hf_import.py): two mirrored loops over one map;
+apply_strategy converts the transformers modules of each branch (`HF_BRANCHES`, apply.py). A part's name is
+the same on all sides.
 
     llama   Llama and Mistral: pre-norms input_layernorm and post_attention_layernorm (before the FFN)
     qwen2   Llama's layout with q/k/v biases
@@ -14,6 +16,12 @@ they belong to (apply.py); a part's name is the same on all sides.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
 
 from .config import ModelConfig
 from .strategy import Strategy
@@ -86,3 +94,65 @@ def hf_shapes(m: ModelConfig, architecture: str) -> dict[str, tuple[int, ...]]:
     for i in range(m.n_layers):
         shapes |= {name: part[key] for key, name in layer_keys(i, architecture).items()}
     return shapes
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where a checkpoint tensor lives in a scalevec Decoder: the `module` at a path (from the model for global
+    parts, from the block for layer parts) and its `weight` (the rows of `branch` in a fused projection), its
+    `bias`, or, for a `scale`, its effective γ (a missing scale, under `fixed`, reads as ones)."""
+
+    module: str
+    field: Literal["weight", "bias", "scale"]
+    branch: str = ""
+
+
+GLOBAL_PARTS = {"embed": Part("tok_emb", "weight"), "final_norm": Part("final_scale", "scale"),
+                "head": Part("head", "weight")}
+LAYER_PARTS = {**{n: Part("attn.qkv", "weight", n) for n in "qkv"}, "o": Part("attn.o", "weight"),
+               "gate": Part("ffn.gate_up", "weight", "gate"), "up": Part("ffn.gate_up", "weight", "up"),
+               "down": Part("ffn.down", "weight"), **{f"{n}_bias": Part("attn.qkv", "bias", n) for n in "qkv"},
+               "attn_norm": Part("attn.qkv.shared_scale", "scale"),
+               "ffn_norm": Part("ffn.gate_up.shared_scale", "scale"),
+               "attn_post_norm": Part("attn_post_scale", "scale"), "ffn_post_norm": Part("ffn_post_scale", "scale"),
+               **{f"{n}_norm": Part(f"attn.qkv.out_scales.{n}", "scale") for n in "qk"}}
+"""The parts of `global_keys` and `layer_keys`, in a Decoder (a model folded down to its norm weights)."""
+
+HF_BRANCHES = (("self_attn", ("q", "k", "v"), "attn_norm", "attn_post_norm"),
+               ("mlp", ("gate", "up"), "ffn_norm", "ffn_post_norm"))
+"""Each branch of a transformers decoder layer: its module, its projections, the parts of its pre- and post-norm."""
+
+
+def _module(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path (ModuleDict entries by key), or None where an optional one is absent."""
+    module = root
+    for name in path.split("."):
+        module = module[name] if isinstance(module, nn.ModuleDict) and name in module else getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def _rows(module: nn.Module, part: Part, tensor: torch.Tensor) -> torch.Tensor:
+    if not part.branch:
+        return tensor
+    names = [branch.name for branch in module.branches]
+    return tensor.split(module.sizes)[names.index(part.branch)]
+
+
+def read_part(root: nn.Module, part: Part, shape: tuple[int, ...], offset: float = 0.0) -> torch.Tensor:
+    """The tensor of `part` (a view of the weight, or γ − `offset` for a scale: Gemma stores γ − 1)."""
+    module = _module(root, part.module)
+    if part.field == "scale":
+        return (torch.ones(shape) if module is None else module().detach()) - offset
+    return _rows(module, part, getattr(module, part.field))
+
+
+@torch.no_grad()
+def write_part(root: nn.Module, part: Part, tensor: torch.Tensor, offset: float = 0.0) -> None:
+    """The mirror of `read_part`: `tensor` into the weight's rows, or γ = tensor + `offset` into the scale."""
+    module = _module(root, part.module)
+    if part.field == "scale":
+        module.set_gamma(tensor.float() + offset)
+    else:
+        _rows(module, part, getattr(module, part.field)).copy_(tensor)

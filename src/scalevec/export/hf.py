@@ -26,15 +26,18 @@ from ..config import Config, ModelConfig
 from ..hf_keys import (
     ARCHITECTURE_CLASSES,
     EXPORT_MODEL_TYPES,
+    GLOBAL_PARTS,
     HF_ACTIVATIONS,
+    LAYER_PARTS,
     NORM_OFFSET,
     global_keys,
+    hf_shapes,
     layer_keys,
+    read_part,
     source_strategy,
 )
 from ..model import Decoder, is_windowed
 from ..outputs import DirectoryLock, claim_directory, contains, new_directory
-from ..scales import Scale
 from ..strategy import Strategy
 from . import ExportError
 from .fold import fold_scales
@@ -104,37 +107,15 @@ def hf_architecture(config: Config) -> str:
     return architecture
 
 
-def _gamma(scale: Scale | None, size: int) -> torch.Tensor:
-    return torch.ones(size) if scale is None else scale().detach().clone()
-
-
 def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint: the model folded down to its norm weights, read part by part (hf_keys)."""
     m = model.config
     folded = fold_scales(copy.deepcopy(model), keep_norm_weights=True)
-    offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
-
-    def stored(scale: Scale | None, size: int) -> torch.Tensor:
-        return _gamma(scale, size) - offset
-
-    q, kv = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    qk_norm_size = {"q": q, "k": kv} if architecture == "olmo2" else {"q": m.head_size, "k": m.head_size}
-    parts = {"embed": folded.tok_emb.weight, "final_norm": stored(folded.final_scale, m.d_model),
-             "head": None if folded.head is None else folded.head.weight}
-    state = {name: parts[key] for key, name in global_keys(m).items()}
+    offset, shapes = NORM_OFFSET.get(architecture, 0.0), hf_shapes(m, architecture)  # Gemma stores γ - 1
+    state = {name: read_part(folded, GLOBAL_PARTS[key], shapes[name], offset) for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
-        qkv, gate_up = block.attn.qkv, block.ffn.gate_up
-        parts = {"attn_norm": stored(qkv.shared_scale, m.d_model),
-                 "ffn_norm": stored(gate_up.shared_scale, m.d_model),
-                 "attn_post_norm": stored(block.attn_post_scale, m.d_model),
-                 "ffn_post_norm": stored(block.ffn_post_scale, m.d_model),
-                 **dict(zip("qkv", qkv.weight.split([q, kv, kv]))), "o": block.attn.o.weight,
-                 **dict(zip(("gate", "up"), gate_up.weight.split([m.d_ff, m.d_ff]))), "down": block.ffn.down.weight}
-        if qkv.bias is not None:
-            parts |= dict(zip(("q_bias", "k_bias", "v_bias"), qkv.bias.split([q, kv, kv])))
-        for name in ("q", "k"):
-            scale = qkv.out_scales[name] if name in qkv.out_scales else None
-            parts[f"{name}_norm"] = stored(scale, qk_norm_size[name])
-        state |= {hf_name: parts[key] for key, hf_name in layer_keys(i, architecture).items()}
+        state |= {name: read_part(block, LAYER_PARTS[key], shapes[name], offset)
+                  for key, name in layer_keys(i, architecture).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
