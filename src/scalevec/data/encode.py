@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 BATCH_DOCUMENTS = 64  # documents per call into the Rust encoder
-BATCH_BYTES = 4 << 20  # ... or fewer, once they hold this much text
+BATCH_BYTES = 1 << 20  # ... or fewer, once they hold this much text (a worker's memory grows with its batch)
 PARALLELISM = "TOKENIZERS_PARALLELISM"
 IN_FLIGHT = 2  # batches queued per worker: enough to keep every worker busy, few enough to bound memory
 
