@@ -179,9 +179,8 @@ def test_every_parameter_has_exactly_one_role_and_kind(preset, strat):
     with torch.device("meta"):
         model = Decoder(cfg, strategy(strat))
     infos = model.param_info()
-    names = [n for n, _ in model.named_parameters()]
-    assert len(names) == len(set(names))
-    assert sorted(infos) == sorted(names)
+    # under every name it is registered by: a module registered twice (one tensor, two names) would fail here
+    assert sorted(infos) == sorted(n for n, _ in model.named_parameters(remove_duplicate=False))
 
 
 def test_llama3_rope_scaling_matches_the_bands_of_llama_3_1():

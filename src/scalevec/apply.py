@@ -85,14 +85,6 @@ def _norm_name(architecture: str, part: str) -> str | None:
     return None if key is None else key.removeprefix("model.layers.0.").removesuffix(".weight")
 
 
-def _branch(s: Strategy, name: str, out_features: int, head_dim: int) -> Branch:
-    if name not in ("q", "k", "v"):
-        return Branch.whole(name, out_features)
-    return Branch(name=name, out_features=out_features,
-                  norm_group=head_dim if s.qk_norm_group == "head" else out_features,
-                  out_scale_size=head_dim if s.qk_scale_shape == "head" else out_features)
-
-
 @torch.no_grad()
 def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     architecture = _architecture(model)
@@ -101,7 +93,10 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
-    gamma_of = lambda norm: norm.weight.detach().float() + offset  # noqa: E731
+
+    def gamma_of(norm: nn.Module) -> torch.Tensor:
+        return norm.weight.detach().float() + offset
+
     for layer in model.model.layers:
         for owner_name, names, pre, post in HF_BRANCHES:
             owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
@@ -111,7 +106,9 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
             set_gamma(shared, gamma, pre)
             for n in names:
                 linear = getattr(owner, f"{n}_proj")
-                proj = _projection(linear, _branch(s, n, linear.out_features, hd), s, gamma is not None, eps)
+                branch = Branch.attention(n, linear.out_features, hd, s) if owner_name == "self_attn" else \
+                    Branch.whole(n, linear.out_features)
+                proj = _projection(linear, branch, s, gamma is not None, eps)
                 if gamma is not None and n in proj.in_scales:
                     if shared is None:
                         set_gamma(proj.in_scales[n], gamma, pre)
@@ -196,8 +193,14 @@ def unapply(model: nn.Module) -> nn.Module:
         raise ExportError(f"unapply: {problem}; train on, or export from a strategy without them")
     architecture, c, norm_cls = _architecture(model), model.config, model.scalevec_norm_class
     offset, eps = NORM_OFFSET.get(architecture, 0.0), c.rms_norm_eps
-    ones = lambda like: torch.ones(c.hidden_size, device=like.device)  # noqa: E731
-    norm = lambda gamma, like: _norm(norm_cls, (gamma - offset).to(like.dtype), eps)  # noqa: E731
+
+    def ones(like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(c.hidden_size, device=like.device)
+
+    def norm(gamma: torch.Tensor, like: torch.Tensor) -> nn.Module:
+        """The architecture's own norm class holding γ (stored as γ − 1 by Gemma), in `like`'s dtype."""
+        return _norm(norm_cls, (gamma - offset).to(like.dtype), eps)
+
     for layer in model.model.layers:
         attn = layer.self_attn
         for owner_name, names, pre, post in HF_BRANCHES:

@@ -32,7 +32,7 @@ from .rundir import RunDirError
 
 def load_model(source: str | Path) -> tuple[Decoder, Path]:
     """The model of a run directory (newest usable checkpoint) or an export, in eval mode, and its tokenizer.json."""
-    from .hf_import import convert_from_hf, read_hf_dir
+    from .hf_import import hf_model, read_hf_dir
 
     source = Path(source)
     if (source / "config.toml").is_file():
@@ -40,7 +40,7 @@ def load_model(source: str | Path) -> tuple[Decoder, Path]:
         tokenizer = run_tokenizer(config)
     elif (source / "config.json").is_file():
         hf, state = read_hf_dir(source)
-        _, model, _ = convert_from_hf(hf, state, "standard", warm_start=False)
+        model, _ = hf_model(hf, state)  # exactly the checkpoint's function, under its own strategy
         tokenizer = source / "tokenizer.json"
     else:
         raise RunDirError(f"{source} is neither a run directory (config.toml) nor an export (config.json)")

@@ -189,18 +189,23 @@ def check_hf_state(state: dict, shapes: dict) -> None:
         raise ExportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
 
 
+def hf_model(hf: dict, state: dict) -> tuple[Decoder, str]:
+    """The checkpoint exactly, as a Decoder under its architecture's own strategy, and that architecture."""
+    model_config, architecture = model_config_from_hf(hf)
+    check_hf_state(state, hf_shapes(model_config, architecture))
+    return _source_model(model_config, architecture, source_strategy(architecture), state), architecture
+
+
 def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_start: bool
                     ) -> tuple[Config, Decoder, float]:
     """Our model of a strategy from HF weights; returns (config, model, max |Δlogit| introduced). The checkpoint
     is read exactly into its architecture's own strategy, then converted (convert.py), keeping its norms."""
-    model_config, architecture = model_config_from_hf(hf)
-    check_hf_state(state, hf_shapes(model_config, architecture))
-    source = source_strategy(architecture)
+    reference, _ = hf_model(hf, state)
+    model_config, source = reference.config, reference.strategy
     requested = make_strategy(strategy_name) if isinstance(strategy_name, str) else strategy_name
     target = keeping_source_norms(source, requested)
     if target != requested and set(target.dnp) != set(requested.dnp):
         target = replace(target, preset=f"{requested.preset}+qknorm")  # the name says QK-norm was kept
-    reference = _source_model(model_config, architecture, source, state)
     model = convert_decoder(copy.deepcopy(reference), target)
     probe = torch.randint(0, model_config.vocab_size, (2, min(32, model_config.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))

@@ -94,10 +94,7 @@ class Attention(nn.Module):
         self.scale = m.query_pre_attn_scalar ** -0.5 if m.query_pre_attn_scalar else None
         self.softcap = m.attn_softcap
         hd, q_out, kv_out = m.head_size, m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-        shape = lambda out: hd if s.qk_scale_shape == "head" else out  # noqa: E731
-        group = lambda out: hd if s.qk_norm_group == "head" else out  # noqa: E731
-        branches = [Branch(name=n, out_features=out, norm_group=group(out), out_scale_size=shape(out))
-                    for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
+        branches = [Branch.attention(n, out, hd, s) for n, out in (("q", q_out), ("k", kv_out), ("v", kv_out))]
         self.qkv = Projection(d_in=m.d_model, branches=branches, strategy=s, reads_norm=m.pre_norm, norm=m.norm,
                               eps=m.norm_eps, bias=m.qkv_bias)
         self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,

@@ -51,6 +51,14 @@ class Branch:
         """A branch normalized and scaled over all its outputs (gate, up, down, o)."""
         return cls(name=name, out_features=out_features, norm_group=out_features, out_scale_size=out_features)
 
+    @classmethod
+    def attention(cls, name: str, out_features: int, head_dim: int, strategy: Strategy) -> Branch:
+        """q, k or v: DNP normalizes each head (or all at once: strategy.qk_norm_group), and its output scale is
+        head-shaped (or full width: strategy.qk_scale_shape)."""
+        return cls(name=name, out_features=out_features,
+                   norm_group=head_dim if strategy.qk_norm_group == "head" else out_features,
+                   out_scale_size=head_dim if strategy.qk_scale_shape == "head" else out_features)
+
 
 class Projection(nn.Module):
     """Fused linear maps reading one input, with the strategy's scale vectors around them.
