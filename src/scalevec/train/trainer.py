@@ -115,6 +115,18 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def dcp_errors():
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, raised on every rank alike) as the
+    first failed rank's own exception, e.g. its OSError of a full disk."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        raise next(iter(err.failures.values()))[0] from None
+
+
 def recorded_global_batch(state: dict) -> int:
     """Sequences per optimizer step of the run that wrote a checkpoint's state.json (older ones: from its config)."""
     if "global_batch" in state:
@@ -262,7 +274,8 @@ class Trainer:
 
         def write_files(tmp: Path) -> None:
             if self.sharded:
-                save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
+                with dcp_errors():
+                    save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
             if self.world.main:
                 if not self.sharded:
                     save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
@@ -319,7 +332,7 @@ class Trainer:
             else:
                 self.model.load_state_dict(loaded["model"])
                 self.optimizers.load_state_dict(trainer_state["optimizers"])
-        except (RuntimeError, KeyError, ValueError) as err:
+        except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})") from None
         torch.set_rng_state(trainer_state["torch_rng"])
         if "cuda_rng" in trainer_state and torch.cuda.is_available():
@@ -341,7 +354,8 @@ class Trainer:
         shards = {"model": model_state, "optim": optim_state}
         with warnings.catch_warnings():  # one process: DCP warns that it assumes so
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            load(shards, checkpoint_id=path)
+            with dcp_errors():
+                load(shards, checkpoint_id=path)
         set_state_dict(self.model, [self.optimizers], model_state_dict=shards["model"],
                        optim_state_dict=shards["optim"])
 
