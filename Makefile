@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scalevec compare --preset demo --out runs/demo
+	$(BIN)/scalevec compare --preset demo --jobs 2 --reference results/study-iwd-cpu --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

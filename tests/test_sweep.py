@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scalevec.config import ConfigError, load_config
+from scalevec.config import ConfigError, load_config, to_toml
 from scalevec.experiments.compare import preset_path
 from scalevec.experiments.report import write_report
 from scalevec.experiments.sweep import SUITE_DIR, load_suite, overrides, run_sweep
@@ -467,3 +467,41 @@ def test_wsd_decay_points_follow_each_size_of_a_ladder():
         assert suite.decay_points(arm) == [stable // 2 // 10 * 10]
     small, large = (suite.decay_points(Arm("standard", size, "adamw", "wsd"))[0] for size in suite.sizes)
     assert large > small
+
+
+def test_compare_reproduces_one_seed_of_a_study(small_data, tmp_path, capsys):
+    """`compare --reference STUDY`: each strategy at the study's best LR; its final loss equals the study's record
+    of that seed (same code and config, CPU, one thread per run); its Δ is shown beside the study's interval; a
+    config that differs from the study's is refused before anything trains."""
+    from scalevec.cli import main
+
+    text = SUITE.format(strategies='["standard", "hg"]', data=small_data, model=TINY_MODEL)
+    text = text.replace("lr_seed = 0\nseeds = [0, 1, 2]", "lr_seed = 7\nseeds = [0, 1]", 1).replace(
+        "eval_batch_size = 8", "eval_batch_size = 8\nthreads = 1", 1)
+    (tmp_path / "study.toml").write_text(text)
+    suite = load_suite(str(tmp_path / "study.toml"), "cpu")
+    results = tmp_path / "results"
+    run_sweep(suite, tmp_path / "runs", jobs=2, log=lambda *_: None, results=results)
+    write_report(results)
+    config = tmp_path / "demo.toml"
+    config.write_text(to_toml(load_config(suite.config)))  # the study's setting; compare sets strategy and lr
+    out = tmp_path / "demo"
+    args = ["compare", "--config", str(config), "--strategies", "standard,hg", "--jobs", "2", "--reference",
+            str(results), "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    best = {row["arm"].split("/")[0]: row["best_lr"] for row in json.loads((results / "summary.json").read_text())
+            ["arms"]}
+    for name in ("standard", "hg"):
+        ref = summary["reference"][name]
+        assert ref["lr"] == best[name] and ref["matches"] is True, ref
+        assert ref["record_val_loss"] == summary["strategies"][name]["final_val_loss"]  # bitwise, same machine
+    study = summary["reference"]["hg"]["study"]
+    assert study["n"] == 2 and study["verdict"] == "control"  # the suite names no paper claim: one family, "all"
+    printed = capsys.readouterr().out
+    assert f"the study's 2 paired seeds: {study['delta']:+.4f}" in printed and "(equal) |" in printed
+    assert (out / "gap.png").stat().st_size > 1000 and (out / "standard.log").is_file()
+    # a setting the study did not run is refused before any training, naming the key
+    assert main([*args[:-1], str(tmp_path / "other"), "--set", "train.batch_size=2"]) == 2
+    assert "train.batch_size differs from the study's run record" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
