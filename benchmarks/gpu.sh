@@ -6,6 +6,8 @@
 # 2. MoE dispatch, grouped against padded, one gpu-moe-0.5b layer in bf16
 # 3. `scalevec bench` on gpu-0.12b: compiled standard/unified (tokens/s, MFU, memory), eager with transformers
 # 4. a compiled bf16 gpu-moe-0.5b training run on the bundled data, then FSDP2 over NCCL under torchrun
+# 5. preemption on NCCL: torchrun (every GPU), FSDP2, MoE with expert bias, a step-0 evaluation, a checkpoint,
+#    SIGTERM (the workers checkpoint the step reached and exit 75), then --resume to the end
 set -u
 OUT=${OUT:-benchmarks/gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -37,3 +39,27 @@ cp /tmp/runs/moe/metrics.jsonl "$OUT/train_moe_metrics.jsonl" 2>/dev/null
 step fsdp_nccl 80 torchrun --standalone --nproc-per-node 1 -m scalevec train gpu-0.12b --out /tmp/runs/fsdp \
     --overwrite --set dist.mode=fsdp2 --set strategy.preset=unified --set optim.name=muon --set train.steps=10 \
     --set train.batch_size=8 --set train.seq_len=1024 --set train.eval_every=10 --set train.checkpoint_every=10
+
+preempt_nccl() {
+    local out=/tmp/runs/preempt gpus pid
+    gpus=$(nvidia-smi -L | wc -l)
+    rm -rf "$out"
+    torchrun --standalone --nproc-per-node "$gpus" -m scalevec train gpu-moe-0.5b --out "$out" \
+        --set dist.mode=fsdp2 --set strategy.preset=unified --set moe.balance=bias --set train.steps=40 \
+        --set train.batch_size=4 --set train.seq_len=1024 --set train.eval_every=20 --set train.log_every=2 \
+        --set train.checkpoint_every=10 --set schedule.warmup_steps=5 &
+    pid=$!
+    for _ in $(seq 900); do [[ -d "$out/checkpoints/step_00000010" ]] && break; sleep 0.2; done
+    sleep 3  # a few steps past the checkpoint
+    kill -TERM "$pid"
+    wait "$pid"
+    echo "torchrun exit $? after SIGTERM (1 expected; its workers' exitcode 75 above)"
+    ls "$out/checkpoints"
+    torchrun --standalone --nproc-per-node "$gpus" -m scalevec train --resume --out "$out"
+    echo "resume exit $? (0 expected)"
+    head -n 1 "$out/metrics.jsonl"
+    tail -n 2 "$out/metrics.jsonl"
+}
+export -f preempt_nccl
+step preempt_nccl 240 bash -c preempt_nccl
+cp /tmp/runs/preempt/metrics.jsonl "$OUT/preempt_nccl_metrics.jsonl" 2>/dev/null

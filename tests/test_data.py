@@ -95,7 +95,7 @@ def test_loader_refuses_state_of_another_setup(small_data):
         Loader(windows, 4, seed=4).load_state_dict(state)
     one_rank = Loader(windows, 8, seed=3)
     one_rank.load_state_dict(state)
-    assert one_rank.position == state["global_position"]
+    assert one_rank.position == state["position"]
 
 
 def test_two_ranks_see_every_window_once_per_epoch(small_data):

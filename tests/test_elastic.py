@@ -112,6 +112,18 @@ def test_loader_takes_every_window_once_across_world_sizes(small_data):
         assert len(set(first_epoch)) == len(windows)  # none twice, none skipped within an epoch
 
 
+def test_a_per_rank_position_of_scalevec_0_1_continues_where_it_was(small_data):
+    """Before 0.2, rank r of w kept its own position p and took window p·w + r of each epoch's permutation."""
+    windows = TokenWindows(small_data, "train", seq_len=32)
+    per_rank = len(windows) // 2
+    old = {"position": per_rank + 5, "seed": 7, "world_size": 2, "windows": len(windows)}  # epoch 1, 5 in
+    order = Loader(windows, 1, seed=7).epoch_order(1)
+    for rank in range(2):
+        loader = Loader(windows, 3, seed=7, rank=rank, world_size=2)
+        loader.load_state_dict(old)
+        assert loader.batch_indices() == [int(order[(5 + j) * 2 + rank]) for j in range(3)]
+
+
 def test_global_batch_split_and_refusal():
     assert split_global_batch(8, 2, 4) == (4, 1)
     assert split_global_batch(8, 1, 4) == (4, 2)

@@ -150,7 +150,7 @@ class Loader:
         return self.windows.batch(self.batch_indices())
 
     def state_dict(self) -> dict:
-        return {"global_position": self.position, "seed": self.seed, "windows": len(self.windows)}
+        return {"position": self.position, "seed": self.seed, "windows": len(self.windows)}
 
     def load_state_dict(self, state: dict) -> None:
         expected = self.state_dict()
@@ -158,11 +158,12 @@ class Loader:
             if state[key] != expected[key]:
                 raise DataError(f"the checkpoint's data loader had {key}={state[key]}, this run has {expected[key]}; "
                                 "resume with the same data and seed")
-        if "global_position" in state:
-            self.position = state["global_position"]
-        else:  # before scalevec 0.2: rank r of w took every w-th window of epochs of (windows // w) · w slots
+        if "world_size" in state:  # before scalevec 0.2, a position per rank: rank r of w took every w-th window
+            # of epochs of (windows // w) · w slots
             epoch, i = divmod(state["position"], state["windows"] // state["world_size"])
             self.position = epoch * state["windows"] + i * state["world_size"]
+        else:
+            self.position = state["position"]
 
 
 def validation_windows(windows: TokenWindows, budget_tokens: int) -> list[int]:

@@ -311,8 +311,7 @@ class Trainer:
                   "trainer": load_file_checked(path / "trainer.pt", functools.partial(torch.load, weights_only=True))}
         if not (path / "dcp").is_dir():
             loaded["model"] = load_file_checked(path / "model.safetensors", load_file)
-        loader = state.get("loader") or {}
-        counters = (state.get("step"), state.get("skipped"), loader.get("global_position", loader.get("position")))
+        counters = (state.get("step"), state.get("skipped"), (state.get("loader") or {}).get("position"))
         if not all(isinstance(n, int) and n >= 0 for n in counters) or not isinstance(loaded["trainer"], dict) \
                 or "torch_rng" not in loaded["trainer"] or not {"python_rng", "numpy_rng"} <= state.keys():
             raise CheckpointError(f"{path}/state.json or trainer.pt lacks a field of a checkpoint or has a wrong type")
