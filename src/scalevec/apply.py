@@ -12,7 +12,9 @@ torchtitan, yours).
 
 from __future__ import annotations
 
+import copy
 import functools
+import types
 from dataclasses import replace
 
 import torch
@@ -139,7 +141,26 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     model.model.norm = ScaledNorm(final, eps).to(model.model.embed_tokens.weight.device)
     model.scalevec_strategy = s
     model.param_info = functools.partial(param_info, model)  # what the optimizer table reads, as on a Decoder
+    model.save_pretrained = types.MethodType(_save_what_it_computes, model)  # what HF Trainer calls at its end
     return model
+
+
+CONVERTED_ATTRIBUTES = ("scalevec_strategy", "scalevec_norm_class", "param_info", "save_pretrained")
+"""What apply_strategy adds to a transformers model; unapply removes them."""
+
+
+def _save_what_it_computes(model: nn.Module, save_directory, *args, **kwargs) -> None:
+    """`save_pretrained` of a converted model: a checkpoint that reloads as what the model computes, the model
+    itself untouched. The plain checkpoint of its architecture (`unapply` on a copy) where the strategy has one,
+    else scalevec's remote-code form (export/remote). A `state_dict` given by the caller (HF Trainer passes the
+    converted model's own) names scalevec's parameters, so it is replaced by the folded one."""
+    kwargs.pop("state_dict", None)
+    if _plain_form_problem(model) is None:
+        unapply(copy.deepcopy(model)).save_pretrained(save_directory, *args, **kwargs)
+        return
+    from .export.remote import save_remote
+
+    save_remote(as_decoder(model), save_directory, *args, **kwargs)
 
 
 def apply_strategy(model: nn.Module, strategy: str | Strategy) -> nn.Module:
@@ -226,9 +247,50 @@ def unapply(model: nn.Module) -> nn.Module:
                                                     wrapped.projection.effective_bias()))
     final, embedding = model.model.norm.scale, model.model.embed_tokens.weight
     model.model.norm = norm(final() if final is not None else ones(embedding), embedding)
-    for name in ("scalevec_strategy", "scalevec_norm_class", "param_info"):
+    for name in CONVERTED_ATTRIBUTES:
         delattr(model, name)
     return model
+
+
+@torch.no_grad()
+def as_decoder(model: nn.Module) -> Decoder:
+    """A transformers model converted by `apply_strategy` as the scalevec Decoder that computes the same function:
+    every input-side and DP scale folded into its matrix, the scales behind a norm (DNP, post-branch, final) kept
+    as plain γ. What export writes for a strategy the architecture has no form for (export/remote)."""
+    from .hf_import import model_config_from_hf
+
+    s = model.scalevec_strategy
+    m, _ = model_config_from_hf(model.config.to_dict())
+    decoder = Decoder(m, replace(s, scale="plain", heterogeneous=False, dual_placement=[]))
+    decoder.to(model.model.embed_tokens.weight.device)
+
+    def gamma(scale: Scale | None, like: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(like) if scale is None else scale().detach()
+
+    def copy_projections(sources: dict[str, nn.Module], target: Projection) -> None:
+        projections = {n: p.projection if isinstance(p, SingleProjection) else None for n, p in sources.items()}
+        target.weight.copy_(torch.cat([p.weight if projections[n] is None else projections[n].effective_weight()
+                                       for n, p in sources.items()]))
+        if target.bias is not None:
+            target.bias.copy_(torch.cat([projections[n].effective_bias() for n in sources]))
+        for n, scale in target.out_scales.items():
+            scale.set_gamma(gamma(projections[n].out_scales[n] if n in projections[n].out_scales else None, scale()))
+
+    for layer, block in zip(model.model.layers, decoder.blocks):
+        attn, mlp = layer.self_attn, layer.mlp
+        copy_projections({n: getattr(attn, f"{n}_proj") for n in "qkv"}, block.attn.qkv)
+        copy_projections({"o": attn.o_proj}, block.attn.o)
+        copy_projections({n: getattr(mlp, f"{n}_proj") for n in ("gate", "up")}, block.ffn.gate_up)
+        copy_projections({"down": mlp.down_proj}, block.ffn.down)
+        for (_, _, _, post), target in zip(HF_BRANCHES, (block.attn_post_scale, block.ffn_post_scale)):
+            name = _norm_name(_architecture(model), post)
+            if name is not None and target is not None:
+                target.set_gamma(gamma(getattr(layer, name).scale, target()))
+    decoder.tok_emb.weight.copy_(model.model.embed_tokens.weight)
+    if decoder.head is not None:
+        decoder.head.weight.copy_(model.get_output_embeddings().weight)
+    decoder.final_scale.set_gamma(gamma(model.model.norm.scale, decoder.final_scale()))
+    return decoder
 
 
 def param_info(model: nn.Module) -> dict[str, ParamInfo]:

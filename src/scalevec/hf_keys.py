@@ -103,7 +103,7 @@ class Part:
     `bias`, or, for a `scale`, its effective γ (a missing scale, under `fixed`, reads as ones)."""
 
     module: str
-    field: Literal["weight", "bias", "scale"]
+    field: Literal["weight", "bias", "scale", "router", "gate_up", "down", "expert_bias"]
     branch: str = ""
 
 
@@ -117,6 +117,72 @@ LAYER_PARTS = {**{n: Part("attn.qkv", "weight", n) for n in "qkv"}, "o": Part("a
                "attn_post_norm": Part("attn_post_scale", "scale"), "ffn_post_norm": Part("ffn_post_scale", "scale"),
                **{f"{n}_norm": Part(f"attn.qkv.out_scales.{n}", "scale") for n in "qk"}}
 """The parts of `global_keys` and `layer_keys`, in a Decoder (a model folded down to its norm weights)."""
+LAYER_PARTS |= {"v_norm": Part("attn.qkv.out_scales.v", "scale"), "o_norm": Part("attn.o.out_scales.o", "scale"),
+                **{f"{n}_norm": Part(f"ffn.gate_up.out_scales.{n}", "scale") for n in ("gate", "up")},
+                "down_norm": Part("ffn.down.out_scales.down", "scale"),
+                **{n: Part("ffn", n) for n in ("router", "expert_bias")},
+                "experts_gate_up": Part("ffn", "gate_up"), "experts_down": Part("ffn", "down"),
+                **{f"experts_{n}_norm": Part(f"ffn.out_scales.{n}", "scale") for n in ("gate", "up")},
+                **{f"shared_{n}": Part("ffn.shared_expert.gate_up", "weight", n) for n in ("gate", "up")},
+                "shared_down": Part("ffn.shared_expert.down", "weight"),
+                **{f"shared_{n}_norm": Part(f"ffn.shared_expert.gate_up.out_scales.{n}", "scale")
+                   for n in ("gate", "up")},
+                "shared_down_norm": Part("ffn.shared_expert.down.out_scales.down", "scale")}
+"""The remote-code form's parts beyond those (remote_layer_keys): DNP on v, o and the FFN, MoE routers, stacked
+experts and shared experts."""
+
+def remote_strategy(s: Strategy) -> Strategy:
+    """The strategy a remote-code checkpoint is exactly: the norms of `s` (DNP, post-branch norms, QK shapes), one
+    plain γ per scale behind a norm, every other scale folded into the matrices (read back as γ = 1)."""
+    return make_strategy("standard", dnp=list(s.dnp), post_norms=s.post_norms, qk_scale_shape=s.qk_scale_shape,
+                         qk_norm_group=s.qk_norm_group, expert_scales=s.expert_scales)
+
+
+def is_moe_layer(m: ModelConfig, i: int) -> bool:
+    return m.moe_experts > 0 and (i + 1) % m.moe_every == 0
+
+
+def remote_layer_keys(i: int, m: ModelConfig, s: Strategy) -> dict[str, str]:
+    """Block i's parts in the remote-code form (export/remote/modeling_scalevec.py) -> its tensor names."""
+    p = f"model.layers.{i}"
+    keys = {n: f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"}
+    keys |= {f"{n}_bias": f"{p}.self_attn.{n}_proj.bias" for n in "qkv" if m.qkv_bias}
+    keys |= {f"{n}_norm": f"{p}.self_attn.{n}_norm.weight" for n in "qkvo" if n in s.dnp}
+    if s.post_norms:
+        keys |= {"attn_post_norm": f"{p}.post_attention_norm.weight",
+                 "ffn_post_norm": f"{p}.post_feedforward_norm.weight"}
+    ffn = ("gate", "up", "down")
+    if not is_moe_layer(m, i):
+        return keys | {n: f"{p}.mlp.{n}_proj.weight" for n in ffn} | \
+            {f"{n}_norm": f"{p}.mlp.{n}_norm.weight" for n in ffn if n in s.dnp}
+    keys |= {"router": f"{p}.mlp.router.weight", "expert_bias": f"{p}.mlp.expert_bias",
+             "experts_gate_up": f"{p}.mlp.experts.gate_up_proj", "experts_down": f"{p}.mlp.experts.down_proj"}
+    keys |= {f"experts_{n}_norm": f"{p}.mlp.experts.{n}_norm.weight" for n in ("gate", "up") if n in s.dnp}
+    if m.moe_shared_expert:
+        keys |= {f"shared_{n}": f"{p}.mlp.shared_expert.{n}_proj.weight" for n in ffn}
+        keys |= {f"shared_{n}_norm": f"{p}.mlp.shared_expert.{n}_norm.weight" for n in ffn if n in s.dnp}
+    return keys
+
+
+def remote_shapes(m: ModelConfig, s: Strategy) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a remote-code checkpoint and its shape."""
+    d, hd, ff, E = m.d_model, m.head_size, m.d_ff, m.moe_experts
+    de, q, kv = m.moe_d_expert or m.d_ff, m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+    out = {"q": q, "k": kv, "v": kv}
+    part = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "o_norm": (d,), "attn_post_norm": (d,),
+            "ffn_post_norm": (d,), "router": (E, d), "expert_bias": (E,), "experts_gate_up": (E, 2 * de, d),
+            "experts_down": (E, d, de), **{f"{n}_bias": (out[n],) for n in "qkv"},
+            **{f"{n}_norm": (hd,) if s.qk_scale_shape == "head" else (out[n],) for n in "qkv"}}
+    for prefix in ("", "shared_"):
+        part |= {f"{prefix}gate": (ff, d), f"{prefix}up": (ff, d), f"{prefix}down": (d, ff),
+                 f"{prefix}gate_norm": (ff,), f"{prefix}up_norm": (ff,), f"{prefix}down_norm": (d,)}
+    part |= {f"experts_{n}_norm": (E, de) if s.expert_scales == "per_expert" else (de,) for n in ("gate", "up")}
+    shapes = {name: {"embed": (m.vocab_size, d), "final_norm": (d,), "head": (m.vocab_size, d)}[key]
+              for key, name in global_keys(m).items()}
+    for i in range(m.n_layers):
+        shapes |= {name: part[key] for key, name in remote_layer_keys(i, m, s).items()}
+    return shapes
+
 
 HF_BRANCHES = (("self_attn", ("q", "k", "v"), "attn_norm", "attn_post_norm"),
                ("mlp", ("gate", "up"), "ffn_norm", "ffn_post_norm"))
