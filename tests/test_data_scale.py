@@ -145,12 +145,11 @@ def test_nanogpt_train_bin_imports_without_copying_and_trains(tmp_path, tokenize
     assert "up to date" in capsys.readouterr().out
 
     run = tmp_path / "run"
-    assert main(["train", "cpu-0.5m", "--out", str(run), "--set", f"data.dir={out}", "--set", f"data.tokenizer={tokenizer}",
-                 "--set", "model.vocab_size=300", "--set", "model.d_model=32", "--set", "model.n_layers=1",
-                 "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1", "--set", "model.d_ff=64",
-                 "--set", "model.max_seq_len=32", "--set", "train.seq_len=32", "--set", "train.batch_size=4",
-                 "--set", "train.steps=4", "--set", "train.eval_every=4", "--set", "train.threads=1",
-                 "--set", "data.val_tokens=1024", "--set", "schedule.warmup_steps=1"]) == 0
+    overrides = [f"data.dir={out}", f"data.tokenizer={tokenizer}", "data.val_tokens=1024", "model.vocab_size=300",
+                 "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
+                 "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=4", "train.steps=4",
+                 "train.eval_every=4", "train.threads=1", "schedule.warmup_steps=1"]
+    assert main(["train", "cpu-0.5m", "--out", str(run), *[a for o in overrides for a in ("--set", o)]]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert evals and np.isfinite(evals[-1]["val_loss"]) and evals[-1]["val_bpb"] > 0
@@ -190,7 +189,8 @@ def test_bad_jsonl_line_errors_or_is_skipped(tmp_path, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
     data.on_bad_record = "skip"
     meta = json.loads((prepare(data, progress=False, log=quiet) / "meta.json").read_text())
-    assert meta["skipped_records"] == 1 and meta["skipped_examples"] == [f"{tmp_path / 'bad.jsonl'}:5 is not valid JSON"]
+    assert meta["skipped_records"] == 1
+    assert meta["skipped_examples"] == [f"{tmp_path / 'bad.jsonl'}:5 is not valid JSON"]
     assert meta["sources"][0]["documents"] == len(texts)
 
 
