@@ -140,6 +140,8 @@ def test_renamed_strategy_keys_still_load_from_files_and_overrides(tmp_path):
 def test_runs_written_before_format_2_keep_their_iwd_rule(tmp_path, capsys):
     """A run or study record of scalevec < 0.2 (no `format`) ran IWD as `iwd-balanced` and undecayed routers; it
     resumes and reports as such. A hand-written config without `format` means the current rule."""
+    import tomli_w
+
     from scalevec.rundir import RunDirError, check_run_dir
 
     committed = Path(__file__).resolve().parents[1] / "results/study-improvements-cpu/records/unified"
@@ -152,18 +154,20 @@ def test_runs_written_before_format_2_keep_their_iwd_rule(tmp_path, capsys):
     assert load_config(moe, resolved=True).optim.router_weight_decay == 0.0
     assert load_config(moe).optim.router_weight_decay == OptimConfig().router_weight_decay == 0.1
     assert load_config(None, ["strategy.preset=or+iwd", "format=1"]).strategy.scale_decay == "iwd-balanced"
+    assert (old.schedule.floor_at_end, load_config(record).schedule.floor_at_end) == (False, True)
     with pytest.raises(ConfigError, match="format=3 is not a config format this scalevec reads"):
         load_config(None, ["format=3"])
 
     run = tmp_path / "old-run"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
-    (run / "config.toml").write_text(to_toml(load_config(record)).replace("format = 2\n", "")
-                                     .replace('scale_decay = "iwd-balanced"', 'scale_decay = "iwd"'))
+    (run / "config.toml").write_text(tomli_w.dumps(record))  # the old run's own file, as it wrote it
     assert main(["train", "--resume", "--out", str(run), "--print-config"]) == 0
     assert 'scale_decay = "iwd-balanced"' in capsys.readouterr().out
     check_run_dir(run, old, resume=True, overwrite=False)  # the saved config and the migrated one agree
+    today = load_config(record, resolved=True)
+    today.strategy.scale_decay = "iwd"  # resuming it under today's rule would change what it runs
     with pytest.raises(RunDirError, match="strategy.scale_decay differs"):
-        check_run_dir(run, load_config(record), resume=True, overwrite=False)
+        check_run_dir(run, today, resume=True, overwrite=False)
 
 
 def test_info_counts_the_decayed_scale_entries_per_role_and_kind(capsys):

@@ -334,6 +334,10 @@ def test_schedule_values():
         assert lr_factor(wsd, 80, 100) < 1.0  # the first decay step already decays
         assert lr_factor(wsd, 89, 100) == pytest.approx(mid)  # half of the 20 decay steps done
         assert lr_factor(wsd, 99, 100) == pytest.approx(0.1)  # the last step runs at the floor
+        before_0_2 = replace(wsd, floor_at_end=False)  # what a WSD run of scalevec < 0.2 ran, and resumes with
+        assert lr_factor(before_0_2, 80, 100) == 1.0 and lr_factor(before_0_2, 99, 100) > 0.1
+        if shape == "linear":
+            assert lr_factor(before_0_2, 99, 100) == pytest.approx(0.1 + 0.9 / 20)
     const = ScheduleConfig(name="constant", warmup_steps=4)
     assert [lr_factor(const, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
 

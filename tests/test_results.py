@@ -30,3 +30,22 @@ def test_committed_report_regenerates_from_the_records(name, tmp_path):
         assert (copy / text).read_text() == (committed / text).read_text(), f"{name}/{text}: run `make reports`"
     assert summary["runs_recorded"] == len(list((copy / "records").rglob("*.json")))
     assert (summary["arms_pending"] == []) or name not in COMPLETE
+
+
+def test_the_iwd_study_reproduces_the_main_study_seed_by_seed():
+    """study-iwd reruns the test seeds of the main study's standard, unified and OR+IWD arms (the last two under
+    their old rule, now named iwd-balanced) to score them out of domain: each rerun's in-domain loss must equal the
+    main study's record of that seed, bit for bit on the machines both ran on."""
+    import json
+
+    renamed = {"standard": "standard", "unified+iwd-balanced": "unified", "or+iwd-balanced": "or+iwd"}
+    pairs = 0
+    for new, old in renamed.items():
+        for path in (RESULTS / "study-iwd-cpu" / "records" / new).rglob("seed[0-7].json"):
+            original = RESULTS / "study-improvements-cpu" / "records" / old / path.relative_to(
+                RESULTS / "study-iwd-cpu" / "records" / new)
+            rerun, recorded = (json.loads(p.read_text()) for p in (path, original))
+            assert rerun["final"]["val_loss"] == recorded["final"]["val_loss"], path
+            assert rerun["curve"] == recorded["curve"], path
+            pairs += 1
+    assert pairs <= 24

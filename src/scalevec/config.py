@@ -245,13 +245,22 @@ class DataConfig:
     val_tokens: int = 65536
     """Fixed validation set: windows adding up to this many tokens, evenly spaced over the validation split
     (every source in proportion); the whole split if it is smaller."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A malformed .jsonl line, unreadable .parquet row group or non-UTF-8 .txt file: `error` stops naming it,
+    `skip` leaves it out and counts it in meta.json (`skipped_records`)."""
+    tokenizer_sample_bytes: int = 1_000_000_000
+    """Text the tokenizer is trained on: the whole training split up to this size, else a seeded sample of its
+    documents of about this size (the bundled corpus is used whole)."""
 
     def validate(self) -> None:
         _check(0 <= self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _check(self.tokenizer_sample_bytes > 0, f"data.tokenizer_sample_bytes={self.tokenizer_sample_bytes} must be "
+               "positive")
         _check(self.shard_tokens > 0 and self.val_tokens >= 0 and self.vocab_size > 256,
                "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
         _check(self.split_seed >= 0, f"data.split_seed={self.split_seed} must be >= 0")
         _check(bool(self.dir.strip()), "data.dir is empty; give a directory for the prepared shards")
+        check_choices(self, "data")
 
 
 @dataclass
@@ -331,6 +340,9 @@ class ScheduleConfig:
     """WSD decay shape: `linear`, `cosine` or `1-sqrt`."""
     decay_start: int = 0
     """WSD: step at which the decay starts (0 = the last decay_fraction of the steps)."""
+    floor_at_end: bool = True
+    """WSD: the last step runs at min_lr_ratio (false: at min_lr_ratio + (1 − min_lr_ratio)/decay steps, as every
+    WSD run of scalevec before 0.2 did)."""
 
     def validate(self) -> None:
         check_choices(self, "schedule")
@@ -571,8 +583,8 @@ def _migrate(raw: dict, resolved: bool = False) -> dict:
     keys, and scalevec 0.1's `train.tensorboard = true`, which is `train.loggers = ["tensorboard"]`.
 
     A `resolved` config (written by a run) without `format` is format 1, whose values meant something else: its
-    `iwd` left an Input scale feeding an undecayed matrix undecayed (now `iwd-balanced`), and MoE routers did not
-    decay.
+    `iwd` left an Input scale feeding an undecayed matrix undecayed (now `iwd-balanced`), MoE routers did not
+    decay, WSD's last step ran above the floor, and model.query_pre_attn_scalar was written as a float.
     A hand-written config without `format` means the current one."""
     for (section, old), new in RENAMED.items():
         values = raw.get(section)
@@ -585,10 +597,16 @@ def _migrate(raw: dict, resolved: bool = False) -> dict:
     if raw.get("format", 1 if resolved else CONFIG_FORMAT) == 1:
         strategy, optim, model = (raw.get(name) if isinstance(raw.get(name), dict) else {}
                                   for name in ("strategy", "optim", "model"))
-        if strategy.get("scale_decay") == "iwd":
+        preset = str(strategy.get("preset", "standard"))
+        if strategy.get("scale_decay", _preset_values("strategy", preset).get("scale_decay")) == "iwd":
             strategy["scale_decay"] = "iwd-balanced"
         if model.get("moe_experts"):
             raw["optim"] = {"router_weight_decay": 0.0, **optim}
+        raw["schedule"] = {"floor_at_end": False, **(raw.get("schedule") if isinstance(raw.get("schedule"), dict)
+                                                      else {})}
+        scalar = model.get("query_pre_attn_scalar")
+        if isinstance(scalar, float) and scalar.is_integer():
+            model["query_pre_attn_scalar"] = int(scalar)
         raw["format"] = CONFIG_FORMAT
     return raw
 

@@ -24,7 +24,8 @@ def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
     if step < decay_start:
         return 1.0
     # every decay step lowers the rate and the last one (step total_steps - 1) runs at the floor
-    progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+    done = step - decay_start + (1 if schedule.floor_at_end else 0)
+    progress = min(1.0, done / max(1, total_steps - decay_start))
     if schedule.decay_shape == "linear":
         return 1 - (1 - floor) * progress
     if schedule.decay_shape == "cosine":

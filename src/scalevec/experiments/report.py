@@ -117,7 +117,9 @@ def study_facts(results: Path, suite: Suite, arms: dict) -> dict:
 
     facts: dict = {"tokens_per_non_embedding_parameter": {}, "lr_wd_sum": {}}
     for arm, row in arms.items():
-        config = load_config(suite.config, overrides(suite, arm, row["best_lr"], 0))
+        record = read_record(results, arm, row["best_lr"], suite.lr_seed)  # what ran, in its release's meaning
+        config = load_config(record["config"], resolved=True) if record else \
+            load_config(suite.config, overrides(suite, arm, row["best_lr"], 0))
         if arm.size not in facts["tokens_per_non_embedding_parameter"]:
             facts["tokens_per_non_embedding_parameter"][arm.size] = row["tokens"] / non_embedding_parameters(
                 config.model)
