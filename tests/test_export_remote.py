@@ -144,7 +144,8 @@ def test_remote_model_loads_in_bf16_saves_round_trip_and_trains(tmp_path):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            hf.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert all(layer.gradient_checkpointing for layer in hf.model.layers)
         hf.zero_grad()
         hf(x, labels=x).loss.backward()
         grads.append(hf.model.layers[0].self_attn.q_proj.weight.grad.clone())
