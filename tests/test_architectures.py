@@ -173,7 +173,7 @@ def test_a_run_trained_here_exports_as_the_architecture_of_its_model(small_data,
 ])
 def test_export_refuses_features_the_architecture_lacks(small_data, tmp_path, features, reason, capsys):
     make_run(tmp_path / "run", small_data, strategy("standard"), model=features)
-    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--family", "llama"]) == 2
     err = capsys.readouterr().err
     assert reason in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
 

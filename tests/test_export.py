@@ -78,13 +78,29 @@ def test_exported_tokenizer_loads_offline(small_data, tmp_path):
                                           ("gemma", "needs model.embedding_scale"),
                                           ("qknorm", "with a full-width scale has no transformers form"),
                                           ("gemma+dnp", "DNP on gate, k, q, up with post-branch norms has no")])
-def test_export_refuses_what_no_architecture_expresses(small_data, tmp_path, name, reason, capsys):
+def test_what_no_family_expresses_leaves_as_remote_code_and_a_forced_family_is_refused(small_data, tmp_path, name,
+                                                                                         reason, capsys):
     strat = strategy(name, qk_scale_shape="full") if name == "qknorm" else strategy(name)
-    make_run(tmp_path / "run", small_data, strat)
-    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 2
+    model = make_run(tmp_path / "run", small_data, strat)
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--family", "llama"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and reason in err and "scalevec generate" in err
+    assert err.count("\n") == 1 and reason in err and "--family llama" in err and "remote-code form" in err
     assert not (tmp_path / "hf").exists()
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "as remote code" in out and reason.split(" has no")[0] in out
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_a_forced_family_must_compute_the_same_function(small_data, tmp_path, capsys):
+    make_run(tmp_path / "run", small_data, strategy("qknorm"))
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--family", "llama"]) == 2
+    assert "this model is exactly Qwen3ForCausalLM (--family qwen3), not llama" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--family", "remote"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "scalevec"
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

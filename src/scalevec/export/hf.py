@@ -4,8 +4,9 @@ architecture whose norms the model has (hf_keys.py; the way in is `hf_import.py`
 Mapping. A block norm's one shared scale is the HF norm weight (Gemma: weight = γ - 1); per-branch (HG)
 and DP scales are folded into the projections; the final norm's scale is `model.norm.weight`; DNP on
 q, k is the QK-norm (head-shaped: Qwen3, Gemma 3; over all heads: OLMo 2); post-branch norms are
-Gemma's and OLMo 2's. Anything else (DNP on other projections, LayerNorm, MoE) has no transformers
-form here, and export refuses it rather than write a checkpoint that computes different logits.
+Gemma's and OLMo 2's. Anything else (DNP on other projections, LayerNorm, MoE...) has no family that
+computes the same function: it leaves as scalevec's remote-code form (export/remote), never as a family
+checkpoint that computes other logits.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..outputs import DirectoryLock, claim_directory, contains, new_directory
 from ..strategy import Strategy
 from . import ExportError
 from .fold import fold_scales
+from .remote import remote_files
 
 EXPORT_MANIFEST = "scalevec_export.json"  # the files an export wrote, so a later export may replace exactly them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,10 +176,35 @@ def exported_files(out: Path) -> list[str] | None:
         return None
 
 
-def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print, dtype: str = "float32") -> str:
+REMOTE = "remote"
+"""The remote-code form's name for --family (export/remote)."""
+
+
+def export_form(config: Config, family: str | None = None) -> tuple[str, str]:
+    """The form a model exports as, and why: the transformers family that computes the same function
+    (hf_architecture), else the remote-code form. `family` forces one, or an ExportError gives the reason."""
+    try:
+        architecture = hf_architecture(config)
+    except ExportError as err:
+        if family not in (None, REMOTE):
+            raise ExportError(f"--family {family}: {err}".replace(f"; {OTHERWISE}", "; leave --family out to "
+                                                                                    "write the remote-code form")
+                              ) from None
+        return REMOTE, str(err).replace(f"; {OTHERWISE}", "")
+    if family in (None, architecture):
+        return architecture, f"the model is exactly {ARCHITECTURE_CLASSES[architecture]}"
+    if family == REMOTE:
+        return REMOTE, "--family remote"
+    raise ExportError(f"--family {family}: this model is exactly {ARCHITECTURE_CLASSES[architecture]} "
+                      f"(--family {architecture}), not {family} ({FAMILIES}); or --family remote")
+
+
+def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print, dtype: str = "float32",
+               family: str | None = None) -> str:
     """Write the run's newest valid checkpoint as a transformers checkpoint in `out`, replacing only an earlier
-    export (recognized by its manifest) unless `overwrite`. The scales are folded in float32 and the folded
-    weights then stored in `dtype` (float32, bfloat16 or float16)."""
+    export (recognized by its manifest) unless `overwrite`: the family that computes the same function, else the
+    remote-code form (`export_form`; `family` forces one). The scales are folded in float32 and the folded
+    weights then stored in `dtype` (float32, bfloat16 or float16). Returns the family, or "remote"."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if contains(run_dir, out) or contains(out, run_dir):
@@ -187,7 +214,7 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print, dty
         if (run_dir / "config.toml").is_file() and os.access(run_dir, os.W_OK):  # no trainer writes it meanwhile
             stack.enter_context(DirectoryLock(run_dir, "run directory"))
         config, model = load_run_model(run_dir)
-        architecture = hf_architecture(config)
+        architecture, why = export_form(config, family)
         tokenizer = run_tokenizer(config)
         files = _export_files(config, model, architecture, tokenizer, dtype)
     if tokenizer is None:
@@ -198,7 +225,11 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False, log=print, dty
         manifest = {"files": sorted(files), "source": str(run_dir.resolve()), "architecture": architecture,
                     "dtype": dtype}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"exported {run_dir} as {architecture} to {out}")
+    if architecture == REMOTE:
+        log(f"exported {run_dir} to {out} as remote code (ScalevecForCausalLM: load with trust_remote_code=True), "
+            f"since {why}")
+    else:
+        log(f"exported {run_dir} as {architecture} to {out} ({why})")
     return architecture
 
 
@@ -213,10 +244,13 @@ def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: 
     def text(payload: dict):
         return lambda path: path.write_text(json.dumps(payload, indent=1) + "\n")
 
-    state = {name: tensor.to(DTYPES[dtype]) for name, tensor in hf_state(model, architecture).items()}
-    files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
-             "config.json": text(hf_config(config.model, architecture, eos_id, dtype)),
-             "generation_config.json": text({"eos_token_id": eos_id, "pad_token_id": eos_id})}
+    if architecture == REMOTE:
+        files = remote_files(model, eos_id, dtype)
+    else:
+        state = {name: tensor.to(DTYPES[dtype]) for name, tensor in hf_state(model, architecture).items()}
+        files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
+                 "config.json": text(hf_config(config.model, architecture, eos_id, dtype))}
+    files["generation_config.json"] = text({"eos_token_id": eos_id, "pad_token_id": eos_id})
     if tokenizer is not None:
         files["tokenizer.json"] = lambda path: shutil.copyfile(tokenizer, path)
         files["tokenizer_config.json"] = text({

@@ -9,6 +9,7 @@ live in config.json, never in the code.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -69,15 +70,21 @@ def code_files() -> dict[str, Path]:
     return {name: Path(__file__).with_name(name) for name in CODE_FILES}
 
 
-def save_remote(model: Decoder, directory, eos_id: int | None = None, dtype: str = "float32", **_) -> None:
-    """Write the remote-code form of `model` into `directory` (created if needed): config.json, the code and
-    model.safetensors. Keyword arguments of transformers' save_pretrained are accepted and ignored."""
+def remote_files(model: Decoder, eos_id: int | None = None, dtype: str = "float32") -> dict:
+    """File name -> a function writing it to the path it is given: the weights, config.json and the code."""
     from safetensors.torch import save_file
 
+    state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in remote_state(model).items()}
+    config = json.dumps(remote_config(model, eos_id, dtype), indent=1) + "\n"
+    files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
+             "config.json": lambda path: path.write_text(config)}
+    return files | {name: functools.partial(shutil.copyfile, source) for name, source in code_files().items()}
+
+
+def save_remote(model: Decoder, directory, eos_id: int | None = None, dtype: str = "float32", **_) -> None:
+    """Write the remote-code form of `model` into `directory` (created if needed). Keyword arguments of
+    transformers' save_pretrained are accepted and ignored."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in remote_state(model).items()}
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(remote_config(model, eos_id, dtype), indent=1) + "\n")
-    for name, path in code_files().items():
-        shutil.copyfile(path, directory / name)
+    for name, write in remote_files(model, eos_id, dtype).items():
+        write(directory / name)
