@@ -9,24 +9,41 @@ import sys
 import time
 
 import torch
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from scalevec.cli import main
+from scalevec.train import checkpointing
 from scalevec.train import trainer as trainer_module
 
 
-def at_fault(time_file: str) -> None:
-    with open(time_file, "w") as fh:
-        fh.write(str(time.time()))
+def os_error(code: int):
+    return lambda *args: OSError(code, os.strerror(code))
+
+
+# fault: (owner, attribute, the error its call raises once the step is reached)
+FAILING_CALLS = {
+    "error": (trainer_module.Loader, "next_batch", lambda *a: ValueError("injected fault on this rank")),
+    "metrics_full": (trainer_module, "append_line", os_error(errno.ENOSPC)),  # rank 0 writes metrics.jsonl
+    "checkpoint_refused": (checkpointing, "save_file", os_error(errno.EACCES)),  # rank 0's model.safetensors
+    "shard_full": (FileSystemWriter, "write_data", os_error(errno.ENOSPC)),  # this rank's FSDP2 shard
+}
 
 
 def inject(fault: str, step: int, time_file: str) -> None:
     """Patch this process so that `fault` happens once its trainer reaches optimizer step `step`."""
     trainer_class = trainer_module.Trainer
-    reached = {"step": 0}
     train_step = trainer_class._train_step
 
+    def reached() -> bool:
+        if reached.step >= step:
+            with open(time_file, "w") as fh:
+                fh.write(str(time.time()))
+            return True
+        return False
+    reached.step = 0
+
     def counting_step(self):
-        reached["step"] = self.step + 1
+        reached.step = self.step + 1
         return train_step(self)
     trainer_class._train_step = counting_step
 
@@ -35,51 +52,17 @@ def inject(fault: str, step: int, time_file: str) -> None:
 
         def poisoned(self, inputs, targets):
             objective, ce = loss(self, inputs, targets)
-            if reached["step"] >= step:
-                at_fault(time_file)
-                return objective * float("nan"), ce * float("nan")
-            return objective, ce
+            return (objective * float("nan"), ce * float("nan")) if reached() else (objective, ce)
         trainer_class._loss = poisoned
-    elif fault == "error":
-        next_batch = trainer_module.Loader.next_batch
+        return
+    owner, attribute, error = FAILING_CALLS[fault]
+    real = getattr(owner, attribute)
 
-        def failing(self):
-            if reached["step"] >= step:
-                at_fault(time_file)
-                raise ValueError(f"injected fault on this rank at step {reached['step']}")
-            return next_batch(self)
-        trainer_module.Loader.next_batch = failing
-    elif fault == "metrics_full":
-        append_line = trainer_module.append_line
-
-        def full(path, line):
-            if reached["step"] >= step:
-                at_fault(time_file)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            return append_line(path, line)
-        trainer_module.append_line = full
-    elif fault == "shard_full":  # this rank's FSDP2 shard cannot be written
-        from torch.distributed.checkpoint.filesystem import FileSystemWriter
-
-        write_data = FileSystemWriter.write_data
-
-        def full_disk(writer, plan, planner):
-            if reached["step"] >= step:
-                at_fault(time_file)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(writer.path))
-            return write_data(writer, plan, planner)
-        FileSystemWriter.write_data = full_disk
-    elif fault == "checkpoint_refused":  # rank 0's model.safetensors is refused (permissions)
-        save_file = trainer_module.save_file
-
-        def refused(tensors, path):
-            if reached["step"] >= step:
-                at_fault(time_file)
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return save_file(tensors, path)
-        trainer_module.save_file = refused
-    else:
-        raise SystemExit(f"unknown fault {fault}")
+    def failing(*args, **kwargs):
+        if reached():
+            raise error(*args)
+        return real(*args, **kwargs)
+    setattr(owner, attribute, failing)
 
 
 if __name__ == "__main__":

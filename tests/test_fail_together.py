@@ -32,7 +32,7 @@ def config_path(small_data, tmp_path_factory):
 
 @pytest.mark.parametrize("fault, rank, mode, step, message", [
     ("nan", 1, "ddp", 7, "scalevec: error: non-finite loss at step 7; the last good checkpoint is kept"),
-    ("error", 1, "ddp", 7, "scalevec: error: rank 1: injected fault on this rank at step 7"),
+    ("error", 1, "ddp", 7, "scalevec: error: rank 1: injected fault on this rank"),
     ("metrics_full", 0, "ddp", 6, "scalevec: error: writing {run}/metrics.jsonl failed (No space left on device)"),
     ("checkpoint_refused", 0, "ddp", 8, "scalevec: error: writing the checkpoint of step 8 failed (Permission denied)"),
     ("shard_full", 1, "fsdp2", 8, "scalevec: error: writing the checkpoint of step 8 failed"),

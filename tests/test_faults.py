@@ -167,12 +167,12 @@ def test_simulated_full_disk_at_each_trainer_write_site(small_data, tmp_path, mo
     Trainer(config, tmp_path / "straight", progress=False, log=quiet).run()
     enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1370")
-    import scalevec.train.trainer as trainer_module
+    import scalevec.train.checkpointing as checkpointing
 
     sites = {  # name: (owner, attribute, which calls count, failing call, error)
         "metrics": (os, "write", lambda fd, data, *a: data.startswith(b'{"step"'), 3, enospc),
         "trainer.pt": (torch, "save", lambda *a, **k: True, 2, torch_error),
-        "model.safetensors": (trainer_module, "save_file", lambda *a, **k: True, 2, enospc),
+        "model.safetensors": (checkpointing, "save_file", lambda *a, **k: True, 2, enospc),
     }
     for name, (owner, attribute, counts, fail_at, error) in sites.items():
         run = tmp_path / name

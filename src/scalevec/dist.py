@@ -25,8 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rundir import TrainError
-
 # the backend of each training device type: NCCL serves only CUDA tensors, so the CPU ones (an object
 # collective, a CPU-offloaded state dict) go to gloo in the same group
 BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo"}
@@ -54,10 +52,6 @@ class World:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-class PeerFailed(TrainError):
-    """Another rank failed and ended this one: its one line, `rank R: ...` (exit 1)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -192,10 +186,11 @@ def posted_failure(wait_s: float) -> str | None:
 
 
 @contextlib.contextmanager
-def fail_together(world: World, passing: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+def fail_together(world: World, peer_failed: type[Exception], passing: tuple[type[Exception], ...] = ()
+                  ) -> Iterator[None]:
     """Within the block, an error on one rank ends every rank: this rank's own error is posted and raised; a
-    collective that failed because another rank exited raises PeerFailed with that rank's line. Exceptions of
-    `passing` are no failure (the ranks raise them together)."""
+    collective that failed because another rank exited raises `peer_failed` with that rank's line, `rank R: ...`.
+    Exceptions of `passing` are no failure (the ranks raise them together)."""
     try:
         yield
     except passing:
@@ -206,6 +201,6 @@ def fail_together(world: World, passing: tuple[type[Exception], ...] = ()) -> It
         text = " ".join(str(err).split()) or type(err).__name__
         if is_collective_failure(err):
             message = posted_failure(PEER_WAIT_S)
-            raise PeerFailed(message or f"another rank ended without a message ({text})") from None
+            raise peer_failed(message or f"another rank ended without a message ({text})") from None
         post_failure(text)
         raise

@@ -13,21 +13,17 @@ import functools
 import json
 import math
 import os
-import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .._version import __version__
-from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint, verify_checkpoint
-from ..config import Config, ConfigError, to_dict
+from ..checkpoint import CheckpointError, load_file_checked, verify_checkpoint
+from ..config import Config, ConfigError
 from ..data.loader import Loader, TokenWindows, check_compatible, split_global_batch, validation_batches
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
@@ -36,9 +32,10 @@ from ..dist import all_reduce, all_reduce_sum, all_sum, barrier, fail_together, 
 from ..model import Decoder, build_model
 from ..moe import expert_balancing_hook
 from ..optim import Optimizers
-from ..outputs import append_line, contains, first_line, writing
-from ..rundir import METRICS_NAME, RunDir, RunDirError, TrainError, check_run_dir, truncate_metrics
+from ..outputs import append_line, contains, writing
+from ..rundir import METRICS_NAME, RunDir, TrainError, check_run_dir, truncate_metrics
 from ..schedule import lr_factor
+from .checkpointing import CheckpointManager, Counters, read_checkpoint
 from .diagnostics import scale_diagnostics
 from .loggers import LOGGERS, ProgressLines, check_loggers
 from .preempt import StoppedEarly, StopRequests
@@ -115,26 +112,6 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-@contextlib.contextmanager
-def dcp_errors():
-    """torch.distributed.checkpoint's CheckpointException (a BaseException, raised on every rank alike) as the
-    first failed rank's own exception, e.g. its OSError of a full disk."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        yield
-    except CheckpointException as err:
-        raise next(iter(err.failures.values()))[0] from None
-
-
-def recorded_global_batch(state: dict) -> int:
-    """Sequences per optimizer step of the run that wrote a checkpoint's state.json (older ones: from its config)."""
-    if "global_batch" in state:
-        return state["global_batch"]
-    train = state["config"]["train"]
-    return train["batch_size"] * train.get("grad_accum", 1) * state["loader"]["world_size"]
-
-
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, log=print):
@@ -156,7 +133,7 @@ class Trainer:
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
         self.rundir = None
-        with fail_together(world):  # a rank that cannot start ends the others, which wait in a collective
+        with fail_together(world, TrainError):  # a rank that cannot start ends the others waiting in a collective
             self._start(branch_from=t.branch_from, resume=resume, overwrite=overwrite)
 
     def _start(self, branch_from: str, resume: bool, overwrite: bool) -> None:
@@ -187,15 +164,17 @@ class Trainer:
             self.optimizers.register_step_post_hook(
                 expert_balancing_hook(self.moe_layers, functools.partial(all_reduce_sum, world=world)))
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
-        self._set_global_batch(t.batch_size * t.grad_accum * world.size)  # a resumed run: the checkpoint's
+        self.counters = Counters(global_batch=t.batch_size * t.grad_accum * world.size)  # resumed: the checkpoint's
         # static shapes: the short last validation batch gets its own graph instead of turning the training
         # graph dynamic (slower kernels, and a slower compile)
         objective = functools.partial(lm_objective, self.wrapped, z_loss=t.z_loss)
         self.objective = torch.compile(objective, dynamic=False) if t.compile else objective
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
-        self.step, self.skipped, self.stop_agreed = 0, 0, False
+        self.stop_agreed = False
         self.metrics_path = self.run_dir / METRICS_NAME
+        self.checkpoints = CheckpointManager(self.run_dir, config, world, self.model, self.optimizers, self.loader,
+                                             self.counters, self.sharded)
 
         # everything above only reads: the run directory is taken (locked) and written from here on
         self.rundir = RunDir(self.run_dir, config, resume, overwrite) if world.main else None
@@ -205,10 +184,12 @@ class Trainer:
                 self._restore()
             if self.step == 0 and branch is not None:
                 try:
-                    self._apply_checkpoint(*branch)
+                    self.checkpoints.apply(*branch)
                 except CheckpointError as err:
                     raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
                 self.log(f"branched from {branch[0]} at step {self.step}")
+            self.loader.batch_size, self.grad_accum = split_global_batch(self.counters.global_batch, world.size,
+                                                                         t.batch_size)
             self.loggers = [LOGGERS[name](self.run_dir, config, resume) for name in t.loggers] if world.main else []
             lines = not sys.stderr.isatty() if self.progress is None else False  # a log file or a job: plain lines
             if lines and world.main:
@@ -217,11 +198,10 @@ class Trainer:
             self.close(failed=not resume)
             raise
 
-    def _set_global_batch(self, global_batch: int) -> None:
-        """Sequences per optimizer step, whatever the world size: this world's micro-batch and accumulation."""
-        self.global_batch = global_batch
-        self.loader.batch_size, self.grad_accum = split_global_batch(global_batch, self.world.size,
-                                                                     self.config.train.batch_size)
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken."""
+        return self.counters.step
 
     def close(self, failed: bool = False) -> None:
         """Release the run directory (idempotent); `failed` start: remove the directory if this start created it."""
@@ -231,7 +211,7 @@ class Trainer:
 
     def _read_branch(self, path: Path) -> tuple[Path, dict]:
         try:
-            loaded = self._read_checkpoint(path, verify_checkpoint(path))
+            loaded = read_checkpoint(path, verify_checkpoint(path))
         except CheckpointError as err:
             raise ConfigError(f"train.branch_from: {err}; give a valid checkpoint directory of another run") from None
         if loaded["state"]["step"] >= self.config.train.steps:
@@ -239,63 +219,8 @@ class Trainer:
                               f"{self.config.train.steps}; raise train.steps")
         return path, loaded
 
-    def _load_init(self, path: Path) -> None:
-        state = read_weights(path, "train.init_from")
-        expected = self.model.state_dict()
-        for name in sorted(set(expected) | set(state)):
-            if name not in state or name not in expected or state[name].shape != expected[name].shape:
-                raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
-                                  "use weights written for this config")
-        self.model.load_state_dict(state)
-
-    # -- state -------------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        trainer_state = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.sharded:
-            from torch.distributed.checkpoint import save
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            model_state, optim_state = get_state_dict(self.model, [self.optimizers])
-        else:
-            trainer_state["optimizers"] = self.optimizers.state_dict()
-        numpy_state, python_state = np.random.get_state(), random.getstate()
-        state = {
-            "version": __version__,
-            "config": to_dict(self.config),
-            "loader": self.loader.state_dict(),
-            "global_batch": self.global_batch,
-            "world_size": self.world.size,
-            "skipped": self.skipped,
-            "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
-            "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        }
-
-        def write_files(tmp: Path) -> None:
-            if self.sharded:
-                with dcp_errors():
-                    save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
-            if self.world.main:
-                if not self.sharded:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
-                              tmp / "model.safetensors")
-                torch.save(trainer_state, tmp / "trainer.pt")
-
-        with writing(f"the checkpoint of step {self.step}", "earlier checkpoints are intact; free space and "
-                     "resume with --resume", TrainError):
-            save_checkpoint(self.run_dir / "checkpoints", self.step, write_files, state,
-                            self.config.train.keep_checkpoints, self.world)
-
     def _restore(self) -> None:
-        root = self.run_dir / "checkpoints"
-        try:
-            # applied inside the fallback loop: a checkpoint that reads but does not fit falls back too
-            found = newest_usable(root, lambda path, state: self._apply_checkpoint(
-                path, self._read_checkpoint(path, state), own=True))
-        except CheckpointError as err:
-            raise RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite"
-                              ) from None
+        found = self.checkpoints.restore()
         if found is None:
             self.log("no checkpoint yet; starting from step 0")
         if self.world.main:
@@ -305,72 +230,14 @@ class Trainer:
         if found is not None:
             self.log(f"resumed from step {self.step}")
 
-    def _read_checkpoint(self, path: Path, state: dict) -> dict:
-        """The files of a verified checkpoint, read into memory; CheckpointError for anything unusable."""
-        loaded = {"state": state,
-                  "trainer": load_file_checked(path / "trainer.pt", functools.partial(torch.load, weights_only=True))}
-        if not (path / "dcp").is_dir():
-            loaded["model"] = load_file_checked(path / "model.safetensors", load_file)
-        counters = (state.get("step"), state.get("skipped"), (state.get("loader") or {}).get("position"))
-        if not all(isinstance(n, int) and n >= 0 for n in counters) or not isinstance(loaded["trainer"], dict) \
-                or "torch_rng" not in loaded["trainer"] or not {"python_rng", "numpy_rng"} <= state.keys():
-            raise CheckpointError(f"{path}/state.json or trainer.pt lacks a field of a checkpoint or has a wrong type")
-        return loaded
-
-    def _apply_checkpoint(self, path: Path, loaded: dict, own: bool = False) -> None:
-        """Model, optimizer, RNG, data position and step from a checkpoint read by _read_checkpoint, written on any
-        number of ranks, sharded or not; the run's `own` checkpoint also sets the global batch."""
-        state, trainer_state = loaded["state"], loaded["trainer"]
-        if own:
-            self._set_global_batch(recorded_global_batch(state))
-        try:
-            if (path / "dcp").is_dir():
-                self._load_shards(path / "dcp")
-            elif self.sharded:
-                self._load_full_into_shards(loaded["model"], trainer_state["optimizers"])
-            else:
-                self.model.load_state_dict(loaded["model"])
-                self.optimizers.load_state_dict(trainer_state["optimizers"])
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
-            raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})") from None
-        torch.set_rng_state(trainer_state["torch_rng"])
-        if "cuda_rng" in trainer_state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, *rest = state["numpy_rng"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.skipped = state["step"], state["skipped"]
-
-    def _load_shards(self, path: Path) -> None:
-        """A torch.distributed.checkpoint (an FSDP2 run's) into this layout: DCP reshards to this world's shards,
-        or reads whole tensors in one process."""
-        from torch.distributed.checkpoint import load
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, [self.optimizers])
-        shards = {"model": model_state, "optim": optim_state}
-        with warnings.catch_warnings():  # one process: DCP warns that it assumes so
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            with dcp_errors():
-                load(shards, checkpoint_id=path)
-        set_state_dict(self.model, [self.optimizers], model_state_dict=shards["model"],
-                       optim_state_dict=shards["optim"])
-
-    def _load_full_into_shards(self, model_state: dict, optim_state: dict) -> None:
-        """Whole tensors (a checkpoint of one process or DDP) into this rank's FSDP2 shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        if set(optim_state) != {"state", "param_groups"}:
-            raise ValueError("the optimizer state is of scalevec 0.1; resume it with dist.mode=ddp")
-        names = {id(p): name for name, p in self.model.named_parameters()}  # torch numbers them group by group
-        order = [names[id(p)] for group in self.optimizers.param_groups for p in group["params"]]
-        by_name = {"state": {order[int(i)]: value for i, value in optim_state["state"].items()},
-                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
-                                    for g in optim_state["param_groups"]]}
-        set_state_dict(self.model, [self.optimizers], model_state_dict=model_state, optim_state_dict=by_name,
-                       options=StateDictOptions(full_state_dict=True))
+    def _load_init(self, path: Path) -> None:
+        state = read_weights(path, "train.init_from")
+        expected = self.model.state_dict()
+        for name in sorted(set(expected) | set(state)):
+            if name not in state or name not in expected or state[name].shape != expected[name].shape:
+                raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
+                                  "use weights written for this config")
+        self.model.load_state_dict(state)
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,13 +299,13 @@ class Trainer:
                 raise TrainError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
                                  f"{self.step + 1}; the last good checkpoint is kept "
                                  "(train.nonfinite=skip skips such steps)")
-            self.skipped += 1
+            self.counters.skipped += 1
             for moe in self.moe_layers:  # a skipped step's routing does not move the expert bias either
                 moe.step_load.zero_()
         else:
             self.optimizers.step()  # its hook balances the experts
         self.optimizers.zero_grad()
-        self.step += 1
+        self.counters.step += 1
         return {"lr": lr * self.config.optim.lr, "train_loss": loss, "grad_norm": grad_norm}
 
     def _expert_load(self) -> dict:
@@ -481,7 +348,7 @@ class Trainer:
         bar = tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=None if self.progress is None else not self.progress)
         try:
-            with self.stop_requests, fail_together(self.world, passing=(StoppedEarly,)):
+            with self.stop_requests, fail_together(self.world, TrainError, passing=(StoppedEarly,)):
                 return self._loop(bar)
         finally:
             bar.close()
@@ -491,7 +358,7 @@ class Trainer:
 
     def _loop(self, bar: tqdm) -> dict:
         t = self.config.train
-        tokens_per_step = self.global_batch * t.seq_len
+        tokens_per_step = self.counters.global_batch * t.seq_len
         if self.step == 0:
             self._write({"step": 0, "tokens": 0, **self._eval_record()})
         window_start, window_steps, last = time.perf_counter(), 0, {}
@@ -504,7 +371,7 @@ class Trainer:
                 # throughput of the training steps since the last record, evaluation and saving excluded
                 elapsed = time.perf_counter() - window_start
                 last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
-                        "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.skipped,
+                        "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.counters.skipped,
                         **self._expert_load()}
                 if evaluate:
                     last |= self._eval_record()
@@ -512,7 +379,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             stopping = self.stop_agreed and not done
             if self.step % t.checkpoint_every == 0 or done or stopping:
-                self._save()
+                self.checkpoints.save()
             if stopping:
                 reason = self.stop_requests.reason or "another rank's request"
                 raise StoppedEarly(f"stopped at step {self.step} of {t.steps} on {reason}; the checkpoint of step "
