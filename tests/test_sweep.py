@@ -499,7 +499,7 @@ def test_compare_reproduces_one_seed_of_a_study(small_data, tmp_path, capsys):
     study = summary["reference"]["hg"]["study"]
     assert study["n"] == 2 and study["verdict"] == "control"  # the suite names no paper claim: one family, "all"
     printed = capsys.readouterr().out
-    assert f"the study's 2 paired seeds: {study['delta']:+.4f}" in printed and "(equal) |" in printed
+    assert f"the study's 2 paired seeds: {study['delta']:+.4f}" in printed and "(equal, Δ +0.0e+00) |" in printed
     assert (out / "gap.png").stat().st_size > 1000 and (out / "standard.log").is_file()
     # a setting the study did not run is refused before any training, naming the key
     assert main([*args[:-1], str(tmp_path / "other"), "--set", "train.batch_size=2"]) == 2

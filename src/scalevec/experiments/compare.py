@@ -5,9 +5,11 @@ Each strategy is one run directory under OUT; a finished run is reused, a partia
 
 With a `reference` study (a sweep's results, e.g. `results/study-iwd-cpu`) the comparison is one seed of
 that study: each strategy trains at the study's best learning rate for its arm, its resolved config must
-equal the study's run record for that seed, and the report puts its final loss beside the record's (equal
-to the printed precision, |Δ| < 5e-5, on the same kind of machine: same code, same config, fp32 on CPU with
-one thread per run) and its Δ beside the study's paired Δ over all seeds, with the gap over training.
+equal the study's run record for that seed, and the report puts its final loss beside the record's and its
+Δ beside the study's paired Δ over all seeds, with the gap over training. On the machine that wrote a record
+the rerun equals it bit for bit (same code and config, fp32 on CPU, one thread per run); another CPU rounds
+its BLAS kernels differently, which 750 steps amplify: measured, the same run on two machines ended 5.7e-4
+apart, so a rerun within RECORD_TOLERANCE (about 3x that) reproduces the record.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..rundir import TrainError, final_eval, first_difference, read_metrics
 from ..train.trainer import Trainer
 from .sweep import Suite, best_lr, read_record
 
-RECORD_TOLERANCE = 5e-5  # half a unit of the 4th decimal the report prints
+RECORD_TOLERANCE = 2e-3  # nats: a rerun on another CPU (see above); on the record's own machine Δ is 0
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -172,7 +174,8 @@ def table(summary: dict) -> str:
         if reference:
             ref = reference[name]
             line += (" none yet |" if ref["record_val_loss"] is None else
-                     f" {ref['record_val_loss']:.4f} ({'equal' if ref['matches'] else 'DIFFERENT'}) |")
+                     f" {ref['record_val_loss']:.4f} ({'equal' if ref['matches'] else 'DIFFERENT'}, Δ "
+                     f"{row['final_val_loss'] - ref['record_val_loss']:+.1e}) |")
         lines.append(line)
     for name, ref in (reference or {}).items():
         study = ref.get("study")
@@ -193,9 +196,10 @@ def write_report(out: Path, summary: dict, command: str) -> None:
     reference = ""
     if summary.get("reference"):
         plot_gap(out, summary)
-        reference = ("\nThe study's run records of this seed are beside it; they are equal to the printed precision "
-                     f"(|Δ| < {RECORD_TOLERANCE:g}) when this machine computes as the study's did (same code and "
-                     "config, fp32 on CPU, one thread per run; another CPU may round BLAS kernels differently).\n\n"
+        reference = ("\nThe study's run records of this seed are beside it: `equal` within "
+                     f"{RECORD_TOLERANCE:g} nats. On the machine that wrote a record a rerun equals it bit for bit "
+                     "(same code and config, fp32 on CPU, one thread per run); another CPU rounds its BLAS kernels "
+                     "differently, which 750 steps amplify (measured: 5.7e-4 between two machines).\n\n"
                      "![gap over training](gap.png)\n")
     write_text_atomic(out / "report.md", f"""# Comparison: {', '.join(names)}
 
