@@ -51,3 +51,19 @@ def test_the_iwd_study_reproduces_the_main_study_seed_by_seed():
             assert [p["tokens"] for p in rerun["curve"]] == [p["tokens"] for p in recorded["curve"]], path
             pairs += 1
     assert pairs <= 24
+
+
+def test_runs_on_different_devices_are_never_paired(tmp_path):
+    """A record says where it ran (records before 0.2: CPU); a seed of an arm run on a GPU is not paired with the
+    baseline's CPU run of that seed."""
+    import json
+
+    copy = tmp_path / "study"
+    shutil.copytree(RESULTS / "study-improvements-cpu", copy)
+    before = {row["arm"]: row for row in write_report(copy)["analyses"][1]["arms"]}
+    record = next((copy / "records" / "hg").rglob("seed3.json"))
+    data = json.loads(record.read_text())
+    data["device"], data["dtype"] = "cuda", "bfloat16"
+    record.write_text(json.dumps(data))
+    after = {row["arm"]: row for row in write_report(copy)["analyses"][1]["arms"]}
+    assert (before["hg"]["n"], after["hg"]["n"]) == (8, 7) and after["dp"] == before["dp"]

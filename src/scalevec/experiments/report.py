@@ -33,6 +33,7 @@ class Run:
     val_bpb: float | None
     by_source: dict[str, float]
     ood: dict[str, float]  # out-of-domain loss per source (suites with an ood_source)
+    device: str  # where it trained (records before 0.2: all cpu); runs are paired on one device only
 
 
 def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Run | None:
@@ -41,7 +42,8 @@ def read_run(results: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0)
         return None
     final = record["final"]
     return Run(final["val_loss"], [(r["tokens"], r["val_loss"]) for r in record["curve"]], record["train_seconds"],
-               final["tokens"], final.get("val_bpb"), final.get("val_loss_by_source", {}), record.get("ood", {}))
+               final["tokens"], final.get("val_bpb"), final.get("val_loss_by_source", {}), record.get("ood", {}),
+               record.get("device", "cpu"))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -76,6 +78,7 @@ def analyse(results: Path) -> dict:
                      "curve": _mean_curve([r.curve for r in seeds.values()]),
                      "by_source": {name: statistics.mean(r.by_source[name] for r in seeds.values())
                                    for name in next(iter(seeds.values())).by_source}}
+        arms[arm]["devices"] = {str(s): r.device for s, r in seeds.items()}
         if suite.ood_source:
             arms[arm]["ood"] = {str(s): r.ood[suite.ood_source] for s, r in seeds.items() if suite.ood_source in r.ood}
     for arm, row in arms.items():
@@ -85,7 +88,7 @@ def analyse(results: Path) -> dict:
         for point, base_point in zip(row["wsd"], base["wsd"] if base else []):
             point["stable_gap"] = point["stable"] - base_point["stable"]
             point["decayed_gap"] = point["decayed"] - base_point["decayed"]
-        common = sorted(set(row["seeds"]) & set(base["seeds"])) if base else []
+        common = sorted(_paired(row, base)) if base else []
         diffs = [row["seeds"][s] - base["seeds"][s] for s in common]
         row["paired_seeds"] = len(diffs)
         row["diff_mean"], row["diff_std"] = _mean_std(diffs) if diffs else (None, None)
@@ -102,7 +105,7 @@ def analyse(results: Path) -> dict:
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **({"ood_source": suite.ood_source, "ood_tokens": suite.ood_tokens} if suite.ood_source else {}),
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
-            "arms": [{k: v for k, v in row.items() if k != "curves"} for row in arms.values()],
+            "arms": [{k: v for k, v in row.items() if k not in ("curves", "devices")} for row in arms.values()],
             "scaling": scaling_fit(suite, arms)}
 
 
@@ -155,7 +158,7 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
             rows = []
             for name, expected in members.items():
                 row = arms[Arm(name, size, optimizer, schedule)]
-                common = sorted(set(row["seeds"]) & set(base["seeds"]), key=int)
+                common = sorted(_paired(row, base), key=int)
                 if not common:
                     continue
                 result = paired([row["seeds"][s] - base["seeds"][s] for s in common], len(members), TARGET_EFFECT)
@@ -168,6 +171,11 @@ def analyses(suite: Suite, arms: dict) -> list[dict]:
             out.append({"name": family["name"], "claim": family.get("claim", ""), "baseline": family["baseline"],
                         "setting": f"{size}/{optimizer}-{schedule}", "baseline_mean": base["mean"], "arms": rows})
     return out
+
+
+def _paired(row: dict, base: dict) -> set[str]:
+    """The seeds both arms ran, on the same device (a GPU's bf16 run is never paired with a CPU's fp32 one)."""
+    return {s for s in set(row["seeds"]) & set(base["seeds"]) if row["devices"][s] == base["devices"][s]}
 
 
 def _ood_delta(row: dict, base: dict, family: int) -> dict:

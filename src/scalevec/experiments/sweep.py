@@ -230,13 +230,14 @@ def record_path(results: Path, arm: Arm, lr: float, seed: int, decay_from: int =
 
 
 def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarray] | None = None) -> dict:
-    """What the report needs of a finished run: resolved config, final metrics, validation curve, time, how many
-    scale entries decayed per role and kind, and with `ood` (a source's name and windows) the final model's loss
-    out of domain."""
+    """What the report needs of a finished run: resolved config, the device and dtype it ran in, final metrics,
+    validation curve, time, how many scale entries decayed per role and kind, and with `ood` (a source's name and
+    windows) the final model's loss out of domain."""
     import torch
 
     from ..model import Decoder
     from ..optim import decay_counts
+    from ..train.trainer import resolve_device
 
     rows = read_metrics(path)
     seconds, previous = 0.0, 0
@@ -249,7 +250,9 @@ def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarr
     config = load_config(raw, resolved=True)
     with torch.device("meta"):
         model = Decoder(config.model, config.strategy, config.moe)
-    record = {"config": raw, "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
+    device = resolve_device(config.train.device).type  # the run's: a sweep's runs run on its own machine
+    record = {"config": raw, "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
+              "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
               "scale_decay": decay_counts(model, config.strategy.scale_decay, config.optim),
               "train_seconds": seconds, "wall_seconds": wall_seconds,
               "curve": [{key: row[key] for key in ("tokens", "val_loss", "val_loss_by_source") if key in row}
