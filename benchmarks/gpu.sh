@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh                          # or ONLY="tests train_moe" bash benchmarks/gpu.sh
 # 1. CUDA tests (bf16 autocast, grouped-GEMM MoE dispatch, fullgraph compile)
 # 2. MoE dispatch, grouped against padded, one gpu-moe-0.5b layer in bf16
-# 3. `scalevec bench` on gpu-0.12b: compiled standard/unified (tokens/s, MFU, memory), eager with transformers
+# 3. `scalevec bench` on gpu-0.12b: compiled standard/unified (tokens/s, MFU, memory), eager with transformers,
+#    and a per-kernel profile of both compiled arms (what unified adds)
 # 4. a compiled bf16 gpu-moe-0.5b training run on the bundled data, then FSDP2 over NCCL under torchrun
 # 5. preemption on NCCL: torchrun (every GPU), FSDP2, MoE with expert bias, a step-0 evaluation, a checkpoint,
 #    SIGTERM (the workers checkpoint the step reached and exit 75), then --resume to the end
@@ -32,6 +33,8 @@ step bench_compiled 180 $PYTHON -m scalevec bench --config gpu-0.12b --strategie
     --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
 step bench_eager 60 $PYTHON -m scalevec bench --config gpu-0.12b --strategies standard,unified --mode eager --hf \
     --repeats 8 --set train.batch_size=16 --set train.seq_len=2048 --json
+step profile 120 $PYTHON -m scalevec bench --config gpu-0.12b --strategies standard,unified --mode compiled \
+    --repeats 2 --warmup 2 --profile 3 --set train.batch_size=16 --set train.seq_len=2048
 step train_moe 200 $PYTHON -m scalevec train gpu-moe-0.5b --out /tmp/runs/moe --overwrite --set strategy.preset=unified \
     --set train.compile=true --set train.steps=16 --set train.batch_size=8 --set train.seq_len=1024 \
     --set train.eval_every=16 --set train.log_every=2 --set train.checkpoint_every=16 --set schedule.warmup_steps=5
