@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_toml
+from .config import Config, ConfigError, ModelConfig, MoEConfig, load_config, to_dict, to_toml
 from .convert import convert_decoder
 from .export import ExportError
 from .hf_keys import (
@@ -28,6 +28,9 @@ from .hf_keys import (
     global_keys,
     hf_shapes,
     layer_keys,
+    remote_layer_keys,
+    remote_shapes,
+    remote_strategy,
     source_strategy,
     write_part,
 )
@@ -189,11 +192,60 @@ def check_hf_state(state: dict, shapes: dict) -> None:
         raise ExportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
 
 
+def _every(flags: list[bool], what: str) -> int:
+    """n such that flags[i] is true exactly for every n-th layer (i + 1 divisible by n); 0 if none is."""
+    if not any(flags):
+        return 0
+    every = flags.index(True) + 1
+    if flags != [(i + 1) % every == 0 for i in range(len(flags))]:
+        raise ExportError(f"unsupported checkpoint: its {what} follow no pattern scalevec has (every n-th layer)")
+    return every
+
+
+def remote_model_config(hf: dict) -> tuple[ModelConfig, Strategy, MoEConfig]:
+    """ModelConfig, strategy and MoE settings of a remote-code export's config.json (export/remote): exactly its
+    function, every folded scale read back as γ = 1 (hf_keys.remote_strategy)."""
+    n, heads, experts = hf["num_hidden_layers"], hf["num_attention_heads"], hf.get("num_experts", 0)
+    moe_every = _every(hf["moe_layers"], "MoE layers") if experts else 1
+    de = hf.get("moe_intermediate_size", 0)
+    m = ModelConfig(preset="", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n, n_heads=heads,
+                    n_kv_heads=hf["num_key_value_heads"], d_ff=hf["intermediate_size"],
+                    head_dim=0 if hf["head_dim"] * heads == hf["hidden_size"] else hf["head_dim"],
+                    qkv_bias=hf["attention_bias"], max_seq_len=hf["max_position_embeddings"],
+                    rope_theta=hf["rope_theta"], rope_scaling=hf["rope_scaling_type"], rope_factor=hf["rope_factor"],
+                    rope_low_freq_factor=hf["rope_low_freq_factor"], rope_high_freq_factor=hf["rope_high_freq_factor"],
+                    rope_original_max_seq_len=hf["rope_original_max_position_embeddings"],
+                    rope_local_theta=hf["rope_local_theta"], query_pre_attn_scalar=hf["query_pre_attn_scalar"],
+                    attn_softcap=hf["attn_logit_softcapping"], final_softcap=hf["final_logit_softcapping"],
+                    embedding_scale=hf["embedding_scale"], activation=hf["hidden_act"], pre_norm=hf["pre_norm"],
+                    norm=hf["norm_type"], norm_eps=hf["norm_eps"], tie_embeddings=hf["tie_word_embeddings"],
+                    init_std=hf.get("initializer_range", 0.02), moe_experts=experts,
+                    moe_top_k=hf.get("num_experts_per_tok", 2), moe_d_expert=0 if de == hf["intermediate_size"] else de,
+                    moe_shared_expert=hf.get("shared_expert", False), moe_every=moe_every,
+                    **_window_fields(hf["windowed_layers"], hf["attention_window"]))
+    s = remote_strategy(make_strategy("standard", dnp=hf["dnp"], post_norms=hf["post_norms"],
+                                      qk_scale_shape=hf["qk_scale_shape"], qk_norm_group=hf["qk_norm_group"],
+                                      expert_scales=hf.get("expert_scales", "per_expert")))
+    moe = MoEConfig(router=hf.get("router", "softmax"), normalize_top_k=hf.get("normalize_top_k", True),
+                    balance="bias" if hf.get("expert_bias_routing") else "aux")
+    return m, s, moe
+
+
 def hf_model(hf: dict, state: dict) -> tuple[Decoder, str]:
-    """The checkpoint exactly, as a Decoder under its architecture's own strategy, and that architecture."""
+    """The checkpoint exactly, as a Decoder under its architecture's own strategy, and that architecture
+    ("remote" for scalevec's remote-code form)."""
+    if hf.get("model_type") == "scalevec":
+        try:
+            m, source, moe = remote_model_config(hf)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ExportError(f"config.json of a remote-code export is not scalevec's ({type(err).__name__}: "
+                              f"{err}); export it again with this version of scalevec") from None
+        check_hf_state(state, remote_shapes(m, source))
+        return _source_model(m, source, state, lambda i: remote_layer_keys(i, m, source), 0.0, moe), "remote"
     model_config, architecture = model_config_from_hf(hf)
     check_hf_state(state, hf_shapes(model_config, architecture))
-    return _source_model(model_config, architecture, source_strategy(architecture), state), architecture
+    return _source_model(model_config, source_strategy(architecture), state,
+                         lambda i: layer_keys(i, architecture), NORM_OFFSET.get(architecture, 0.0)), architecture
 
 
 def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_start: bool
@@ -226,21 +278,22 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
         raise ExportError(f"strategy {requested.preset!r} changes the model's function ({'; '.join(changes)}); pass "
                           "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
                           "(standard, hg, dp, or, er and their compositions)")
-    config = Config(model=model_config, strategy=target)
+    config = Config(model=model_config, strategy=target,
+                    moe=reference.moe_layers()[0].moe if reference.moe_layers() else MoEConfig())
     config.train.seq_len = min(config.train.seq_len, model_config.max_seq_len)
     return config, model, difference
 
 
 @torch.no_grad()
-def _source_model(m: ModelConfig, architecture: str, source: Strategy, state: dict) -> Decoder:
+def _source_model(m: ModelConfig, source: Strategy, state: dict, keys, offset: float, moe: MoEConfig | None = None
+                  ) -> Decoder:
     """The checkpoint exactly, under its architecture's own strategy: every part written where export reads it
-    (hf_keys), every norm weight a plain scale."""
-    model = Decoder(m, source)  # scales start at γ = 1; every matrix is written below
-    offset = NORM_OFFSET.get(architecture, 0.0)
+    (hf_keys; `keys(i)`: block i's parts -> tensor names), every norm weight a plain scale (γ = weight + offset)."""
+    model = Decoder(m, source, moe)  # scales start at γ = 1; every matrix is written below
     for key, name in global_keys(m).items():
         write_part(model, GLOBAL_PARTS[key], state[name], offset)
     for i, block in enumerate(model.blocks):
-        for key, name in layer_keys(i, architecture).items():
+        for key, name in keys(i).items():
             write_part(block, LAYER_PARTS[key], state[name], offset)
     return model
 
@@ -273,8 +326,10 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
     if Path(config.data.dir) != out / "data":
         config.data.dir = str(Path(config.data.dir).resolve())
     config.data.inputs = [str(Path(p).resolve()) for p in config.data.inputs]
-    if tuple((k, tuple(v.shape)) for k, v in Decoder(config.model, config.strategy).state_dict().items()) != tuple(
-            (k, tuple(v.shape)) for k, v in model.state_dict().items()):
+    def shapes(state: dict) -> tuple:
+        return tuple((k, tuple(v.shape)) for k, v in state.items())
+
+    if shapes(Decoder(config.model, config.strategy, config.moe).state_dict()) != shapes(model.state_dict()):
         raise ExportError("--set changes the shape of the imported weights (model or strategy); set only "
                           "data, train, optim, schedule and seed, or import with another --strategy")
     if tokenizer is not None:
