@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from scalevec import build_model, load_config, strategy
-from scalevec.dist import all_mean, gradient_sync, init_world, wrap
+from scalevec.dist import all_reduce, gradient_sync, init_world, wrap
 from scalevec.optim import Optimizers
 from scalevec.train.trainer import lm_objective
 
@@ -35,9 +35,9 @@ def step(model, objective, optimizer, batches, once: bool, world) -> float:
         ce_sum = ce_sum + (ce.detach() if once else ce.item())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if once:
-        value, _ = torch.stack([all_mean(ce_sum / len(batches), world), norm]).tolist()
+        value, _ = torch.stack([all_reduce(ce_sum / len(batches), world) / world.size, norm]).tolist()
     else:
-        value, _ = all_mean(torch.tensor(ce_sum / len(batches)), world).item(), norm.item()
+        value, _ = (all_reduce(torch.tensor(ce_sum / len(batches)), world) / world.size).item(), norm.item()
     optimizer.step()
     optimizer.zero_grad()
     return value
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    world = init_world("cpu")
+    world = init_world(torch.device("cpu"))
     config = load_config({"model": {"preset": args.preset}})
     gen = torch.Generator().manual_seed(world.rank)
     batches = [torch.randint(0, config.model.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
@@ -60,7 +60,7 @@ def main() -> None:
     arms = {}
     for name in ("every micro-batch", "once per step"):
         model = build_model(config.model, strategy("standard"), seed=0)
-        wrapped = wrap(model, "ddp", "cpu", False)
+        wrapped = wrap(model, "ddp", False)
         arms[name] = (wrapped, functools.partial(lm_objective, wrapped), Optimizers(model, config.optim, "none"))
     times = {name: [] for name in arms}
     for repeat in range(args.repeats + 1):

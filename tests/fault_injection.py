@@ -5,12 +5,14 @@ rank writes the time of the fault to TIME_FILE.
 
 import errno
 import os
+import signal
 import sys
 import time
 
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
+from scalevec import dist
 from scalevec.cli import main
 from scalevec.train import checkpointing
 from scalevec.train import trainer as trainer_module
@@ -47,6 +49,15 @@ def inject(fault: str, step: int, time_file: str) -> None:
         return train_step(self)
     trainer_class._train_step = counting_step
 
+    if fault == "hang":  # this rank fails, posts its line and then hangs instead of exiting
+        post_failure = dist.post_failure
+
+        def post_and_hang(message):
+            post_failure(message)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM, once rank 0 has ended, ends it
+            time.sleep(600)
+        dist.post_failure = post_and_hang
+        fault = "error"
     if fault == "nan":
         loss = trainer_class._loss
 

@@ -10,14 +10,18 @@ collective a multi-GPU run makes. Logging and files come from rank 0 only.
 
 A rank that fails posts one line to the rendezvous store and exits; the other ranks' next
 collective then fails (gloo notices the closed connection at once), and they end with that line
-instead of their own (rank 0 prints it): see `fail_together`.
+instead of their own (rank 0 prints it): see `fail_together`. A rank waiting in a collective that
+never fails (NCCL waits for a dead peer until its timeout, or the failed rank has not exited) is
+ended by `watch_failures`, which looks for a posted failure every few seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,6 +34,8 @@ from torch import nn
 BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo"}
 SERVED = {"nccl": "cuda", "gloo": "cpu"}  # the tensor device type each backend serves
 PEER_WAIT_S = 5.0  # how long a rank whose collective failed waits for the failed rank's message
+WATCH_INTERVAL_S = 2.0  # how often a rank looks for another rank's failure
+_ending = threading.Lock()  # taken by whichever path ends this rank on a failure first: it alone reports it
 
 
 def served_device_types(backend: str) -> set[str]:
@@ -122,16 +128,6 @@ def all_reduce(tensor: torch.Tensor, world: World, op: str = "sum") -> torch.Ten
     return tensor
 
 
-def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Sum of a tensor over ranks, on the training device (no host sync)."""
-    return all_reduce(tensor, world)
-
-
-def all_mean(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Mean of a tensor over ranks, on the training device (no host sync)."""
-    return all_reduce(tensor, world) / world.size
-
-
 def all_sum(values: list[float], world: World) -> list[float]:
     """Sums of numbers over ranks (a host sync)."""
     return all_reduce(torch.tensor(values, dtype=torch.float64), world).tolist()
@@ -185,6 +181,23 @@ def posted_failure(wait_s: float) -> str | None:
         return None
 
 
+def watch_failures(world: World, end: Callable[[str], None]) -> None:
+    """Once per process, a daemon thread that calls `end(message)` (which must end the process) when another rank
+    has posted a failure and this rank is not already ending on one of its own."""
+    if not (world.grouped and world.size > 1) or any(t.name == "scalevec-failures" for t in threading.enumerate()):
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            message = posted_failure(0)
+            if message is not None and _ending.acquire(blocking=False):
+                end(message)
+                return
+
+    threading.Thread(target=watch, name="scalevec-failures", daemon=True).start()
+
+
 @contextlib.contextmanager
 def fail_together(world: World, peer_failed: type[Exception], passing: tuple[type[Exception], ...] = ()
                   ) -> Iterator[None]:
@@ -198,6 +211,8 @@ def fail_together(world: World, peer_failed: type[Exception], passing: tuple[typ
     except Exception as err:
         if not (world.grouped and world.size > 1):
             raise
+        if not _ending.acquire(blocking=False):  # watch_failures is ending this process already
+            time.sleep(3 * WATCH_INTERVAL_S)
         text = " ".join(str(err).split()) or type(err).__name__
         if is_collective_failure(err):
             message = posted_failure(PEER_WAIT_S)

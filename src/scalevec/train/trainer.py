@@ -28,7 +28,7 @@ from ..data.loader import Loader, TokenWindows, check_compatible, split_global_b
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
 from ..data.sources import DataError
-from ..dist import all_reduce, all_reduce_sum, all_sum, barrier, fail_together, gradient_sync, init_world, wrap
+from ..dist import all_reduce, all_sum, barrier, fail_together, gradient_sync, init_world, watch_failures, wrap
 from ..model import Decoder, build_model
 from ..moe import expert_balancing_hook
 from ..optim import Optimizers
@@ -133,6 +133,7 @@ class Trainer:
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
         self.rundir = None
+        watch_failures(world, self._end_on_failure_elsewhere)
         with fail_together(world, TrainError):  # a rank that cannot start ends the others waiting in a collective
             self._start(branch_from=t.branch_from, resume=resume, overwrite=overwrite)
 
@@ -162,7 +163,7 @@ class Trainer:
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         if self.moe_layers:
             self.optimizers.register_step_post_hook(
-                expert_balancing_hook(self.moe_layers, functools.partial(all_reduce_sum, world=world)))
+                expert_balancing_hook(self.moe_layers, functools.partial(all_reduce, world=world)))
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
         self.counters = Counters(global_batch=t.batch_size * t.grad_accum * world.size)  # resumed: the checkpoint's
         # static shapes: the short last validation batch gets its own graph instead of turning the training
@@ -197,6 +198,13 @@ class Trainer:
         except BaseException:
             self.close(failed=not resume)
             raise
+
+    def _end_on_failure_elsewhere(self, message: str) -> None:
+        """Another rank failed while this one may wait in a collective that never returns: end at once, rank 0
+        saying why as the CLI does (the lock goes with the process, the checkpoints are whole)."""
+        if self.world.main:
+            print(f"scalevec: error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
 
     @property
     def step(self) -> int:
