@@ -233,16 +233,17 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
     files, inputs, digest = _inputs(data)
     with writing(f"the data directory {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
+    preparation = Preparation(data, files, inputs, digest, out, progress, log, workers)
     with parent_lock(out):  # concurrent runs of a sweep prepare the same data once
         if _up_to_date(out, digest):
             log(f"data in {out} is up to date")
             return out
         _claim(out, overwrite, flag, fix)
         if part[1] == 1:
-            Preparation(data, files, inputs, digest, out, progress, log, workers).run(part, overwrite, flag, fix)
+            preparation.run(part, overwrite, flag, fix)
             return out
     # the parts of a preparation run side by side: none holds the output's lock while it works
-    Preparation(data, files, inputs, digest, out, progress, log, workers).run(part, overwrite, flag, fix)
+    preparation.run(part, overwrite, flag, fix)
     return out
 
 
@@ -276,6 +277,8 @@ class Preparation:
                     self._join(count, overwrite, flag, fix)
         except Exception:
             remove_tree(self.work if count == 1 else part_dir)  # a failure leaves nothing; an interruption resumes
+            with contextlib.suppress(OSError):
+                self.work.rmdir()  # once no other part is in it
             raise
 
     def _shared(self) -> None:
