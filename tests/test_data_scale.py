@@ -20,6 +20,7 @@ from scalevec.data.loader import TokenWindows
 from scalevec.data.prepare import END_OF_TEXT, prepare, train_tokenizer
 from scalevec.data.progress import Progress
 from scalevec.data.sources import CORPUS_DIR, DataError
+from scalevec.outputs import DirectoryLock, OutputError
 
 SCALEVEC = [sys.executable, "-m", "scalevec"]
 # `scalevec data prepare --vocab 1024` of the bundled prose before the streaming rewrite (and data/study-v1024)
@@ -113,6 +114,26 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tokenizer):
     assert any(re.match(r"resuming part 0/1 at document [1-9]", m) for m in messages), messages
     assert hashes(killed) == hashes(tmp_path / "ref")
     assert not list(tmp_path.glob(".killed.*"))
+
+
+def test_a_part_running_elsewhere_is_refused_and_left_alone(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "t.jsonl", corpus("moby_dick")[:30])
+    data = DataConfig(dir=str(tmp_path / "out"), sources=[], inputs=[str(source)], tokenizer=str(tokenizer))
+    messages = []
+    prepare(data, progress=False, log=messages.append, part=(0, 2), workers=1)
+    assert messages[-1].startswith("part done; 1 of 2 parts still to finish") and not (tmp_path / "out").exists()
+    work = next(tmp_path.glob(".out.prepare-*"))
+    running = work / "part-00001-of-00002"
+    running.mkdir()
+    (running / "train.partial").write_bytes(b"tokens")
+    with DirectoryLock(running, "a part"):  # as another process running part 1 holds it
+        with pytest.raises(OutputError, match="in use by another scalevec process"):
+            prepare(data, progress=False, log=quiet, part=(1, 2), workers=1)
+        assert (running / "train.partial").read_bytes() == b"tokens"
+        assert (work / "part-00000-of-00002" / "done.json").is_file()
+    prepare(data, progress=False, log=messages.append, part=(1, 2), workers=1)
+    assert messages[-1].startswith("wrote") and json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert not work.exists()
 
 
 def nanogpt_files(directory: Path, tokenizer: Path) -> tuple[list[str], list[str]]:

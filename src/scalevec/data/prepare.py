@@ -267,19 +267,22 @@ class Preparation:
     def run(self, part: tuple[int, int], overwrite: bool, flag: str, fix: str) -> None:
         index, count = part
         part_dir = self.work / f"part-{index:05d}-of-{count:05d}"
-        try:
-            with writing(f"the data directory {self.out}", "free space and run it again"):
-                self.work.mkdir(exist_ok=True)
-                self._shared()
-                self._part(part_dir, index, count)
-                # one process runs inside prepare's lock of the output already; a part takes it to join
-                with parent_lock(self.out) if count > 1 else contextlib.nullcontext():
-                    self._join(count, overwrite, flag, fix)
-        except Exception:
-            remove_tree(self.work if count == 1 else part_dir)  # a failure leaves nothing; an interruption resumes
-            with contextlib.suppress(OSError):
-                self.work.rmdir()  # once no other part is in it
-            raise
+        what = f"the data directory {self.out}"
+        with writing(what, "free space and run it again"):
+            part_dir.mkdir(parents=True, exist_ok=True)
+        with DirectoryLock(part_dir, "the data preparation part"):  # refused before anything could be removed
+            try:
+                with writing(what, "free space and run it again"):
+                    self._shared()
+                    self._part(part_dir, index, count)
+                    # one process runs inside prepare's lock of the output already; a part takes it to join
+                    with parent_lock(self.out) if count > 1 else contextlib.nullcontext():
+                        self._join(count, overwrite, flag, fix)
+            except Exception:
+                remove_tree(self.work if count == 1 else part_dir)  # a failure leaves nothing; a kill resumes
+                with contextlib.suppress(OSError):
+                    self.work.rmdir()  # once no other part is in it
+                raise
 
     def _shared(self) -> None:
         """The index, the split and the tokenizer, made once in the work directory for every part."""
@@ -335,33 +338,31 @@ class Preparation:
 
     def _part(self, part_dir: Path, index: int, count: int) -> None:
         """Tokenize this part's documents into its shards, resuming from its last checkpoint."""
-        part_dir.mkdir(exist_ok=True)
         done, state_path = part_dir / "done.json", part_dir / "state.json"
         if done.is_file():
             return
         start, stop = self.part_range(index, count)
         sha = file_sha256(self.tokenizer_path)
-        with DirectoryLock(part_dir, "the data preparation part"):
-            state = json.loads(state_path.read_text()) if state_path.is_file() else None
-            if state and (state["range"] != [start, stop] or state["tokenizer_sha256"] != sha):
-                state = None
-            try:
-                writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens,
-                                              state and state[split]) for split in ("train", "val")}
-            except StaleState as err:
-                self.log(f"cannot resume part {index}/{count} ({err}): starting it again")
-                state = None
-                writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens)
-                           for split in ("train", "val")}
-            first = state["next"] if state else start
-            if first > start:
-                self.log(f"resuming part {index}/{count} at document {first:,} of {start:,}..{stop:,}")
-            self._encode(writers, first, stop, lambda next_document: write_text_atomic(state_path, json.dumps({
-                "range": [start, stop], "tokenizer_sha256": sha, "next": next_document,
-                **{split: writer.checkpoint() for split, writer in writers.items()}})))
-            summary = {"range": [start, stop], **{split: writer.finish() for split, writer in writers.items()}}
-            write_text_atomic(done, json.dumps(summary))
-            state_path.unlink(missing_ok=True)
+        state = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if state and (state["range"] != [start, stop] or state["tokenizer_sha256"] != sha):
+            state = None
+        try:
+            writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens,
+                                          state and state[split]) for split in ("train", "val")}
+        except StaleState as err:
+            self.log(f"cannot resume part {index}/{count} ({err}): starting it again")
+            state = None
+            writers = {split: ShardWriter(part_dir, split, self.dtype, self.data.shard_tokens)
+                       for split in ("train", "val")}
+        first = state["next"] if state else start
+        if first > start:
+            self.log(f"resuming part {index}/{count} at document {first:,} of {start:,}..{stop:,}")
+        self._encode(writers, first, stop, lambda next_document: write_text_atomic(state_path, json.dumps({
+            "range": [start, stop], "tokenizer_sha256": sha, "next": next_document,
+            **{split: writer.checkpoint() for split, writer in writers.items()}})))
+        summary = {"range": [start, stop], **{split: writer.finish() for split, writer in writers.items()}}
+        write_text_atomic(done, json.dumps(summary))
+        state_path.unlink(missing_ok=True)
 
     def _encode(self, writers: dict[str, ShardWriter], first: int, stop: int, checkpoint) -> None:
         index, data, names = self.index, self.data, [f.name for f in self.files]
