@@ -7,6 +7,7 @@ they introduce.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -22,12 +23,13 @@ from .export import ExportError
 from .hf_keys import (
     GLOBAL_PARTS,
     HF_ACTIVATIONS,
-    LAYER_PARTS,
     MODEL_TYPES,
+    MOE_FAMILIES,
     NORM_OFFSET,
     global_keys,
     hf_shapes,
     layer_keys,
+    layer_part,
     remote_layer_keys,
     remote_shapes,
     remote_strategy,
@@ -97,7 +99,7 @@ def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
         elif architecture == "gemma3":
             every = hf.get("sliding_window_pattern", 6)
             types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-        elif hf.get("model_type") == "mistral":
+        elif hf.get("model_type") in ("mistral", "mixtral"):
             types = ["sliding_attention"] * n
         elif hf.get("use_sliding_window"):  # Qwen's rule: the blocks from max_window_layers on
             types = ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
@@ -127,10 +129,10 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     if model_type == "gemma3":
         raise ExportError("a multimodal Gemma 3 checkpoint (model_type gemma3); import a text-only one "
                           "(Gemma3ForCausalLM, model_type gemma3_text)")
-    if model_type not in MODEL_TYPES:
+    if model_type not in MODEL_TYPES and model_type not in MOE_FAMILIES:
         raise ExportError(f"model_type {model_type!r} is not supported; import Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
-                          "Gemma 3 (text) or OLMo 2 checkpoints")
-    architecture = MODEL_TYPES[model_type]
+                          "Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE, Mixtral or Qwen2-MoE checkpoints")
+    architecture = MODEL_TYPES.get(model_type, model_type)
     gemma = architecture in ("gemma2", "gemma3")
     activation = hf.get("hidden_activation", "gelu_pytorch_tanh") if gemma else hf.get("hidden_act", "silu")
     checks = [(activation in HF_ACTIVATIONS, f"hidden activation {activation!r} (silu and gelu_pytorch_tanh are "
@@ -171,8 +173,35 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
                        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
                        max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       tie_embeddings=hf.get("tie_word_embeddings", gemma), qkv_bias=architecture == "qwen2",
-                       activation=HF_ACTIVATIONS[activation], pre_norm=architecture != "olmo2", **fields), architecture
+                       tie_embeddings=hf.get("tie_word_embeddings", gemma),
+                       qkv_bias=architecture == "qwen2" or architecture == "qwen2_moe" and hf.get("qkv_bias", True),
+                       activation=HF_ACTIVATIONS[activation], pre_norm=architecture != "olmo2",
+                       **fields, **_moe_fields(hf, architecture)), architecture
+
+
+def _moe_fields(hf: dict, architecture: str) -> dict:
+    """ModelConfig's MoE fields of an MoE family's config.json (hf_keys.MOE_FAMILIES); {} for a dense one."""
+    if architecture not in MOE_FAMILIES:
+        return {}
+    n, qwen = hf["num_hidden_layers"], architecture in ("qwen3_moe", "qwen2_moe")
+    experts = hf.get("num_local_experts") or hf["num_experts"]  # the name differs by family and version
+    skipped, step = hf.get("mlp_only_layers") or [], hf.get("decoder_sparse_step", 1) if qwen else 1
+    routed = [experts > 0 and i not in skipped and (i + 1) % step == 0 for i in range(n)]
+    d_expert = hf["moe_intermediate_size"] if qwen else hf["intermediate_size"]
+    if architecture == "qwen2_moe" and hf.get("shared_expert_intermediate_size") != hf["intermediate_size"]:
+        raise ExportError("unsupported checkpoint: a shared expert of another width than the dense FFN "
+                          "(shared_expert_intermediate_size != intermediate_size): scalevec's has d_ff")
+    if architecture == "olmoe" and hf.get("clip_qkv") is not None:
+        raise ExportError("unsupported checkpoint: clip_qkv (OLMoE's q/k/v clamping) is not supported")
+    return dict(moe_experts=experts, moe_top_k=hf["num_experts_per_tok"], moe_every=_every(routed, "routed layers"),
+                moe_d_expert=0 if d_expert == hf["intermediate_size"] else d_expert,
+                moe_shared_expert=architecture == "qwen2_moe")
+
+
+def moe_config_from_hf(hf: dict) -> MoEConfig:
+    """The routing of an MoE family: softmax, then top-k, renormalized as the family says (Mixtral always)."""
+    return MoEConfig(router="softmax", normalize_top_k=hf.get("model_type") == "mixtral" or
+                     bool(hf.get("norm_topk_prob", False)))
 
 
 def check_hf_state(state: dict, shapes: dict) -> None:
@@ -243,9 +272,11 @@ def hf_model(hf: dict, state: dict) -> tuple[Decoder, str]:
         check_hf_state(state, remote_shapes(m, source))
         return _source_model(m, source, state, lambda i: remote_layer_keys(i, m, source), 0.0, moe), "remote"
     model_config, architecture = model_config_from_hf(hf)
+    moe = moe_config_from_hf(hf) if architecture in MOE_FAMILIES else None
     check_hf_state(state, hf_shapes(model_config, architecture))
-    return _source_model(model_config, source_strategy(architecture), state,
-                         lambda i: layer_keys(i, architecture), NORM_OFFSET.get(architecture, 0.0)), architecture
+    keys = functools.partial(layer_keys, architecture=architecture, m=model_config)
+    return _source_model(model_config, source_strategy(architecture), state, keys,
+                         NORM_OFFSET.get(architecture, 0.0), moe), architecture
 
 
 def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_start: bool
@@ -294,7 +325,7 @@ def _source_model(m: ModelConfig, source: Strategy, state: dict, keys, offset: f
         write_part(model, GLOBAL_PARTS[key], state[name], offset)
     for i, block in enumerate(model.blocks):
         for key, name in keys(i).items():
-            write_part(block, LAYER_PARTS[key], state[name], offset)
+            write_part(block, layer_part(key), state[name], offset)
     return model
 
 

@@ -23,17 +23,18 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import load_run_model, run_tokenizer
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, MoEConfig
 from ..hf_keys import (
     ARCHITECTURE_CLASSES,
     EXPORT_MODEL_TYPES,
     GLOBAL_PARTS,
     HF_ACTIVATIONS,
-    LAYER_PARTS,
+    MOE_FAMILIES,
     NORM_OFFSET,
     global_keys,
     hf_shapes,
     layer_keys,
+    layer_part,
     read_part,
     source_strategy,
 )
@@ -64,19 +65,59 @@ def _architecture_of_norms(config: Config) -> str:
     """The architecture whose norms the model has: the one whose own strategy (hf_keys.source_strategy) puts
     its norms where the model's are."""
     s, m = config.strategy, config.model
-    if m.moe_experts:
-        raise ExportError(f"MoE models have no transformers form here; {OTHERWISE}")
     if m.norm != "rms":
         raise ExportError(f"model.norm={m.norm!r} has no transformers form here (RMSNorm only); {OTHERWISE}")
+    if m.moe_experts:
+        return _moe_family(config)
     for architecture in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"):
         shape = replace(m, pre_norm=architecture != "olmo2", qkv_bias=architecture == "qwen2")
         if _norms(shape, source_strategy(architecture)) == _norms(m, s):
             return architecture
+    raise ExportError(f"{_describe_norms(m, s)} has no transformers form ({FAMILIES}), and export refuses to write "
+                      f"different logits; {OTHERWISE}")
+
+
+MOE_FAMILY_NAMES = ("Qwen3-MoE: a head-shaped QK-norm, dense layers between routed ones; OLMoE: a QK-norm over all "
+                    "heads, every layer routed; Mixtral: no QK-norm, every layer routed, top-k renormalized; "
+                    "Qwen2-MoE: no QK-norm, a shared expert; all route by softmax, without an expert bias")
+
+
+def _moe_family(config: Config) -> str:
+    """The MoE family (hf_keys.MOE_FAMILIES) computing the model's function, or an ExportError naming what none
+    has: its router and balancing, then its norms and layout."""
+    s, m, moe = config.strategy, config.model, config.moe
+    problems = ["a sigmoid router"] * (moe.router != "softmax")
+    problems += ["expert-bias routing (moe.balance=bias)"] * (moe.balance == "bias")
+    norms = _norms(m, s)
+    candidates = [family for family in ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral")
+                  if _norms(replace(m, pre_norm=True, qkv_bias=m.qkv_bias and family == "qwen2_moe"),
+                            source_strategy(family)) == norms]
+    if not candidates:
+        problems.append(f"{_describe_norms(m, s) or 'its norms'} (with MoE)")
+    dense_between = "dense layers between routed ones (model.moe_every > 1)"
+    rules = {"qwen3_moe": [(not m.moe_shared_expert, "a shared expert (Qwen3-MoE has none)")],
+             "olmoe": [(not m.moe_shared_expert, "a shared expert (OLMoE has none)"),
+                       (m.moe_every == 1, f"{dense_between}: OLMoE routes every layer"),
+                       (m.head_size * m.n_heads == m.d_model, "head_dim other than d_model / n_heads (OLMoE's)")],
+             "qwen2_moe": [(m.moe_shared_expert, "no shared expert (Qwen2-MoE has one)")],
+             "mixtral": [(not m.moe_shared_expert, "a shared expert (Mixtral has none)"),
+                         (m.moe_every == 1, f"{dense_between}: Mixtral routes every layer"),
+                         (moe.normalize_top_k, "top-k weights not renormalized (Mixtral renormalizes them)")]}
+    failures = {family: [reason for ok, reason in rules[family] if not ok] for family in candidates}
+    matching = [family for family in candidates if not failures[family]]
+    if matching and not problems:
+        return matching[0]
+    problems += [reason for family in candidates for reason in failures[family]]
+    raise ExportError(f"an MoE model with {'; '.join(problems)} has no MoE family that computes the same function "
+                      f"({MOE_FAMILY_NAMES}); {OTHERWISE}")
+
+
+def _describe_norms(m: ModelConfig, s: Strategy) -> str:
+    """The norms of a model no family has, in words (DNP, post-branch norms, no pre-norms, biases)."""
     parts = [f"DNP on {', '.join(sorted(s.dnp))}" + (" with a full-width scale" if s.qk_scale_shape == "full" else "")
              + (" over all heads" if s.qk_norm_group == "full" else "")] if s.dnp else []
     parts += ["post-branch norms"] * s.post_norms + ["no pre-norms"] * (not m.pre_norm) + ["q/k/v biases"] * m.qkv_bias
-    raise ExportError(f"{' with '.join(parts)} has no transformers form ({FAMILIES}), and export refuses to write "
-                      f"different logits; {OTHERWISE}")
+    return " with ".join(parts)
 
 
 def hf_architecture(config: Config) -> str:
@@ -96,7 +137,8 @@ def hf_architecture(config: Config) -> str:
                           "model.query_pre_attn_scalar", "model.sliding_window"},
                "gemma3": {"model.embedding_scale", "model.attn_softcap", "model.final_softcap",
                           "model.query_pre_attn_scalar", "model.sliding_window", "model.rope_local_theta"},
-               "qwen2": {"model.qkv_bias"}, "mistral": {"model.sliding_window"}}.get(architecture, set())
+               "qwen2": {"model.qkv_bias"}, "qwen2_moe": {"model.qkv_bias"},
+               "mistral": {"model.sliding_window"}}.get(architecture, set())
     for feature, used in features.items():
         if used and feature not in allowed:
             raise ExportError(f"{feature} has no {ARCHITECTURE_CLASSES[architecture]} form (the architecture of "
@@ -116,8 +158,8 @@ def hf_state(model: Decoder, architecture: str) -> dict[str, torch.Tensor]:
     offset, shapes = NORM_OFFSET.get(architecture, 0.0), hf_shapes(m, architecture)  # Gemma stores γ - 1
     state = {name: read_part(folded, GLOBAL_PARTS[key], shapes[name], offset) for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
-        state |= {name: read_part(block, LAYER_PARTS[key], shapes[name], offset)
-                  for key, name in layer_keys(i, architecture).items()}
+        state |= {name: read_part(block, layer_part(key), shapes[name], offset)
+                  for key, name in layer_keys(i, architecture, m).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
@@ -134,7 +176,8 @@ def _rope_parameters(m: ModelConfig, local: bool = False) -> dict:
     return rope
 
 
-def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str = "float32") -> dict:
+def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str = "float32",
+              moe: MoEConfig | None = None) -> dict:
     activation = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}[m.activation]
     rope = _rope_parameters(m)
     config = {
@@ -162,9 +205,31 @@ def hf_config(m: ModelConfig, architecture: str, eos_id: int | None, dtype: str 
         config["mlp_bias"] = False
     elif architecture == "mistral":
         config["sliding_window"] = m.sliding_window
-    elif architecture in ("qwen2", "qwen3"):
+    elif architecture in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers,
                    "layer_types": layer_types}
+    if architecture in MOE_FAMILIES:
+        config |= _moe_config(m, architecture, moe or MoEConfig())
+    return config
+
+
+def _moe_config(m: ModelConfig, family: str, moe: MoEConfig) -> dict:
+    """config.json's routing fields of an MoE family (hf_keys.MOE_FAMILIES)."""
+    de = m.moe_d_expert or m.d_ff
+    config = {"num_experts_per_tok": m.moe_top_k, "norm_topk_prob": moe.normalize_top_k,
+              "output_router_logits": False, "router_aux_loss_coef": moe.aux_loss}
+    if family in ("qwen3_moe", "qwen2_moe"):
+        config |= {"num_experts": m.moe_experts, "moe_intermediate_size": de, "decoder_sparse_step": m.moe_every,
+                   "mlp_only_layers": []}
+    else:  # every layer routed: the experts' width is intermediate_size
+        config |= {"num_local_experts" if family == "mixtral" else "num_experts": m.moe_experts,
+                   "intermediate_size": de}
+    if family == "qwen2_moe":
+        config |= {"shared_expert_intermediate_size": m.d_ff, "qkv_bias": m.qkv_bias}
+    elif family == "olmoe":
+        config["clip_qkv"] = None
+    elif family == "mixtral":
+        config |= {"sliding_window": None, "router_jitter_noise": 0.0}
     return config
 
 
@@ -249,7 +314,7 @@ def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: 
     else:
         state = {name: tensor.to(DTYPES[dtype]) for name, tensor in hf_state(model, architecture).items()}
         files = {"model.safetensors": lambda path: save_file(state, path, metadata={"format": "pt"}),
-                 "config.json": text(hf_config(config.model, architecture, eos_id, dtype))}
+                 "config.json": text(hf_config(config.model, architecture, eos_id, dtype, config.moe))}
     files["generation_config.json"] = text({"eos_token_id": eos_id, "pad_token_id": eos_id})
     if tokenizer is not None:
         files["tokenizer.json"] = lambda path: shutil.copyfile(tokenizer, path)

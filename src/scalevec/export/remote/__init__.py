@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ...hf_keys import GLOBAL_PARTS, LAYER_PARTS, global_keys, read_part, remote_layer_keys, remote_shapes
+from ...hf_keys import GLOBAL_PARTS, global_keys, layer_part, read_part, remote_layer_keys, remote_shapes
 from ...model import Decoder, is_windowed
 from ..fold import fold_scales
 
@@ -60,7 +60,7 @@ def remote_state(model: Decoder) -> dict[str, torch.Tensor]:
     folded, shapes = fold_scales(copy.deepcopy(model)), remote_shapes(m, s)
     state = {name: read_part(folded, GLOBAL_PARTS[key], shapes[name]) for key, name in global_keys(m).items()}
     for i, block in enumerate(folded.blocks):
-        state |= {name: read_part(block, LAYER_PARTS[key], shapes[name])
+        state |= {name: read_part(block, layer_part(key), shapes[name])
                   for key, name in remote_layer_keys(i, m, s).items()}
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
