@@ -10,7 +10,7 @@ from test_model import randomize_scales
 from scalevec import ModelConfig, build_model, strategy
 from scalevec.checkpoint import save_checkpoint
 from scalevec.cli import main
-from scalevec.config import Config, DataConfig, TrainConfig, to_toml
+from scalevec.config import Config, DataConfig, MoEConfig, TrainConfig, to_toml
 from scalevec.export import ExportError
 from scalevec.export.hf import export_run
 from scalevec.generate import generate
@@ -25,11 +25,12 @@ def quiet(*_):
     pass
 
 
-def make_run(run_dir, small_data, strat, tie=True, model=None):
-    """A run directory with one checkpoint of random weights and scales; `model`: ModelConfig fields to set."""
+def make_run(run_dir, small_data, strat, tie=True, model=None, moe=None):
+    """A run directory with one checkpoint of random weights and scales; `model`: ModelConfig fields to set,
+    `moe`: the MoEConfig."""
     config = Config(model=ModelConfig(**{**SHAPE.__dict__, "tie_embeddings": tie, **(model or {})}), strategy=strat,
-                    data=DataConfig(dir=str(small_data)), train=TrainConfig(seq_len=64))
-    model = build_model(config.model, strat, seed=4)
+                    data=DataConfig(dir=str(small_data)), train=TrainConfig(seq_len=64), moe=moe or MoEConfig())
+    model = build_model(config.model, strat, seed=4, moe=config.moe)
     randomize_scales(model)
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(config))
