@@ -325,7 +325,10 @@ def _source_model(m: ModelConfig, source: Strategy, state: dict, keys, offset: f
         write_part(model, GLOBAL_PARTS[key], state[name], offset)
     for i, block in enumerate(model.blocks):
         for key, name in keys(i).items():
-            write_part(block, layer_part(key), state[name], offset)
+            try:
+                write_part(block, layer_part(key), state[name], offset)
+            except ValueError as err:  # a tensor scalevec's model has no place for
+                raise ExportError(f"{name}: {err}") from None
     return model
 
 

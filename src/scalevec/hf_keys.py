@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .export import ExportError
 from .strategy import Strategy
 from .strategy import strategy as make_strategy
 
@@ -279,11 +278,11 @@ def read_part(root: nn.Module, part: Part, shape: tuple[int, ...], offset: float
 @torch.no_grad()
 def write_part(root: nn.Module, part: Part, tensor: torch.Tensor, offset: float = 0.0) -> None:
     """The mirror of `read_part`: `tensor` into the weight's rows, or γ = tensor + `offset` into the scale; a
-    `zero` part must be zero."""
+    `zero` part must be zero (ValueError otherwise)."""
     module = _module(root, part.module)
     if part.field == "zero":
         if tensor.any():
-            raise ExportError(f"{part.module} is not zero in this checkpoint, and scalevec's model has no such "
+            raise ValueError(f"{part.module} is not zero in this checkpoint, and scalevec's model has no such "
                               "tensor (e.g. Qwen2-MoE's shared-expert gate); it cannot be imported exactly")
     elif part.field == "scale":
         module.set_gamma(tensor.float() + offset)
