@@ -17,6 +17,7 @@ ended by `watch_failures`, which looks for a posted failure every few seconds.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -36,6 +37,7 @@ SERVED = {"nccl": "cuda", "gloo": "cpu"}  # the tensor device type each backend 
 PEER_WAIT_S = 5.0  # how long a rank whose collective failed waits for the failed rank's message
 WATCH_INTERVAL_S = 2.0  # how often a rank looks for another rank's failure
 _ending = threading.Lock()  # taken by whichever path ends this rank on a failure first: it alone reports it
+_stop_watching = threading.Event()
 
 
 def served_device_types(backend: str) -> set[str]:
@@ -80,6 +82,7 @@ def init_world(device: torch.device) -> World:
 
 def close_world() -> None:
     """Leave the process group, so NCCL frees its communicators before exit."""
+    stop_watching()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -182,20 +185,33 @@ def posted_failure(wait_s: float) -> str | None:
 
 
 def watch_failures(world: World, end: Callable[[str], None]) -> None:
-    """Once per process, a daemon thread that calls `end(message)` (which must end the process) when another rank
-    has posted a failure and this rank is not already ending on one of its own."""
-    if not (world.grouped and world.size > 1) or any(t.name == "scalevec-failures" for t in threading.enumerate()):
+    """Once per process (until stop_watching), a thread that calls `end(message)` (which must end the process) when
+    another rank has posted a failure and this rank is not already ending on one of its own."""
+    if not (world.grouped and world.size > 1) or _watcher() is not None:
         return
 
     def watch() -> None:
-        while True:
-            time.sleep(WATCH_INTERVAL_S)
+        while not _stop_watching.wait(WATCH_INTERVAL_S):
             message = posted_failure(0)
             if message is not None and _ending.acquire(blocking=False):
                 end(message)
                 return
 
+    _stop_watching.clear()
     threading.Thread(target=watch, name="scalevec-failures", daemon=True).start()
+    atexit.register(stop_watching)  # a thread inside a store call when the interpreter ends would abort it
+
+
+def _watcher() -> threading.Thread | None:
+    return next((t for t in threading.enumerate() if t.name == "scalevec-failures"), None)
+
+
+def stop_watching() -> None:
+    """End the watch_failures thread (before the process group or the interpreter goes)."""
+    _stop_watching.set()
+    watcher = _watcher()
+    if watcher is not None and watcher is not threading.current_thread():
+        watcher.join()
 
 
 @contextlib.contextmanager
