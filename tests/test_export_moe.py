@@ -196,3 +196,29 @@ def test_a_gated_shared_expert_is_refused_by_name(tmp_path):
     reference.save_pretrained(tmp_path / "hf")
     with pytest.raises(ExportError, match="shared_expert_gate is not zero"):
         hf_model(*read_hf_dir(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("name, form", [("hg+dp+or+iwd", "native"), ("unified", "remote")])
+def test_apply_strategy_converts_transformers_moe_models_and_saves_what_they_compute(tmp_path, family, name, form):
+    from scalevec import param_groups, strategy
+
+    model = random_moe_checkpoint(tmp_path / "hf", family)
+    x = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x).logits
+        apply_strategy(model, name)
+        if form == "native":  # an exact strategy keeps the logits
+            torch.testing.assert_close(model(x).logits, before, atol=1e-4, rtol=1e-4)
+        for p in model.parameters():  # a random perturbation, so that every scale matters
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        trained = model(x).logits
+    grouped = [n for group in param_groups(model, strategy(name).scale_decay) for n in group["names"]]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+    model.save_pretrained(tmp_path / "out")
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True,
+                                                                       output_loading_info=True)
+    assert type(reloaded).__name__ == (CLASSES[family] if form == "native" else "ScalevecForCausalLM")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(x).logits, trained, atol=1e-4, rtol=1e-4)

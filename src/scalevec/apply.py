@@ -20,10 +20,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .convert import convert_decoder, set_gamma
+from .config import ModelConfig, MoEConfig
+from .convert import convert_decoder, convert_moe, set_gamma
 from .export import ExportError
 from .hf_keys import HF_BRANCHES, MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
 from .model import Decoder
+from .moe import MoEFeedForward
 from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
 from .strategy import Strategy, keeping_source_norms
@@ -74,10 +76,21 @@ def _projection(linear: nn.Linear, branch: Branch, s: Strategy, reads_norm: bool
 
 def _architecture(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in APPLIED_MOE_FAMILIES:
+        return model_type
+    if model_type == "qwen2_moe":
+        raise ExportError("apply_strategy: Qwen2-MoE's shared expert sits behind a sigmoid gate, which scalevec's "
+                          "MoE has not; import the checkpoint (scalevec import: exact when the gate is zero)")
     if model_type not in MODEL_TYPES:
         raise ExportError("apply_strategy converts scalevec Decoders and transformers Llama, Mistral, Qwen2, Qwen3, "
-                          f"Gemma 2, Gemma 3 (text) and OLMo 2 models, not {model_type or type(model).__name__!r}")
+                          "Gemma 2, Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE and Mixtral models, not "
+                          f"{model_type or type(model).__name__!r}")
     return MODEL_TYPES[model_type]
+
+
+def _routed(layer: nn.Module) -> bool:
+    """Whether a transformers decoder layer's FFN is a routed MoE block (or its scalevec replacement)."""
+    return hasattr(layer.mlp, "experts")
 
 
 def _norm_name(architecture: str, part: str) -> str | None:
@@ -99,10 +112,15 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     def gamma_of(norm: nn.Module) -> torch.Tensor:
         return norm.weight.detach().float() + offset
 
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         for owner_name, names, pre, post in HF_BRANCHES:
             owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
             gamma = None if pre is None else gamma_of(getattr(layer, pre))
+            if owner_name == "mlp" and _routed(layer):
+                model.scalevec_moe_class = type(owner)  # what unapply() rebuilds
+                layer.mlp = _routed_ffn(model, architecture, owner, gamma, s, f"model.layers.{i}.mlp")
+                setattr(layer, pre, ParameterFreeNorm(eps))
+                continue
             shared = None if s.heterogeneous or gamma is None else make_scale(
                 gamma.numel(), s.scale, Role.INPUT, s.input_magnitude([s.placement(n) for n in names]))
             set_gamma(shared, gamma, pre)
@@ -131,7 +149,7 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
             if hasattr(attn, f"{n}_norm"):  # the projection's DNP does it now
                 setattr(attn, f"{n}_norm", nn.Identity())
         for owner, n in ((attn, "o"), (mlp, "down")):
-            if s.placement(n) != "standard":
+            if s.placement(n) != "standard" and hasattr(owner, f"{n}_proj"):  # (a routed FFN has its own)
                 linear = getattr(owner, f"{n}_proj")
                 branch = Branch.whole(n, linear.out_features)
                 setattr(owner, f"{n}_proj",
@@ -145,7 +163,39 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     return model
 
 
-CONVERTED_ATTRIBUTES = ("scalevec_strategy", "scalevec_norm_class", "param_info", "save_pretrained")
+APPLIED_MOE_FAMILIES = ("qwen3_moe", "olmoe", "mixtral")
+"""transformers MoE families apply_strategy converts: each routed block becomes scalevec's MoEFeedForward."""
+
+
+def _family_moe(model: nn.Module) -> tuple[ModelConfig, MoEConfig]:
+    from .hf_import import model_config_from_hf, moe_config_from_hf
+
+    hf = model.config.to_dict()
+    return model_config_from_hf(hf)[0], moe_config_from_hf(hf)
+
+
+@torch.no_grad()
+def _routed_ffn(model: nn.Module, architecture: str, block: nn.Module, gamma: torch.Tensor, s: Strategy,
+                where: str) -> MoEFeedForward:
+    """A family's routed block (router `gate`, stacked `experts`) read with its pre-norm's γ into a MoEFeedForward
+    under the family's own strategy, then converted to `s` (convert_moe): γ into the router and expert scales."""
+    m, moe = _family_moe(model)
+    source = MoEFeedForward(m, source_strategy(architecture), moe)
+    source.shared_scale.set_gamma(gamma)
+    for name, weight in (("router", block.gate.weight), ("gate_up", block.experts.gate_up_proj),
+                         ("down", block.experts.down_proj)):
+        getattr(source, name).copy_(weight)
+    target = MoEFeedForward(m, s, moe)
+    convert_moe(source, target, where)
+    weight = block.experts.gate_up_proj
+    target.to(weight.device)
+    for param in (target.router, target.gate_up, target.down):
+        param.data = param.data.to(weight.dtype)  # the matrices keep the model's dtype, as the dense ones do
+    return target
+
+
+CONVERTED_ATTRIBUTES = ("scalevec_strategy", "scalevec_norm_class", "scalevec_moe_class", "param_info",
+                        "save_pretrained")
 """What apply_strategy adds to a transformers model; unapply removes them."""
 
 
@@ -187,6 +237,16 @@ def _plain_form_problem(model: nn.Module) -> str | None:
     return None
 
 
+def _family_block(model: nn.Module, ffn: MoEFeedForward) -> tuple[nn.Module, torch.Tensor]:
+    """The family's routed block holding `ffn` folded down to its pre-norm's γ, and that γ."""
+    kept = ffn.shared_scale
+    block = model.scalevec_moe_class(model.config).to(device=ffn.router.device, dtype=ffn.router.dtype)
+    block.gate.weight.copy_(ffn.effective_router(without=kept))
+    block.experts.gate_up_proj.copy_(ffn.effective_gate_up(without=kept))
+    block.experts.down_proj.copy_(ffn.down)
+    return block, kept().detach() if kept is not None else torch.ones(ffn.router.shape[1], device=ffn.router.device)
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                        dtype=weight.dtype)
@@ -226,6 +286,10 @@ def unapply(model: nn.Module) -> nn.Module:
         attn = layer.self_attn
         for owner_name, names, pre, post in HF_BRANCHES:
             owner, pre, post = getattr(layer, owner_name), _norm_name(architecture, pre), _norm_name(architecture, post)
+            if isinstance(owner, MoEFeedForward):  # the family's routed block, its γ in the pre-norm
+                layer.mlp, gamma = _family_block(model, owner)
+                setattr(layer, pre, norm(gamma, owner.router))
+                continue
             projections = {n: getattr(owner, f"{n}_proj").projection for n in names}
             scales = {n: p.in_scales[n] if n in p.in_scales else None for n, p in projections.items()}
             first = scales[names[0]]
@@ -241,14 +305,14 @@ def unapply(model: nn.Module) -> nn.Module:
                 scale = getattr(layer, post).scale
                 setattr(layer, post, norm(scale() if scale is not None else ones(weight), weight))
         for owner, n in ((attn, "o"), (layer.mlp, "down")):
-            wrapped = getattr(owner, f"{n}_proj")
+            wrapped = getattr(owner, f"{n}_proj", None)  # (a routed block has none)
             if isinstance(wrapped, SingleProjection):
                 setattr(owner, f"{n}_proj", _linear(wrapped.projection.effective_weight(),
                                                     wrapped.projection.effective_bias()))
     final, embedding = model.model.norm.scale, model.model.embed_tokens.weight
     model.model.norm = norm(final() if final is not None else ones(embedding), embedding)
     for name in CONVERTED_ATTRIBUTES:
-        delattr(model, name)
+        model.__dict__.pop(name, None)
     return model
 
 
@@ -260,8 +324,9 @@ def as_decoder(model: nn.Module) -> Decoder:
     from .hf_import import model_config_from_hf
 
     s = model.scalevec_strategy
-    m, _ = model_config_from_hf(model.config.to_dict())
-    decoder = Decoder(m, replace(s, scale="plain", heterogeneous=False, dual_placement=[]))
+    m, moe = _family_moe(model) if hasattr(model, "scalevec_moe_class") else \
+        (model_config_from_hf(model.config.to_dict())[0], None)
+    decoder = Decoder(m, replace(s, scale="plain", heterogeneous=False, dual_placement=[]), moe)
     decoder.to(model.model.embed_tokens.weight.device)
 
     def gamma(scale: Scale | None, like: torch.Tensor) -> torch.Tensor:
@@ -280,8 +345,13 @@ def as_decoder(model: nn.Module) -> Decoder:
         attn, mlp = layer.self_attn, layer.mlp
         copy_projections({n: getattr(attn, f"{n}_proj") for n in "qkv"}, block.attn.qkv)
         copy_projections({"o": attn.o_proj}, block.attn.o)
-        copy_projections({n: getattr(mlp, f"{n}_proj") for n in ("gate", "up")}, block.ffn.gate_up)
-        copy_projections({"down": mlp.down_proj}, block.ffn.down)
+        if isinstance(mlp, MoEFeedForward):
+            folded = copy.deepcopy(mlp)
+            folded.fold()
+            convert_moe(folded, block.ffn, "mlp")
+        else:
+            copy_projections({n: getattr(mlp, f"{n}_proj") for n in ("gate", "up")}, block.ffn.gate_up)
+            copy_projections({"down": mlp.down_proj}, block.ffn.down)
         for (_, _, _, post), target in zip(HF_BRANCHES, (block.attn_post_scale, block.ffn_post_scale)):
             name = _norm_name(_architecture(model), post)
             if name is not None and target is not None:
@@ -301,7 +371,7 @@ def param_info(model: nn.Module) -> dict[str, ParamInfo]:
     canonical = {id(p): n for n, p in named.items()}  # a shared scale is listed once, under its first name
     infos: dict[str, ParamInfo] = {}
     for prefix, module in model.named_modules():
-        if isinstance(module, Projection):
+        if isinstance(module, Projection | MoEFeedForward):
             for name, info in module.param_info(prefix).items():
                 key = canonical[id(model.get_parameter(name))]
                 if key in infos:

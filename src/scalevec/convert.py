@@ -76,7 +76,7 @@ def _expanded(gamma: torch.Tensor, scale: Scale) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _convert_moe(source: MoEFeedForward, target: MoEFeedForward, where: str) -> None:
+def convert_moe(source: MoEFeedForward, target: MoEFeedForward, where: str) -> None:
     """A folded source MoE FFN (only the block norm's γ and DNP output scales left) into `target`: γ into the
     target's router and expert input scales (its one shared scale, or one each under HG, per expert or shared),
     or into the columns of a matrix that has none; the shared expert likewise."""
@@ -138,7 +138,7 @@ def convert_decoder(model: Decoder, target: Strategy) -> Decoder:
                 ("attn.qkv", "attn.o"):
             _convert_projection(a.get_submodule(name), b.get_submodule(name), f"blocks.{i}.{name}")
         if not isinstance(a.ffn, FeedForward):
-            _convert_moe(a.ffn, b.ffn, f"blocks.{i}.ffn")
+            convert_moe(a.ffn, b.ffn, f"blocks.{i}.ffn")
         for name in ("attn_post_scale", "ffn_post_scale"):
             if getattr(a, name) is not None:
                 _take_gamma(getattr(b, name), getattr(a, name)().detach(), f"blocks.{i}.{name}")
