@@ -102,6 +102,8 @@ def test_a_forced_family_must_compute_the_same_function(small_data, tmp_path, ca
     assert "this model is exactly Qwen3ForCausalLM (--family qwen3), not llama" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--family", "remote"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "scalevec"
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "x"), "--family", "lama"]) == 2
+    assert "--family 'lama'; choose one of llama, mistral" in capsys.readouterr().err
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

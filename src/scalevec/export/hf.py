@@ -248,6 +248,8 @@ REMOTE = "remote"
 def export_form(config: Config, family: str | None = None) -> tuple[str, str]:
     """The form a model exports as, and why: the transformers family that computes the same function
     (hf_architecture), else the remote-code form. `family` forces one, or an ExportError gives the reason."""
+    if family not in (None, REMOTE, *ARCHITECTURE_CLASSES):
+        raise ExportError(f"--family {family!r}; choose one of {', '.join([*ARCHITECTURE_CLASSES, REMOTE])}")
     try:
         architecture = hf_architecture(config)
     except ExportError as err:
