@@ -180,7 +180,7 @@ def test_ddp_two_ranks_resume_on_one_and_one_on_two(setup, two_rank_ddp, small_d
     assert_same_weights(weights(to_two), weights(single))
 
 
-def test_fsdp2_two_ranks_resume_on_three_and_one(setup, small_data, tmp_path):
+def test_fsdp2_two_ranks_resume_on_three_and_one_and_one_on_two(setup, small_data, tmp_path):
     root, config = setup
     single = tmp_path / "single"  # a global batch of 6 in one process
     Trainer(config_for(small_data, "train.batch_size=6"), single, progress=False, log=quiet).run()
@@ -199,6 +199,12 @@ def test_fsdp2_two_ranks_resume_on_three_and_one(setup, small_data, tmp_path):
     assert (list_checkpoints(to_one / "checkpoints")[-1] / "model.safetensors").is_file()
     assert_same_losses(to_one, single)
     assert_same_weights(weights(to_one), weights(single))
+
+    to_shards = truncated_copy(single, tmp_path / "to_shards", EVERY)  # whole tensors sharded 1 -> 2 (ddp -> fsdp2)
+    run(torchrun(to_shards, 2, "dist.mode=fsdp2"))
+    assert (list_checkpoints(to_shards / "checkpoints")[-1] / "dcp").is_dir()
+    assert_same_losses(to_shards, single)
+    assert_same_weights(weights(to_shards), weights(single))
 
 
 def test_a_world_size_that_cannot_divide_the_global_batch_is_refused(two_rank_ddp, tmp_path):
