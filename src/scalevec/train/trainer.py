@@ -298,7 +298,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # the ranks' stop requests ride on the loss's all-reduce: all stop after the same step
-        stop = torch.tensor(float(self.stop_requests.requested()), device=self.device)
+        stop = torch.full((), float(self.stop_requests.requested()), device=self.device)  # a fill: no host copy
         summed = all_reduce(torch.stack([ce_sum.float() / self.grad_accum, stop]), self.world)
         loss, grad_norm, stops = torch.stack([summed[0] / self.world.size, grad_norm.float(), summed[1]]).tolist()
         self.stop_agreed = stops > 0  # the line above is the step's one host sync
