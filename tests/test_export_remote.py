@@ -210,3 +210,26 @@ def test_save_pretrained_after_apply_strategy_reloads_as_what_it_computes(tmp_pa
         assert torch.equal(model(x).logits, trained)
     assert difference < 1e-4
 
+
+
+def test_hf_trainer_of_a_converted_model_checkpoints_for_resume_and_saves_what_it_computes(tmp_path):
+    """checkpoint-N folders keep the converted parameters (resume_from_checkpoint loads them: tests/test_stack.py);
+    the final save_model writes the reloadable form."""
+    from safetensors import safe_open
+
+    model = hf_llama()
+    apply_strategy(model, "unified")
+    x = tokens(8, 16, seed=4)
+    data = [{"input_ids": row, "labels": row} for row in x]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1,
+                                          per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    with safe_open(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"), "pt") as checkpoint:
+        assert "model.layers.0.self_attn.q_proj.projection.weight" in checkpoint.keys()
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final", trust_remote_code=True,
+                                                                       output_loading_info=True)
+    assert type(reloaded).__name__ == "ScalevecForCausalLM" and not info["missing_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(x).logits, model.eval()(x).logits, atol=1e-4, rtol=1e-4)

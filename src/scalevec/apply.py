@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import types
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -199,12 +201,22 @@ CONVERTED_ATTRIBUTES = ("scalevec_strategy", "scalevec_norm_class", "scalevec_mo
 """What apply_strategy adds to a transformers model; unapply removes them."""
 
 
+TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
+"""The folders HF Trainer writes every save_steps, which its resume_from_checkpoint loads back."""
+
+
 def _save_what_it_computes(model: nn.Module, save_directory, *args, **kwargs) -> None:
     """`save_pretrained` of a converted model: a checkpoint that reloads as what the model computes, the model
     itself untouched. The plain checkpoint of its architecture (`unapply` on a copy) where the strategy has one,
     else scalevec's remote-code form (export/remote). A `state_dict` given by the caller (HF Trainer passes the
-    converted model's own) names scalevec's parameters, so it is replaced by the folded one."""
-    kwargs.pop("state_dict", None)
+    converted model's own, or None) names scalevec's parameters, so it is replaced by the folded one, except in
+    the Trainer's own checkpoint-N folders: `resume_from_checkpoint` loads those into the converted model, so they
+    keep its parameters as they are (the final `trainer.save_model()` writes what the model computes)."""
+    from_trainer = "state_dict" in kwargs  # (HF Trainer passes one, None for a PreTrainedModel)
+    state_dict = kwargs.pop("state_dict", None)
+    if from_trainer and TRAINER_CHECKPOINT.fullmatch(Path(save_directory).name):
+        type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+        return
     if _plain_form_problem(model) is None:
         unapply(copy.deepcopy(model)).save_pretrained(save_directory, *args, **kwargs)
         return
