@@ -256,3 +256,13 @@ def test_balance_diagnostic_sums_every_matrix_a_scale_feeds(name):
     balance = scale_diagnostics(model, infos)["input"]["balance"]
     assert balance == pytest.approx({"mean": expected.mean().item(), "min": expected.min().item(),
                                      "max": expected.max().item()}, rel=1e-5)
+
+
+@pytest.mark.parametrize("parameterization", ["or", "er"])
+def test_a_stacked_scale_takes_one_magnitude_per_expert(parameterization):
+    from scalevec.scales import Role, Scale
+
+    scale = Scale((3, 5), parameterization, Role.INPUT)
+    gamma = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [2.0], [7.0]]) + 0.1
+    scale.set_gamma(gamma)
+    torch.testing.assert_close(scale(), gamma, rtol=1e-6, atol=1e-6)

@@ -47,7 +47,8 @@ def _reusable_output(out: Path, is_own, what: str, flag: str = "--out") -> None:
 
 
 def _is_comparison(out: Path) -> bool:
-    return all(p.name in ("summary.json", "report.md", "loss.png") or (p / "config.toml").is_file()
+    return all(p.name in ("summary.json", "report.md", "loss.png", "gap.png") or p.suffix in (".log", ".toml")
+               or (p / "config.toml").is_file()
                for p in out.iterdir())
 
 
@@ -75,7 +76,7 @@ def cmd_info(args) -> None:
     import torch
 
     from .model import Decoder
-    from .optim import param_groups
+    from .optim import decay_counts, param_groups
     from .summary import summarize
 
     config = _config_from(args.config, args.set)
@@ -88,6 +89,7 @@ def cmd_info(args) -> None:
                    "tensors": len(g["names"]), "parameters": sum(p.numel() for p in g["params"]), "names": g["names"]}
                   for g in param_groups(model, config.strategy.scale_decay, config.optim)]
     summary["optimizer_groups"] = groups
+    summary["scale_decay"] = decay_counts(model, config.strategy.scale_decay, config.optim)
     summary["warnings"] = [str(w.message) for w in caught]
     if args.json:
         print(json.dumps({"config": to_dict(config), **summary}, indent=2))
@@ -109,6 +111,8 @@ def cmd_info(args) -> None:
         example = ", ".join(n for n in g["names"] if not n.startswith("blocks.") or n.startswith("blocks.0."))
         print(f"  {g['optimizer']:<5} lr x{g['lr_mult']:g} wd {g['weight_decay']:g}: {g['tensors']} tensors, "
               f"{g['parameters']:,} parameters ({_shorten(example)})")
+    print(f"scale entries decayed (strategy.scale_decay={s.scale_decay}): "
+          + ", ".join(f"{key} {c['decayed']:,} of {c['entries']:,}" for key, c in summary["scale_decay"].items()))
     for message in summary["warnings"]:
         print(f"warning: {message}")
     print("input-side scales that only feed DNP branches have no magnitude β "
@@ -121,7 +125,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from .data.prepare import prepare
+    from .data.prepare import parse_part, prepare
 
     config = _config_from(args.config, args.set) if args.config else load_config(None, args.set)
     data = config.data
@@ -133,7 +137,17 @@ def cmd_data_prepare(args) -> None:
     if args.input is not None and args.sources is None:
         data.sources = []  # user data alone unless bundled sources are named too
     validate(config)
-    prepare(data, overwrite=args.overwrite, flag="--out" if args.out else "data.dir")
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers {args.workers} must be at least 1")
+    part = parse_part(args.part) if args.part else (0, 1)
+    prepare(data, overwrite=args.overwrite, flag="--out" if args.out else "data.dir", workers=args.workers, part=part)
+
+
+def cmd_data_import(args) -> None:
+    from .data.import_tokens import import_tokens
+
+    import_tokens(args.train, args.val, args.tokenizer, Path(args.out), dtype=args.dtype, eos_id=args.eos_id,
+                  source=args.source, overwrite=args.overwrite)
 
 
 def _shorten(text: str, width: int = 90) -> str:
@@ -231,7 +245,7 @@ def cmd_train(args) -> None:
         if not (Path(args.out) / "config.toml").is_file():
             raise RunDirError(f"{args.out} is not a run directory (no config.toml); give the --out of a scalevec run, "
                               "or a CONFIG to start one")
-        config = load_config(Path(args.out) / "config.toml", args.set)
+        config = load_config(Path(args.out) / "config.toml", args.set, resolved=True)
     else:
         config = _config_from(args.config, args.set)
     out = args.out or str(Path("runs") / Path(args.config).stem)
@@ -265,13 +279,17 @@ def cmd_compare(args) -> None:
     strategies = _csv(args.strategies)
     _require(len(strategies) >= 2, f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
     _require(len(set(strategies)) == len(strategies), f"--strategies {args.strategies!r} names one twice")
+    _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
     _reusable_output(Path(args.out), _is_comparison, "a comparison of scalevec compare")
     origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
+                        *([f"--reference {args.reference}"] if args.reference else []),
                         *[f"--set {o}" for o in args.set]])
-    summary = run_comparison(source, strategies, Path(args.out), args.set, command)
+    reference = Path(args.reference) if args.reference else None
+    summary = run_comparison(source, strategies, Path(args.out), args.set, command, jobs=args.jobs,
+                             reference=reference)
     print(table(summary))
-    print(f"wrote {args.out}/report.md, summary.json, loss.png")
+    print(f"wrote {args.out}/report.md, summary.json, loss.png" + (", gap.png" if reference else ""))
 
 
 def cmd_theory(args) -> None:
@@ -285,28 +303,29 @@ def cmd_theory(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import format_bench, run_bench
+    from .bench import format_bench, format_profile, run_bench
 
     config = _config_from(args.config, args.set)
     strategies = _csv(args.strategies)
     _require(bool(strategies), "--strategies is empty; name at least one, e.g. standard,unified")
     _require(args.repeats >= 1, f"--repeats {args.repeats} must be at least 1")
     _require(args.warmup >= 0, f"--warmup {args.warmup} must be >= 0")
+    _require(args.profile >= 0, f"--profile {args.profile} must be >= 0 (steps to profile per arm)")
     _require(args.peak_tflops is None or (math.isfinite(args.peak_tflops) and args.peak_tflops > 0),
              f"--peak-tflops {args.peak_tflops} must be a positive number")
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.mode]
     reports = [run_bench(config, strategies, args.repeats, args.warmup, compile, args.hf, args.activation_checkpointing,
-                         args.peak_tflops) for compile in modes]
+                         args.peak_tflops, args.profile) for compile in modes]
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
     else:
-        print("\n\n".join(format_bench(r) for r in reports))
+        print("\n\n".join(format_bench(r) + (format_profile(r) if args.profile else "") for r in reports))
 
 
 def cmd_export(args) -> None:
     from .export.hf import export_run
 
-    export_run(Path(args.run_dir), Path(args.to), overwrite=args.overwrite, dtype=args.dtype)
+    export_run(Path(args.run_dir), Path(args.to), overwrite=args.overwrite, dtype=args.dtype, family=args.family)
 
 
 def cmd_import(args) -> None:
@@ -429,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="a .toml config instead of the preset")
     compare.add_argument("--strategies", default="standard,unified", help="comma-separated; the first is the baseline")
     compare.add_argument("--out", default="runs/demo", help="output directory (one run directory per strategy)")
+    compare.add_argument("--jobs", type=int, default=1, help="strategies trained side by side, each its own process")
+    compare.add_argument("--reference", help="a study's results (e.g. results/study-iwd-cpu): train at its best "
+                                             "learning rates, check the run records of this seed, show its Δ")
     compare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     compare.set_defaults(func=cmd_compare)
 
@@ -447,16 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=10, help="timed steps per arm")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
     bench.add_argument("--peak-tflops", type=float, help="GPU bf16 peak for MFU (default: looked up by GPU name)")
+    bench.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                       help="also profile STEPS steps per arm: a table of operators (CPU) or kernels (CUDA) by self "
+                            "time, and what each arm adds over the first")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     bench.set_defaults(func=cmd_bench)
 
-    export = sub.add_parser("export", help="fold scales and write a transformers checkpoint (Llama ... OLMo 2)")
+    export = sub.add_parser("export", help="fold scales and write a transformers checkpoint (Llama ... OLMo 2, "
+                                           "Qwen3-MoE ... Mixtral, or remote code for models no family computes)")
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
     export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
     export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the stored weights (the scales are folded in float32 first)")
+    export.add_argument("--family", help="force a form: llama, mistral, qwen2, qwen3, gemma2, gemma3, olmo2, "
+                                         "qwen3_moe, olmoe, mixtral, qwen2_moe or remote (refused, with the reason, "
+                                         "where it computes other logits)")
     export.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
@@ -528,8 +557,24 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab", type=int, help="vocabulary size of the trained tokenizer (default 8192)")
     prep.add_argument("--out", help="output directory (default data/bundled)")
     prep.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
+    prep.add_argument("--workers", type=int, help="tokenizer processes (default: the cores available)")
+    prep.add_argument("--part", metavar="I/N", help="prepare only part I of N (0-based; a SLURM array task, a node); "
+                      "the last part to finish joins them into --out")
     prep.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     prep.set_defaults(func=cmd_data_prepare)
+    imp = data.add_parser("import", help="use token arrays made elsewhere (nanoGPT train.bin/val.bin, .npy) with "
+                          "their tokenizer.json, without copying them")
+    imp.add_argument("--train", action="append", required=True, help="training token file or glob (.bin, .npy; "
+                     "repeatable, in order)")
+    imp.add_argument("--val", action="append", required=True, help="validation token file or glob (repeatable)")
+    imp.add_argument("--tokenizer", required=True, help="the tokenizer.json the tokens were made with")
+    imp.add_argument("--out", required=True, help="data directory to write (then train with --set data.dir=OUT)")
+    imp.add_argument("--dtype", choices=("uint16", "uint32"), help="dtype of headerless files (default: uint16 if "
+                     "the vocabulary fits, else uint32)")
+    imp.add_argument("--eos-id", type=int, help="document separator id (default: the tokenizer's <|endoftext|>)")
+    imp.add_argument("--source", default="imported", help="source name in meta.json (default imported)")
+    imp.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
+    imp.set_defaults(func=cmd_data_import)
     return parser
 
 

@@ -145,6 +145,10 @@ class ModelConfig:
     moe_every: int = 1
     """Every this-many-th block has an MoE FFN (1 = all; 2 = blocks 2, 4, ...), the others dense."""
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has a routed MoE FFN (every moe_every-th block, when moe_experts > 0)."""
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
+
     @property
     def head_size(self) -> int:
         """Width of one attention head: head_dim, or d_model / n_heads when head_dim is 0."""

@@ -25,15 +25,6 @@ def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
     if scale is None:
         return
     try:
-        if gamma.ndim == 2 and scale.parameterization != "plain":
-            # Scale.set_gamma takes one magnitude for the whole tensor; a stacked (per-expert) scale has one per
-            # row, so each row is set through a one-row Scale
-            for row, values in enumerate(gamma):
-                one = Scale(values.shape[0], scale.parameterization, scale.role, scale.magnitude is not None)
-                one.set_gamma(values)
-                for name, param in one.named_parameters():
-                    getattr(scale, name)[row].copy_(param)
-            return
         scale.set_gamma(gamma)
     except ValueError as err:
         raise ExportError(f"{where}: {err}; choose strategy or, or plain") from None

@@ -99,7 +99,7 @@ def layer_keys(i: int, architecture: str, m: ModelConfig | None = None) -> dict[
         keys |= {f"{n}_bias": f"{p}.self_attn.{n}_proj.bias" for n in "qkv"}
     if architecture in ("qwen3", "gemma3", "olmo2", "qwen3_moe", "olmoe"):
         keys |= {f"{n}_norm": f"{p}.self_attn.{n}_norm.weight" for n in "qk"}
-    if architecture not in MOE_FAMILIES or m is None or not is_moe_layer(m, i):
+    if architecture not in MOE_FAMILIES or m is None or not m.is_moe_layer(i):
         return keys
     mlp, names = (f"{p}.block_sparse_moe", ("w1", "w3", "w2")) if architecture == "mixtral" else \
         (f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"))
@@ -191,10 +191,6 @@ def remote_strategy(s: Strategy) -> Strategy:
                          qk_norm_group=s.qk_norm_group, expert_scales=s.expert_scales)
 
 
-def is_moe_layer(m: ModelConfig, i: int) -> bool:
-    return m.moe_experts > 0 and (i + 1) % m.moe_every == 0
-
-
 def remote_layer_keys(i: int, m: ModelConfig, s: Strategy) -> dict[str, str]:
     """Block i's parts in the remote-code form (export/remote/modeling_scalevec.py) -> its tensor names."""
     p = f"model.layers.{i}"
@@ -205,7 +201,7 @@ def remote_layer_keys(i: int, m: ModelConfig, s: Strategy) -> dict[str, str]:
         keys |= {"attn_post_norm": f"{p}.post_attention_norm.weight",
                  "ffn_post_norm": f"{p}.post_feedforward_norm.weight"}
     ffn = ("gate", "up", "down")
-    if not is_moe_layer(m, i):
+    if not m.is_moe_layer(i):
         return keys | {n: f"{p}.mlp.{n}_proj.weight" for n in ffn} | \
             {f"{n}_norm": f"{p}.mlp.{n}_norm.weight" for n in ffn if n in s.dnp}
     keys |= {"router": f"{p}.mlp.router.weight", "expert_bias": f"{p}.mlp.expert_bias",

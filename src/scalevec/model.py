@@ -182,8 +182,7 @@ class Decoder(nn.Module):
         self.config, self.strategy = model, strategy
         self.tok_emb = nn.Embedding(model.vocab_size, model.d_model)
         moe = moe or MoEConfig()
-        is_moe = [model.moe_experts > 0 and (i + 1) % model.moe_every == 0 for i in range(model.n_layers)]
-        self.blocks = nn.ModuleList(Block(model, strategy, moe if is_moe[i] else None, i)
+        self.blocks = nn.ModuleList(Block(model, strategy, moe if model.is_moe_layer(i) else None, i)
                                     for i in range(model.n_layers))
         # the final norm feeds the head, a linear map: an Input-Norm (docs/paper-notes.md section 3)
         self.final_scale = make_scale(model.d_model, strategy.scale, Role.INPUT)

@@ -108,20 +108,21 @@ class Scale(nn.Module):
     @torch.no_grad()
     def set_gamma(self, gamma: torch.Tensor) -> None:
         """Take the effective value `gamma` (exactly; without a magnitude β, up to the overall factor that the
-        following norm removes). ER needs every entry positive: ValueError otherwise."""
+        following norm removes); a stacked scale (one per expert) takes one magnitude per vector. ER needs every
+        entry positive: ValueError otherwise."""
         gamma = gamma.float()
         if self.parameterization == "plain":
             self.weight.copy_(gamma)
         elif self.parameterization == "or":
             self.direction.copy_(gamma)
             if self.magnitude is not None:
-                self.magnitude.fill_(gamma.pow(2).mean().sqrt().item())
+                self.magnitude.copy_(gamma.pow(2).mean(-1, keepdim=True).sqrt())
         else:
             if (gamma <= 0).any():
                 raise ValueError(f"ER needs every γ > 0, got min γ = {gamma.min().item():.4g}")
             self.direction.copy_(gamma.log())
             if self.magnitude is not None:
-                self.magnitude.fill_(gamma.log().mean().item())
+                self.magnitude.copy_(gamma.log().mean(-1, keepdim=True))
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
