@@ -505,3 +505,17 @@ def test_compare_reproduces_one_seed_of_a_study(small_data, tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / "other"), "--set", "train.batch_size=2"]) == 2
     assert "train.batch_size differs from the study's run record" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_preempted_run_stops_the_sweep_without_a_failure(small_data, tmp_path, monkeypatch):
+    """A run that a signal or time limit stopped (exit 75, its step checkpointed) is not a failure: the sweep stops
+    with it, exit 75 too, and the next sweep resumes that run."""
+    import subprocess as sp
+
+    from scalevec.train.preempt import EXIT_STOPPED, StoppedEarly
+
+    suite = load_suite(str(write_suite(tmp_path, small_data)), "cpu")
+    monkeypatch.setattr(sp, "run", lambda *a, **k: sp.CompletedProcess(a, EXIT_STOPPED, "", "stopped"))
+    with pytest.raises(StoppedEarly, match="the sweep stops with it"):
+        run_sweep(suite, tmp_path / "runs", log=lambda *_: None)
+    assert not list((tmp_path / "runs").rglob("failed.txt"))

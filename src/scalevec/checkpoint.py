@@ -207,7 +207,7 @@ def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
     """The run's config and its model with the newest usable checkpoint's weights."""
     if not (run_dir / "config.toml").is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.toml); give the --out of a scalevec run")
-    config = load_config(run_dir / "config.toml")
+    config = load_config(run_dir / "config.toml", resolved=True)
     model = Decoder(config.model, config.strategy, config.moe)
     model.load_state_dict(run_weights(run_dir, config))
     return config, model

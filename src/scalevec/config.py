@@ -436,7 +436,8 @@ class DistConfig:
     """Data parallelism under torchrun (a single process ignores it)."""
 
     mode: Literal["ddp", "fsdp2"] = "ddp"
-    """`ddp` (replicated parameters) or `fsdp2` (parameters, gradients and optimizer state sharded)."""
+    """`ddp` (replicated parameters) or `fsdp2` (parameters, gradients and optimizer state sharded). May change on
+    --resume (the checkpoint is loaded into either layout)."""
 
     def validate(self) -> None:
         check_choices(self, "dist")

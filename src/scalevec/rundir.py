@@ -37,10 +37,11 @@ class TrainError(RuntimeError):
     """The run cannot go on (non-finite loss, failed write); one line, the last good checkpoint kept (exit 1)."""
 
 
-def _first_difference(a: dict, b: dict, path: str = "") -> str | None:
+def first_difference(a: dict, b: dict, path: str = "") -> str | None:
+    """The first dotted key at which two nested dicts differ, or None."""
     for key in sorted(set(a) | set(b)):
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            found = _first_difference(a[key], b[key], f"{path}{key}.")
+            found = first_difference(a[key], b[key], f"{path}{key}.")
             if found:
                 return found
         elif a.get(key) != b.get(key):
@@ -65,10 +66,10 @@ def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) 
     if resume:
         saved = run_dir / CONFIG_NAME
         if saved.is_file():
-            old, new = to_dict(load_config(saved)), to_dict(config)
+            old, new = to_dict(load_config(saved, resolved=True)), to_dict(config)
             if not started(run_dir):  # e.g. a fresh import: only the weights' shape is fixed yet
                 old, new = ({k: d[k] for k in ("model", "strategy", "moe")} for d in (old, new))
-            difference = _first_difference(*map(_fixed_part, (old, new)))
+            difference = first_difference(*map(_fixed_part, (old, new)))
             if difference:
                 raise RunDirError(f"{difference} differs from the run's {saved}; resume with the same config "
                                   "(omit CONFIG to use the saved one) or start a new --out")

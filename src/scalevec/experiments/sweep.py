@@ -43,6 +43,7 @@ from tqdm import tqdm
 from ..config import BUNDLED_SOURCES, ConfigError, load_config, to_toml
 from ..outputs import write_text_atomic
 from ..rundir import final_eval, read_metrics
+from ..train.preempt import EXIT_STOPPED, StoppedEarly
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
@@ -319,6 +320,8 @@ def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, thre
         command.append("--resume")
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == EXIT_STOPPED:  # a signal or time limit reached the run too: it saved its step
+        raise StoppedEarly(f"run {path} stopped at a checkpoint; the sweep stops with it (run it again to continue)")
     if result.returncode != 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / "failed.txt").write_text(result.stderr[-4000:])
