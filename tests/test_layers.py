@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "scalevec"
 # floor of each module (a package's name covers the modules in it unless listed themselves)
 # export/__init__ holds ExportError only, so the package itself sits on the bottom floor
 FLOORS = {
-    "_version": 0, "outputs": 0, "config": 0, "strategy": 0, "hf_keys": 0, "export": 0,
+    "_version": 0, "errors": 0, "outputs": 0, "config": 0, "strategy": 0, "hf_keys": 0, "export": 0,
     "scales": 1,
     "projection": 2, "model": 2, "moe": 2,
     "optim": 3, "schedule": 3, "data": 3, "dist": 3,

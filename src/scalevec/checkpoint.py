@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from .config import Config, load_config
 from .dist import World, barrier
+from .errors import RunStopped
 from .model import Decoder
 from .outputs import file_sha256, first_line
 from .rundir import RunDirError
@@ -40,7 +41,7 @@ SINGLE_PROCESS = World()
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunStopped):
     pass
 
 

@@ -12,17 +12,13 @@ from pathlib import Path
 
 from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, load_config, to_dict, to_toml, validate
 from .data.sources import DataError
-from .export import ExportError
-from .outputs import OutputError, WriteFailed, check_output_path, first_line, is_disk_full
-from .rundir import RunDirError, TrainError, check_run_dir
-from .strategy import UnknownPreset
-from .train.preempt import EXIT_STOPPED, StoppedEarly
-
-BAD_INPUT = (ConfigError, DataError, RunDirError, ExportError, UnknownPreset, OutputError)  # exit 2
-RUN_STOPPED = (TrainError, WriteFailed)  # exit 1
+from .errors import BadInput, RunStopped
+from .outputs import OutputError, check_output_path, first_line, is_disk_full
+from .rundir import RunDirError, check_run_dir
+from .train.preempt import StoppedEarly
 
 
-class UsageError(Exception):
+class UsageError(BadInput):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
@@ -592,18 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     speaks = os.environ.get("RANK", "0") == "0"
     try:
         args.func(args)
-    except StoppedEarly as stop:  # a signal or train.time_limit: the step reached is saved
+    except (BadInput, RunStopped) as err:  # 2, 1, or 75 for a run stopped on request with its step saved
         if speaks:
-            print(f"scalevec: {stop}", file=sys.stderr)
-        return EXIT_STOPPED
-    except (*BAD_INPUT, UsageError) as err:
-        if speaks:
-            print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except RUN_STOPPED as err:
-        if speaks:
-            print(f"scalevec: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+            print(f"scalevec: {'' if isinstance(err, StoppedEarly) else 'error: '}{_one_line(err)}", file=sys.stderr)
+        return err.exit_code
     except Exception as err:  # a write site without its own message: still one line when the disk is full
         if not speaks:
             return 1

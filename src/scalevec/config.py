@@ -16,6 +16,7 @@ from typing import Literal
 
 import tomli_w
 
+from .errors import BadInput
 from .strategy import Strategy, UnknownPreset, preset_values
 
 PROSE_SOURCES = ("austen", "kjv_bible", "milton", "moby_dick", "shakespeare", "sotu", "wiki_vital_summaries")
@@ -25,7 +26,7 @@ BUNDLED_SOURCES = (*PROSE_SOURCES, "python_docs")  # the bundled corpus (data/co
 LoggerName = Literal["tensorboard", "csv", "wandb"]  # train/loggers.py
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """Bad configuration; the message is one line naming the key and the fix."""
 
 

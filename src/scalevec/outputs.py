@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .errors import BadInput, RunStopped
+
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # torch's zip writer and safetensors' Rust writer raise RuntimeError-like errors, not OSError, on a full disk
 DISK_FULL_MESSAGES = ("unexpected pos", "No space left", "os error 28", "file write failed", "Disk quota",
@@ -25,11 +27,11 @@ DISK_FULL_MESSAGES = ("unexpected pos", "No space left", "os error 28", "file wr
 LOCK_NAME = ".lock"
 
 
-class OutputError(ValueError):
+class OutputError(BadInput):
     """An output path that cannot be used as asked (exit 2); one line naming the path and the fix."""
 
 
-class WriteFailed(RuntimeError):
+class WriteFailed(RunStopped):
     """A write failed part way (full disk, quota); what existed before is intact (exit 1)."""
 
 

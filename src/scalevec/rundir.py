@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from .config import Config, load_config, to_dict, to_toml
+from .errors import BadInput, RunStopped
 from .outputs import LOCK_NAME, DirectoryLock, OutputError, check_output_path, remove_tree, write_text_atomic
 
 CONFIG_NAME = "config.toml"
@@ -29,11 +30,11 @@ RUN_ENTRIES = (CONFIG_NAME, METRICS_NAME, "metrics.csv", "checkpoints", "tensorb
 RESUME_MAY_CHANGE = {"train": ("time_limit", "stop_signals"), "dist": ("mode",)}
 
 
-class RunDirError(ValueError):
+class RunDirError(BadInput):
     """The run directory cannot be used as asked; one line naming the fix (exit 2)."""
 
 
-class TrainError(RuntimeError):
+class TrainError(RunStopped):
     """The run cannot go on (non-finite loss, failed write); one line, the last good checkpoint kept (exit 1)."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from .errors import BadInput
+
 Parameterization = Literal["fixed", "plain", "or", "er"]
 ProjectionName = Literal["q", "k", "v", "o", "gate", "up", "down"]
 ScaleDecay = Literal["iwd", "iwd-balanced", "all", "none"]
@@ -86,7 +88,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-class UnknownPreset(ValueError):
+class UnknownPreset(BadInput):
     pass
 
 

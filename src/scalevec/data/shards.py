@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BadInput
+
 COPY_TOKENS = 1 << 24  # tokens per read when a join copies a part's shard
 
 
-class StaleState(ValueError):
+class StaleState(BadInput):
     """A resume state that does not match the files beside it: the part starts again."""
 
 

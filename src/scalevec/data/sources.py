@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import BUNDLED_SOURCES
+from ..errors import BadInput
 from ..outputs import file_sha256, first_line
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Bad data input; the message is one line naming the problem and the fix."""
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from ..config import OptimConfig
+from ..errors import BadInput
 from ..scales import Kind, ParamInfo, Role
 from ..strategy import Strategy
 
@@ -62,7 +63,7 @@ def policy_table(optim: OptimConfig, scale_decay: str) -> dict[tuple[Role, Kind]
     return table
 
 
-class PolicyError(ValueError):
+class PolicyError(BadInput):
     """A parameter matched no rule or more than one."""
 
 

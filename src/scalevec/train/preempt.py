@@ -14,11 +14,15 @@ import signal
 import threading
 import time
 
+from ..errors import RunStopped
+
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "a temporary failure; try again", here with --resume
 
 
-class StoppedEarly(Exception):
+class StoppedEarly(RunStopped):
     """The run stopped before train.steps on request, with a checkpoint at the step reached (exit 75)."""
+
+    exit_code = EXIT_STOPPED
 
 
 class StopRequests:
