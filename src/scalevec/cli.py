@@ -14,7 +14,7 @@ from .config import BUNDLED_SOURCES, MODEL_PRESETS, PROSE_SOURCES, ConfigError, 
 from .data.sources import DataError
 from .errors import BadInput, RunStopped
 from .outputs import OutputError, check_output_path, first_line, is_disk_full
-from .rundir import RunDirError, check_run_dir
+from .rundir import RunDirError
 from .train.preempt import StoppedEarly
 
 
@@ -196,33 +196,35 @@ def cmd_env(args) -> None:
             print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
-def _dry_run(config, out: Path, resume: bool) -> None:
-    """What `train` would do, from the config alone: nothing is written or prepared."""
+def _print_plan(plan) -> None:
+    """What `train` would do, from its preflight: nothing is written or prepared."""
     import torch
 
-    from .data.prepare import require_prepared
     from .model import Decoder
     from .optim import param_groups
     from .summary import summarize
-    from .train.trainer import check_memory, resolve_device
 
-    check_memory(config, resolve_device(config.train.device))
+    config, t = plan.config, plan.config.train
     with torch.device("meta"):
         model = Decoder(config.model, config.strategy, config.moe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = param_groups(model, config.strategy.scale_decay, config.optim)
-    summary, t = summarize(model), config.train
+    summary = summarize(model)
     tokens = t.steps * t.batch_size * t.grad_accum * t.seq_len
-    try:
-        meta = json.loads((require_prepared(config.data) / "meta.json").read_text())
-        data = (f"data.dir {config.data.dir} is prepared: {meta['train']['tokens']:,} training tokens, so "
-                f"{tokens / meta['train']['tokens']:.2f} epochs")
-    except DataError:
+    if plan.windows is not None:
+        train_tokens = plan.windows.meta["train"]["tokens"]
+        data = f"data.dir {plan.data_dir} is prepared: {train_tokens:,} training tokens, so " \
+               f"{tokens * plan.world_size / train_tokens:.2f} epochs"
+    else:
         data = f"data.dir {config.data.dir} is missing or stale: `scalevec train` would prepare it first"
-    print(f"dry run: {'resume' if resume else 'start'} {out}; config valid; nothing written")
+    print(f"dry run: {'resume' if plan.resume else 'start'} {plan.run_dir} on {plan.device.type}"
+          f"{f' x {plan.world_size} processes' if plan.world_size > 1 else ''}; every check of a start passed; "
+          "nothing written")
     print(f"model: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} non-embedding), "
-          f"{len(groups)} optimizer groups")
+          f"{len(groups)} optimizer groups"
+          + (f"; starts from train.init_from {t.init_from}" if plan.init is not None else "")
+          + (f"; branches from {plan.branch[0]} at step {plan.branch[1]['state']['step']}" if plan.branch else ""))
     print(f"training: {t.steps:,} steps x {t.batch_size * t.grad_accum * t.seq_len:,} tokens = {tokens:,} tokens per "
           f"rank ({tokens / summary['non_embedding_parameters']:.1f} per non-embedding parameter)")
     print(data)
@@ -233,7 +235,8 @@ def _dry_run(config, out: Path, resume: bool) -> None:
 def cmd_train(args) -> None:
     from .data.prepare import prepare
     from .dist import close_world
-    from .train.trainer import Trainer, check_tokenizer
+    from .train.preflight import preflight
+    from .train.trainer import Trainer
 
     if args.config is None:
         if not (args.resume and args.out):
@@ -248,10 +251,9 @@ def cmd_train(args) -> None:
     if args.print_config:
         print(to_toml(config), end="")
         return
-    check_run_dir(Path(out), config, args.resume, args.overwrite)  # refuse before preparing anything
-    check_tokenizer(config)
+    plan = preflight(config, Path(out), args.resume, args.overwrite)  # every refusal, before preparing anything
     if args.dry_run:
-        _dry_run(config, Path(out), args.resume)
+        _print_plan(plan)
         return
     prepare(config.data, protect=Path(out))
     try:

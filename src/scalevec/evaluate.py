@@ -129,7 +129,7 @@ def evaluate(source: str | Path, data: list[str | Path], seq_len: int | None = N
              progress: bool | None = None) -> dict:
     """Loss (nats per token), perplexity, bits per byte and token count of a run or export on each input
     and over all of them, in fp32. seq_len defaults to the model's max_seq_len, stride to seq_len (no overlap)."""
-    from .train.trainer import resolve_device
+    from .train.preflight import resolve_device
 
     if not data:
         raise DataError("no --data given; name at least one .txt, .jsonl or .parquet file or prepared data directory")

@@ -238,7 +238,7 @@ def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarr
 
     from ..model import Decoder
     from ..optim import decay_counts
-    from ..train.trainer import resolve_device
+    from ..train.preflight import resolve_device
 
     rows = read_metrics(path)
     seconds, previous = 0.0, 0

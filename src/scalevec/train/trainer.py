@@ -19,26 +19,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, load_file_checked, verify_checkpoint
+from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
-from ..data.loader import Loader, TokenWindows, check_compatible, split_global_batch, validation_batches
+from ..data.loader import Loader, split_global_batch, validation_batches
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
-from ..data.sources import DataError
 from ..dist import all_reduce, all_sum, barrier, fail_together, gradient_sync, init_world, watch_failures, wrap
 from ..model import Decoder, build_model
 from ..moe import expert_balancing_hook
 from ..optim import Optimizers
-from ..outputs import append_line, contains, writing
-from ..rundir import METRICS_NAME, RunDir, TrainError, check_run_dir, truncate_metrics
+from ..outputs import append_line, writing
+from ..rundir import METRICS_NAME, RunDir, TrainError, truncate_metrics
 from ..schedule import lr_factor
-from .checkpointing import CheckpointManager, Counters, read_checkpoint
+from .checkpointing import CheckpointManager, Counters
 from .diagnostics import scale_diagnostics
-from .loggers import LOGGERS, ProgressLines, check_loggers
+from .loggers import LOGGERS, ProgressLines
 from .preempt import StoppedEarly, StopRequests
+from .preflight import Plan, preflight
 
 
 def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
@@ -55,107 +54,34 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
     return ce + z_loss * torch.logsumexp(logits, -1).pow(2).mean(), ce
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of train.device (`auto`: cuda when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def check_tokenizer(config: Config) -> None:
-    """Refuse to train given weights (train.init_from) on a tokenizer trained afresh: their token ids would
-    mean other words. Before any data is prepared."""
-    if config.train.init_from and not config.data.tokenizer:
-        raise ConfigError("train.init_from starts from trained weights but data.tokenizer is empty, so a new "
-                          "tokenizer would be trained that the weights do not know; set data.tokenizer to their "
-                          "tokenizer.json (scalevec import --tokenizer FILE)")
-
-
-def check_memory(config: Config, device: torch.device) -> None:
-    """Refuse, before allocating anything, a run whose weights, optimizer state and logits exceed the device.
-
-    A lower bound from the shapes alone (matrices, embeddings, RoPE tables), so even absurd sizes answer at once.
-    """
-    m, t = config.model, config.train
-    d, hd = m.d_model, m.head_size
-    moe_layers = m.n_layers // m.moe_every if m.moe_experts else 0
-    ffn = 3 * d * (moe_layers * m.moe_experts * (m.moe_d_expert or m.d_ff) + (m.n_layers - moe_layers) * m.d_ff)
-    attention = m.n_layers * d * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
-    tensors = (1 if m.tie_embeddings else 2) * m.vocab_size * d + attention + ffn + m.max_seq_len * hd
-    logits = max(t.batch_size, t.eval_batch_size) * t.seq_len * m.vocab_size
-    needed = 4 * (4 * tensors + 3 * logits)  # fp32 weights, gradients, two AdamW moments; logits, softmax, gradient
-    if device.type == "cuda":
-        available = torch.cuda.get_device_properties(device).total_memory
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > available:
-        raise ConfigError(f"this run needs at least {needed / 2**30:.1f} GiB ({tensors:,} weights, {logits:,} logits "
-                          f"per batch) but the {device.type} device has {available / 2**30:.1f} GiB; lower "
-                          "model.vocab_size, model.max_seq_len, the model's widths or depth, or the batch sizes")
-
-
-def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
-    """Floating-point, finite tensors of a safetensors file named by config key `key`; ConfigError otherwise."""
-    if not path.is_file():
-        raise ConfigError(f"{key} {path} not found; give a safetensors file (e.g. written by `scalevec import`)")
-    try:
-        state = load_file_checked(path, load_file)
-    except CheckpointError as err:
-        raise ConfigError(f"{key}: {err}; give a safetensors file written for this config") from None
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise ConfigError(f"{key} {path}: tensor {name} has dtype {tensor.dtype}, not floating point")
-        if not torch.isfinite(tensor).all():
-            raise ConfigError(f"{key} {path}: tensor {name} holds NaN or infinite values")
-    return state
-
-
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, log=print):
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
         t = config.train
-        check_run_dir(self.run_dir, config, resume, overwrite)
-        device = resolve_device(t.device)
-        check_memory(config, device)
-        check_loggers(t.loggers)
-        check_tokenizer(config)
-        if t.compile and config.model.moe_experts and config.moe.dispatch == "grouped" and device.type == "cpu":
-            raise ConfigError("moe.dispatch=grouped cannot compile in fp32 on CPU (grouped_mm compiles for bf16 "
-                              "only); use moe.dispatch=auto or padded, or train.compile=false")
+        plan = preflight(config, self.run_dir, resume, overwrite)  # every check, before anything is written
+        if plan.data_dir is None:
+            require_prepared(config.data)  # its one line: prepare the data first (`scalevec train` does)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.stop_requests = StopRequests(t.stop_signals, t.time_limit_s)  # the time limit counts from here
-        self.world = world = init_world(device)
+        self.world = world = init_world(plan.device)
         self.device = world.device
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
         self.rundir = None
         watch_failures(world, self._end_on_failure_elsewhere)
         with fail_together(world, TrainError):  # a rank that cannot start ends the others waiting in a collective
-            self._start(branch_from=t.branch_from, resume=resume, overwrite=overwrite)
+            self._start(plan, resume=resume, overwrite=overwrite)
 
-    def _start(self, branch_from: str, resume: bool, overwrite: bool) -> None:
+    def _start(self, plan: Plan, resume: bool, overwrite: bool) -> None:
         config, t, world = self.config, self.config.train, self.world
         # under torchrun a process group exists at any world size, so one rank shards (and checkpoints) as many do
         self.sharded = world.grouped and config.dist.mode == "fsdp2"
-        if contains(config.data.dir, self.run_dir):
-            raise DataError(f"data.dir {config.data.dir} is or contains the run directory {self.run_dir}; "
-                            "choose another data.dir")
-        data_dir = require_prepared(config.data)
-        self.windows = TokenWindows(data_dir, "train", t.seq_len)
-        self.val_windows = TokenWindows(data_dir, "val", t.seq_len)
-        if len(self.val_windows) == 0:
-            raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction > 0 "
-                            "or use more data")
-        check_compatible(self.windows, config.data.tokenizer, config.model.vocab_size)
-        branch = self._read_branch(Path(branch_from)) if branch_from else None
-
+        self.windows, self.val_windows, branch = plan.windows, plan.val_windows, plan.branch
         self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
-        if t.init_from:  # before sharding; a checkpoint found by --resume replaces these weights
-            self._load_init(Path(t.init_from))
+        if plan.init is not None:  # before sharding; a checkpoint found by --resume replaces these weights
+            self.model.load_state_dict(plan.init)
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
@@ -217,16 +143,6 @@ class Trainer:
             self.rundir.close(failed)
             self.rundir = None
 
-    def _read_branch(self, path: Path) -> tuple[Path, dict]:
-        try:
-            loaded = read_checkpoint(path, verify_checkpoint(path))
-        except CheckpointError as err:
-            raise ConfigError(f"train.branch_from: {err}; give a valid checkpoint directory of another run") from None
-        if loaded["state"]["step"] >= self.config.train.steps:
-            raise ConfigError(f"train.branch_from is at step {loaded['state']['step']}, not below train.steps="
-                              f"{self.config.train.steps}; raise train.steps")
-        return path, loaded
-
     def _restore(self) -> None:
         found = self.checkpoints.restore()
         if found is None:
@@ -237,15 +153,6 @@ class Trainer:
         barrier(self.world)
         if found is not None:
             self.log(f"resumed from step {self.step}")
-
-    def _load_init(self, path: Path) -> None:
-        state = read_weights(path, "train.init_from")
-        expected = self.model.state_dict()
-        for name in sorted(set(expected) | set(state)):
-            if name not in state or name not in expected or state[name].shape != expected[name].shape:
-                raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
-                                  "use weights written for this config")
-        self.model.load_state_dict(state)
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

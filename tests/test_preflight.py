@@ -1,0 +1,107 @@
+"""Issue "The house, second pass": one preflight for the dry run and the start. Every refusal of a start is met by
+`train --dry-run` with the same exit code and line, and neither writes anything."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_train import tiny_config
+
+from scalevec.cli import main
+from scalevec.config import to_toml
+
+
+@pytest.fixture()
+def sandbox(small_data, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(tiny_config(small_data, "train.steps=4")))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not safetensors at all")
+    model = tiny_config(small_data)
+    from scalevec.model import build_model
+    state = build_model(model.model, model.strategy).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "init.safetensors")
+    bad = {k: v.contiguous().clone() for k, v in state.items()}
+    next(iter(bad.values())).fill_(float("nan"))
+    save_file(bad, tmp_path / "nan.safetensors")
+    save_file({"tok_emb.weight": torch.zeros(3, 3)}, tmp_path / "small.safetensors")
+    run = tmp_path / "done"  # a finished run: its checkpoint is a branch_from source at step 4
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    return tmp_path, config, small_data
+
+
+def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]:
+    """(arguments after `train`, a phrase of the one line it is refused with)."""
+    c, out = str(config), str(tmp / "new")
+    tok = f"data.tokenizer={data / 'tokenizer.json'}"
+    checkpoint = next((tmp / "done" / "checkpoints").iterdir())
+    return [
+        ([c, "--out", str(tmp / "existing")], "exists; pass --resume"),
+        ([c, "--out", out, "--resume", "--overwrite"], "contradict each other"),
+        ([c, "--out", str(tmp / "a_file")], "a_file"),
+        ([c, "--out", str(tmp / "a_file" / "run")], "a_file"),
+        ([c, "--out", str(tmp / "done"), "--resume", "--set", "optim.lr=0.5"], "optim.lr differs"),
+        ([c, "--out", out, "--set", "model.d_model=1048576", "--set", "model.n_heads=1", "--set", "model.n_kv_heads=1"],
+         "GiB"),
+        ([c, "--out", out, "--set", "train.loggers=[\"wandb\"]"], "wandb"),
+        ([c, "--out", out, "--set", "train.loggers=[\"tensorboard\"]"], "tensorboard"),
+        ([c, "--out", out, "--set", f"train.init_from={tmp / 'init.safetensors'}"], "data.tokenizer is empty"),
+        ([c, "--out", out, "--set", f"train.init_from={tmp / 'missing.safetensors'}", "--set", tok], "not found"),
+        ([c, "--out", out, "--set", f"train.init_from={tmp / 'garbage.safetensors'}", "--set", tok],
+         "train.init_from"),
+        ([c, "--out", out, "--set", f"train.init_from={tmp / 'nan.safetensors'}", "--set", tok], "NaN"),
+        ([c, "--out", out, "--set", f"train.init_from={tmp / 'small.safetensors'}", "--set", tok],
+         "does not fit this model"),
+        ([c, "--out", out, "--set", f"train.branch_from={tmp / 'nowhere'}"], "train.branch_from"),
+        ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=3"],
+         "not below train.steps"),
+        ([c, "--out", out, "--set", "model.moe_experts=2", "--set", "model.moe_top_k=1",
+          "--set", "moe.dispatch=grouped", "--set", "train.compile=true"], "grouped cannot compile"),
+        ([c, "--out", str(data / "run")], "is or contains the run directory"),
+        ([c, "--out", out, "--set", "model.vocab_size=256"], "larger than"),
+        ([c, "--out", out, "--set", "train.device=cuda"], "no CUDA device"),
+        ([c, "--out", out, "--set", "train.time_limit=soon"], "not a duration"),
+        ([c, "--out", out, "--set", "train.steps=0"], "train.steps"),
+        ([c, "--out", out, "--set", "model.nope=1"], "unknown key model.nope"),
+        (["--resume", "--out", str(tmp / "existing")], "not a run directory"),
+    ]
+
+
+def snapshot(tmp: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in tmp.rglob("*") if ".lock" not in p.name}
+
+
+def test_dry_run_and_start_refuse_alike_and_write_nothing(sandbox, capsys):
+    tmp, config, data = sandbox
+    cases = refusals(tmp, config, data)
+    assert len(cases) >= 20
+    if torch.cuda.is_available():
+        cases = [case for case in cases if "no CUDA device" not in case[1]]
+    for args, phrase in cases:
+        before = snapshot(tmp)
+        lines = {}
+        for mode in ("--dry-run", None):
+            code = main(["train", *args, *([mode] if mode else [])])
+            err = capsys.readouterr().err
+            assert code == 2, (args, mode, err)
+            assert err.count("\n") == 1 and phrase in err, (args, mode, err)
+            lines[mode] = err
+        assert lines["--dry-run"] == lines[None], args
+        assert snapshot(tmp) == before, f"{args}: something was written"
+
+
+def test_the_dry_run_reports_the_plan_of_a_start_that_would_go(sandbox, capsys):
+    tmp, config, data = sandbox
+    checkpoint = next((tmp / "done" / "checkpoints").iterdir())
+    args = ["train", str(config), "--out", str(tmp / "branched"), "--set", f"train.branch_from={checkpoint}",
+            "--set", "train.steps=8", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"start {tmp / 'branched'} on cpu" in out and "branches from" in out and "at step 4" in out
+    assert "is prepared" in out and "epochs" in out and not (tmp / "branched").exists()
+    assert json.loads((data / "meta.json").read_text())["train"]["tokens"] > 0
