@@ -183,7 +183,8 @@ def table(summary: dict) -> str:
             continue
         interval = "" if study["ci95"] is None else f" [{study['ci95'][0]:+.4f}, {study['ci95'][1]:+.4f}]"
         lines.append(f"\n{name} − {summary['baseline']}: {summary['strategies'][name]['val_loss_minus_baseline']:+.4f} "
-                     f"here (one seed); the study's {study['n']} paired seeds: {study['delta']:+.4f}{interval}, "
+                     f"here (one seed); the study's {study['n']} paired seed{'s' if study['n'] > 1 else ''}: "
+                     f"{study['delta']:+.4f}{interval}, "
                      f"{study['verdict']} ({study['analysis']}).")
     return "\n".join(lines)
 
@@ -241,7 +242,7 @@ def plot_gap(out: Path, summary: dict) -> None:
         if study:
             tokens = [p["tokens"] / 1e6 for p in study]
             ax.plot(tokens, [p["delta"] for p in study], color=colour, linestyle="--",
-                    label=f"{name}, the study's mean ({ref['study']['n']} seeds)")
+                    label=f"{name}, the study's mean ({ref['study']['n']} seed{'s' if ref['study']['n'] > 1 else ''})")
             if all(p["ci95"] for p in study):
                 ax.fill_between(tokens, [p["ci95"][0] for p in study], [p["ci95"][1] for p in study], color=colour,
                                 alpha=0.15)
