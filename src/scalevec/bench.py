@@ -17,6 +17,7 @@ with its calls and self time per step and its share of the step; then what each 
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .strategy import strategy as make_strategy
 from .summary import flops_per_token
 from .train.trainer import lm_objective
 
+COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph \w+ ##")
 # Dense bf16 tensor-core peaks (datasheets, TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
@@ -115,11 +117,14 @@ def _profile(arm: TimedArm, tokens: torch.Tensor, device: torch.device, autocast
     with profile(activities=activities) as prof:
         for _ in range(steps):
             _step(arm, tokens, device, autocast)
-    rows = []
+    merged: dict[str, list[float]] = {}
     for event in prof.key_averages():
         micros = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if micros > 0:
-            rows.append({"name": event.key, "calls": event.count / steps, "self_ms": micros / 1e3 / steps})
+        if micros > 0:  # inductor's graphs are named by a hash that differs between arms: one row for them all
+            row = merged.setdefault(COMPILED_GRAPH.sub("## Call CompiledFxGraph ##", event.key), [0, 0.0])
+            row[0], row[1] = row[0] + event.count, row[1] + micros
+    rows = [{"name": name, "calls": calls / steps, "self_ms": micros / 1e3 / steps}
+            for name, (calls, micros) in merged.items()]
     total = sum(row["self_ms"] for row in rows)
     for row in rows:
         row["share"] = row["self_ms"] / total
