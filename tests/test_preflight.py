@@ -32,6 +32,11 @@ def sandbox(small_data, tmp_path):
     save_file({"tok_emb.weight": torch.zeros(3, 3)}, tmp_path / "small.safetensors")
     run = tmp_path / "done"  # a finished run: its checkpoint is a branch_from source at step 4
     assert main(["train", str(config), "--out", str(run)]) == 0
+    import shutil
+    shutil.copytree(run, tmp_path / "corrupt")  # its only checkpoint does not verify
+    next((tmp_path / "corrupt" / "checkpoints").iterdir()).joinpath("model.safetensors").write_bytes(b"torn")
+    shutil.copytree(run, tmp_path / "scribbled")  # a line of metrics.jsonl that is no record
+    (tmp_path / "scribbled" / "metrics.jsonl").write_text("not json\n" + (run / "metrics.jsonl").read_text())
     return tmp_path, config, small_data
 
 
@@ -69,6 +74,10 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
         ([c, "--out", out, "--set", "train.steps=0"], "train.steps"),
         ([c, "--out", out, "--set", "model.nope=1"], "unknown key model.nope"),
         (["--resume", "--out", str(tmp / "existing")], "not a run directory"),
+        (["--resume", "--out", str(tmp / "corrupt")], "no usable checkpoint"),
+        (["--resume", "--out", str(tmp / "scribbled")], "is not a JSON record"),
+        ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.inputs=[\"/nonexistent.txt\"]"],
+         "matches no file"),
     ]
 
 

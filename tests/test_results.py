@@ -67,3 +67,8 @@ def test_runs_on_different_devices_are_never_paired(tmp_path):
     record.write_text(json.dumps(data))
     after = {row["arm"]: row for row in write_report(copy)["analyses"][1]["arms"]}
     assert (before["hg"]["n"], after["hg"]["n"]) == (8, 7) and after["dp"] == before["dp"]
+
+    from scalevec.experiments.report import _ood_delta  # out of domain too
+    row = {"ood": {"0": 1.0, "1": 2.0}, "seeds": {"0": 0, "1": 0}, "devices": {"0": "cuda", "1": "cpu"}}
+    base = {"ood": {"0": 1.5, "1": 1.5}, "seeds": {"0": 0, "1": 0}, "devices": {"0": "cpu", "1": "cpu"}}
+    assert _ood_delta(row, base, 1) == {"ood_n": 1, "ood_delta": 0.5, "ood_ci95": None}

@@ -217,6 +217,8 @@ def test_compare_writes_report_and_reuses_finished_runs(small_data, tmp_path, ca
     assert main(args) == 0
     assert "finished run found" in capsys.readouterr().out
     assert (out / "standard" / "metrics.jsonl").stat().st_mtime_ns == mtime
+    assert main([*args, "--set", "optim.lr=0.5"]) == 2  # a finished run of another config is never reused
+    assert "is a finished run of another config (optim.lr differs)" in capsys.readouterr().err
     assert main(["compare", "--preset", "nope"]) == 2
 
 

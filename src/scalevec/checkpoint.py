@@ -210,5 +210,11 @@ def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
         raise RunDirError(f"{run_dir} is not a run directory (no config.toml); give the --out of a scalevec run")
     config = load_config(run_dir / "config.toml", resolved=True)
     model = Decoder(config.model, config.strategy, config.moe)
-    model.load_state_dict(run_weights(run_dir, config))
+    weights = run_weights(run_dir, config)
+    if set(weights) != set(model.state_dict()):
+        extra = sorted(set(weights) ^ set(model.state_dict()))[0]
+        raise RunDirError(f"{run_dir}: its weights do not fit this scalevec's model (tensor {extra}); a MoE run with "
+                          "a shared expert written before 0.2 gave the shared expert a γ of its own, which 0.2 "
+                          "removed (docs/paper-notes.md section 8): read it with scalevec 0.1")
+    model.load_state_dict(weights)
     return config, model

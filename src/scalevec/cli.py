@@ -219,8 +219,8 @@ def _print_plan(plan) -> None:
     else:
         data = f"data.dir {config.data.dir} is missing or stale: `scalevec train` would prepare it first"
     print(f"dry run: {'resume' if plan.resume else 'start'} {plan.run_dir} on {plan.device.type}"
-          f"{f' x {plan.world_size} processes' if plan.world_size > 1 else ''}; every check of a start passed; "
-          "nothing written")
+          f"{f' x {plan.world_size} processes' if plan.world_size > 1 else ''}; every check of a start passed "
+          "(the run directory's lock is taken when it starts); nothing written")
     print(f"model: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} non-embedding), "
           f"{len(groups)} optimizer groups"
           + (f"; starts from train.init_from {t.init_from}" if plan.init is not None else "")

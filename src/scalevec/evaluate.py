@@ -83,6 +83,7 @@ def stream_loss(model: Decoder, tokens: np.ndarray, seq_len: int, stride: int, b
 
 
 @torch.no_grad()
+@torch.no_grad()
 def windows_loss(model: Decoder, windows: np.ndarray, batch_size: int) -> float:
     """Mean next-token loss in nats over fixed windows (n, length + 1), every target of every window, in fp32."""
     total = 0.0

@@ -26,6 +26,7 @@ from ..config import ConfigError, load_config, to_dict, to_toml
 from ..data.prepare import prepare
 from ..outputs import write_atomic, write_text_atomic
 from ..rundir import TrainError, final_eval, first_difference, read_metrics
+from ..train.preempt import EXIT_STOPPED, StoppedEarly
 from ..train.trainer import Trainer
 from .sweep import Suite, best_lr, read_record
 
@@ -54,6 +55,11 @@ def run_comparison(source: Path, strategies: list[str], out: Path, overrides: li
     for name, config in configs.items():
         run_dir = out / name
         if final_eval(run_dir, config.train.steps) is not None:
+            difference = first_difference(to_dict(load_config(run_dir / "config.toml", resolved=True)),
+                                          to_dict(config))
+            if difference:
+                raise ConfigError(f"{run_dir} is a finished run of another config ({difference} differs); choose "
+                                  "another --out, or remove that run to train this comparison")
             log(f"{name}: finished run found in {run_dir}")
             continue
         todo[name] = bool(list_checkpoints(run_dir / "checkpoints"))
@@ -81,6 +87,9 @@ def _train_process(source: Path, name: str, config, out: Path, resume: bool, log
                "--resume" if resume else "--overwrite"]
     with open(out / f"{name}.log", "w") as output:
         result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+    if result.returncode == EXIT_STOPPED:
+        raise StoppedEarly(f"{name} stopped at a checkpoint (a signal or time limit); run the comparison again to "
+                           "continue it")
     if result.returncode != 0:
         last = (out / f"{name}.log").read_text().strip().splitlines()[-1:] or [f"exit {result.returncode}"]
         raise TrainError(f"{name} stopped: {last[0]} (its log: {out / name}.log)")
@@ -99,10 +108,11 @@ def _study(reference: Path, source: Path, strategies: list[str], overrides: list
     arms, lrs = {}, {}
     for name in strategies:
         matches = [arm for arm in suite.arms() if arm.strategy == name and arm.optimizer == config.optim.name
-                   and arm.schedule == config.schedule.name]
+                   and arm.schedule == config.schedule.name and arm.size in (config.model.preset, "config")]
         if not matches:
             raise ConfigError(f"--reference {reference} has no arm {name!r} with optim.name={config.optim.name} and "
-                              f"schedule.name={config.schedule.name}; choose --strategies among "
+                              f"schedule.name={config.schedule.name} at model.preset={config.model.preset}; choose "
+                              "--strategies among "
                               f"{', '.join(suite.strategies)}")
         arms[name] = matches[0]
         lrs[name] = best_lr(reference, suite, matches[0])  # None while the study has not run it: the config's lr
@@ -137,8 +147,10 @@ def _reference_rows(summary: dict, study: dict) -> dict:
         recorded = record["final"]["val_loss"] if record else None
         rows[name] = {"lr": lr, "record_val_loss": recorded,
                       "matches": None if recorded is None else abs(recorded - row["final_val_loss"]) < RECORD_TOLERANCE}
+        arm = study["arm"][name]
+        setting = f"{arm.size}/{arm.optimizer}-{arm.schedule}"
         analysis = next((a for a in study["summary"]["analyses"] if a["baseline"] == baseline
-                         for r in a["arms"] if r["arm"] == name), None)
+                         and a["setting"] == setting for r in a["arms"] if r["arm"] == name), None)
         result = None if analysis is None else next(r for r in analysis["arms"] if r["arm"] == name)
         if result is not None:
             rows[name]["study"] = {key: result[key] for key in ("n", "delta", "ci95", "verdict", "delta_curve")}

@@ -180,7 +180,7 @@ def _paired(row: dict, base: dict) -> set[str]:
 
 def _ood_delta(row: dict, base: dict, family: int) -> dict:
     """The paired Δ out of domain (the suite's ood_source) over the seeds both arms have a score for."""
-    common = sorted(set(row["ood"]) & set(base["ood"]), key=int)
+    common = sorted((s for s in _paired(row, base) if s in row["ood"] and s in base["ood"]), key=int)
     if not common:
         return {"ood_n": 0, "ood_delta": None, "ood_ci95": None}
     result = paired([row["ood"][s] - base["ood"][s] for s in common], family, TARGET_EFFECT)

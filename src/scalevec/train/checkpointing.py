@@ -96,6 +96,11 @@ def read_checkpoint(path: Path, state: dict) -> dict:
     return loaded
 
 
+def unusable(err: CheckpointError) -> RunDirError:
+    """A resume that finds checkpoints but none it can use: refused, nothing changed."""
+    return RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite")
+
+
 class CheckpointManager:
     """save() and apply() of a run's checkpoints, restore() of its newest usable one; it owns the counters' and the
     RNGs' part of the trainer's state."""
@@ -142,8 +147,7 @@ class CheckpointManager:
             found = newest_usable(self.root, lambda path, state: self.apply(path, read_checkpoint(path, state),
                                                                             own=True))
         except CheckpointError as err:
-            raise RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite"
-                              ) from None
+            raise unusable(err) from None
         return found[0] if found else None
 
     def apply(self, path: Path, loaded: dict, own: bool = False) -> None:

@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import CheckpointError, load_file_checked, verify_checkpoint
+from ..checkpoint import CheckpointError, load_file_checked, newest_usable, verify_checkpoint
 from ..config import Config, ConfigError
 from ..data.loader import TokenWindows, check_compatible
 from ..data.prepare import require_prepared
-from ..data.sources import DataError
+from ..data.sources import DataError, resolve_sources
 from ..model import Decoder
 from ..outputs import contains
-from ..rundir import check_run_dir
-from .checkpointing import read_checkpoint
+from ..rundir import check_run_dir, has_content, read_metrics
+from .checkpointing import read_checkpoint, unusable
 from .loggers import check_loggers
 
 
@@ -145,12 +145,21 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
     if contains(config.data.dir, run_dir):
         raise DataError(f"data.dir {config.data.dir} is or contains the run directory {run_dir}; "
                         "choose another data.dir")
+    if resume and has_content(run_dir):  # what a resume reads before it changes anything
+        try:
+            newest_usable(run_dir / "checkpoints", read_checkpoint)
+        except CheckpointError as err:
+            raise unusable(err) from None
+        read_metrics(run_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data_dir = windows = val_windows = None
     try:
         data_dir = require_prepared(config.data)
-    except DataError:
-        pass  # `scalevec train` prepares it after this; the Trainer itself needs it (Trainer.__init__)
+    except DataError:  # `scalevec train` prepares it after this (the Trainer itself needs it): its inputs must exist
+        resolve_sources(config.data.sources, config.data.inputs)
+        if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
+            raise DataError(f"data.tokenizer {config.data.tokenizer} not found; give an existing tokenizer.json or "
+                            "leave it empty") from None
     if data_dir is not None:
         windows, val_windows = TokenWindows(data_dir, "train", t.seq_len), TokenWindows(data_dir, "val", t.seq_len)
         if len(val_windows) == 0:
