@@ -218,7 +218,9 @@ def _print_plan(plan) -> None:
                f"{tokens * plan.world_size / train_tokens:.2f} epochs"
     else:
         data = f"data.dir {config.data.dir} is missing or stale: `scalevec train` would prepare it first"
-    print(f"dry run: {'resume' if plan.resume else 'start'} {plan.run_dir} on {plan.device.type}"
+    resuming = f"resume {plan.run_dir} from {plan.resume_from.name}" if plan.resume_from else \
+        f"{'resume' if plan.resume else 'start'} {plan.run_dir}"
+    print(f"dry run: {resuming} on {plan.device.type}"
           f"{f' x {plan.world_size} processes' if plan.world_size > 1 else ''}; every check of a start passed "
           "(the run directory's lock is taken when it starts); nothing written")
     print(f"model: {summary['parameters']:,} parameters ({summary['non_embedding_parameters']:,} non-embedding), "

@@ -8,6 +8,7 @@ Only the data may be missing: `scalevec train` prepares it after the preflight, 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class Plan:
     config: Config
     run_dir: Path
     resume: bool
+    resume_from: Path | None
+    """The newest usable checkpoint a resume continues from (None: it starts from step 0)."""
     device: torch.device
     world_size: int
     """Processes of this start (torchrun's WORLD_SIZE; 1 alone)."""
@@ -145,11 +148,15 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
     if contains(config.data.dir, run_dir):
         raise DataError(f"data.dir {config.data.dir} is or contains the run directory {run_dir}; "
                         "choose another data.dir")
+    resume_from = None
     if resume and has_content(run_dir):  # what a resume reads before it changes anything
         try:
-            newest_usable(run_dir / "checkpoints", read_checkpoint)
+            with warnings.catch_warnings():  # the start's restore says which ones it skips
+                warnings.simplefilter("ignore")
+                found = newest_usable(run_dir / "checkpoints", read_checkpoint)
         except CheckpointError as err:
             raise unusable(err) from None
+        resume_from = found[0] if found else None
         read_metrics(run_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data_dir = windows = val_windows = None
@@ -166,5 +173,5 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction "
                             "> 0 or use more data")
         check_compatible(windows, config.data.tokenizer, config.model.vocab_size)
-    return Plan(config, run_dir, resume, device, world_size, data_dir, windows, val_windows, _branch(config),
-                _init_weights(config))
+    return Plan(config, run_dir, resume, resume_from, device, world_size, data_dir, windows, val_windows,
+                _branch(config), _init_weights(config))
