@@ -259,7 +259,8 @@ def cmd_train(args) -> None:
         return
     prepare(config.data, protect=Path(out))
     try:
-        trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+        # the plan stands when the data was prepared before it (prepare was a no-op); else the Trainer checks again
+        trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite, plan=plan)
         result = trainer.run()
     finally:
         close_world()

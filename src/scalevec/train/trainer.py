@@ -56,10 +56,12 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
 
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                 progress: bool | None = None, log=print):
+                 progress: bool | None = None, log=print, plan: Plan | None = None):
+        """`plan`: this start's preflight, already run on prepared data (else it runs here)."""
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
         t = config.train
-        plan = preflight(config, self.run_dir, resume, overwrite)  # every check, before anything is written
+        if plan is None or plan.data_dir is None:
+            plan = preflight(config, self.run_dir, resume, overwrite)  # every check, before anything is written
         if plan.data_dir is None:
             require_prepared(config.data)  # its one line: prepare the data first (`scalevec train` does)
         if t.threads:
