@@ -10,7 +10,7 @@ import pytest
 from scalevec.cli import main
 from scalevec.config import DataConfig
 from scalevec.data.loader import Loader, TokenWindows, check_compatible, validation_batches, validation_windows
-from scalevec.data.prepare import load_tokenizer, prepare, split_documents
+from scalevec.data.prepare import is_member, load_tokenizer, prepare, split_documents
 from scalevec.data.references import reference_losses
 from scalevec.data.sources import BUNDLED_SOURCES, CORPUS_DIR, DataError
 
@@ -128,8 +128,11 @@ def test_split_is_stratified_by_source():
     assert sum(sizes[i] for i in val if sources[i] == "a") == 200  # a fifth of a's text
     assert len([i for i in val if sources[i] == "b"]) == 1  # at least one document, never all
     assert len([i for i in val if sources[i] in "cd"]) == 1  # c and d split as one pool
-    assert val == split_documents(files, sizes, 0.2, seed=0)
-    assert split_documents(files, sizes, 0.0, seed=0) == set()
+    assert np.array_equal(val, split_documents(files, sizes, 0.2, seed=0)) and np.all(np.diff(val) > 0)
+    assert len(split_documents(files, sizes, 0.0, seed=0)) == 0
+    numbers = np.arange(len(sizes))
+    assert np.array_equal(is_member(numbers, val), np.isin(numbers, val))
+    assert not is_member(numbers, split_documents(files, sizes, 0.0, seed=0)).any()
 
 
 def test_validation_windows_cover_every_source_in_proportion(tmp_path):

@@ -1,6 +1,10 @@
 """Tokenizing on every core: worker processes, each with its own copy of the tokenizer, take batches of documents
 in order, with a bounded number of batches in flight, so memory does not grow with the corpus.
 
+The workers start before the preparation reads anything (each loads the tokenizer when its first batch names it):
+forked later, every worker would share, and copy as it writes near them, the pages of whatever the parent holds
+by then (the document index grows with the corpus).
+
 As Megatron's preprocess_data.py and datatrove's tokenizer step do: processes, not threads (one core each, the
 tokenizer's own thread pool off), fed whole batches into the Rust batch encoder.
 """
@@ -19,15 +23,11 @@ BATCH_BYTES = 1 << 20  # ... or fewer, once they hold this much text (a worker's
 PARALLELISM = "TOKENIZERS_PARALLELISM"
 IN_FLIGHT = 2  # batches queued per worker: enough to keep every worker busy, few enough to bound memory
 
-_tokenizer = None
+_tokenizer: tuple[str, object] | None = None  # (path, tokenizer) of this worker
 
 
-def _start_worker(tokenizer_path: str) -> None:
-    global _tokenizer
+def _start_worker() -> None:
     os.environ[PARALLELISM] = "false"  # the processes are the parallelism: one core each
-    from tokenizers import Tokenizer
-
-    _tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
 def encode_texts(tokenizer, texts: list[str], eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -39,8 +39,13 @@ def encode_texts(tokenizer, texts: list[str], eos_id: int | None) -> tuple[np.nd
     return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)), lengths
 
 
-def _encode(texts: list[str], eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    return encode_texts(_tokenizer, texts, eos_id)
+def _encode(tokenizer_path: str, texts: list[str], eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    global _tokenizer
+    if _tokenizer is None or _tokenizer[0] != tokenizer_path:
+        from tokenizers import Tokenizer
+
+        _tokenizer = tokenizer_path, Tokenizer.from_file(tokenizer_path)
+    return encode_texts(_tokenizer[1], texts, eos_id)
 
 
 def batches(documents: Iterable) -> Iterator[list]:
@@ -57,10 +62,10 @@ def batches(documents: Iterable) -> Iterator[list]:
 
 
 class Encoder:
-    """`encode(batches)` yields (batch, ids, lengths) in input order, tokenized by `workers` processes."""
+    """`encode(batches, tokenizer_path, eos_id)` yields (batch, ids, lengths) in input order, tokenized by `workers`
+    processes started at construction."""
 
-    def __init__(self, tokenizer_path: str, workers: int, eos_id: int | None):
-        self.eos_id = eos_id
+    def __init__(self, workers: int):
         # fork where there is fork (spawn would run an unguarded caller's script again in every worker); the
         # setting tells the tokenizer, at the fork, that its workers go single-threaded on purpose (no warning)
         methods = multiprocessing.get_all_start_methods()
@@ -68,7 +73,7 @@ class Encoder:
         before = os.environ.get(PARALLELISM)
         os.environ[PARALLELISM] = "false"
         try:
-            self.pool = context.Pool(workers, _start_worker, (tokenizer_path,))
+            self.pool = context.Pool(workers, _start_worker)
         finally:
             if before is None:
                 del os.environ[PARALLELISM]
@@ -76,10 +81,12 @@ class Encoder:
                 os.environ[PARALLELISM] = before
         self.limit = IN_FLIGHT * workers
 
-    def encode(self, groups: Iterable[list]) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
+    def encode(self, groups: Iterable[list], tokenizer_path: str, eos_id: int | None
+               ) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
         pending: collections.deque = collections.deque()
         for batch in groups:
-            pending.append((batch, self.pool.apply_async(_encode, ([item[-1] for item in batch], self.eos_id))))
+            texts = [item[-1] for item in batch]
+            pending.append((batch, self.pool.apply_async(_encode, (tokenizer_path, texts, eos_id))))
             if len(pending) >= self.limit:
                 batch, result = pending.popleft()
                 yield batch, *result.get()

@@ -114,13 +114,14 @@ def fingerprint(data: DataConfig, files: list[SourceFile]) -> dict:
     return inputs
 
 
-def split_documents(files: list[tuple[str, int]], sizes, val_fraction: float, seed: int) -> set[int]:
+def split_documents(files: list[tuple[str, int]], sizes, val_fraction: float, seed: int) -> np.ndarray:
     """Indices of validation documents, given (source name, document count) per file and each document's size,
     stratified by source: each source of two or more documents gives about val_fraction of its text (at least one
     document, never all), from a seeded shuffle; single-document sources (e.g. a folder of .txt files) are split
-    as one pool. So every source the split can hold is in it."""
+    as one pool. So every source the split can hold is in it. A sorted int64 array: 8 bytes a validation document
+    (a set of Python ints costs some 60)."""
     if val_fraction <= 0:
-        return set()
+        return np.zeros(0, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) < 2:
         raise DataError("need at least 2 documents to split train/validation; add data or set "
@@ -134,15 +135,22 @@ def split_documents(files: list[tuple[str, int]], sizes, val_fraction: float, se
     singles = [m for m in members.values() if len(m) == 1]
     pool = np.concatenate(singles) if singles else np.zeros(0, dtype=np.int64)
     strata = [m for m in members.values() if len(m) > 1] + ([pool] if len(pool) > 1 else [])
-    rng, val = random.Random(seed), set()
+    rng, val = random.Random(seed), []
     for stratum in strata:
         order = stratum.copy()
         rng.shuffle(order)  # the same permutation as of a list: shuffle depends only on the length
         budget = val_fraction * int(sizes[stratum].sum())
         taken_before = np.concatenate([[0], np.cumsum(sizes[order[:-2]])])  # before each of order[:-1]
         full = np.flatnonzero(taken_before >= budget)  # the last one always stays in train
-        val.update(order[:full[0] if len(full) else len(order) - 1].tolist())
-    return val
+        val.append(order[:full[0] if len(full) else len(order) - 1])
+    return np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+
+
+def is_member(numbers: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Which of `numbers` are in the sorted array `members`."""
+    if not len(members):
+        return np.zeros(len(numbers), dtype=bool)
+    return members[np.minimum(np.searchsorted(members, numbers), len(members) - 1)] == numbers
 
 
 @contextlib.contextmanager
@@ -233,17 +241,22 @@ def prepare(data: DataConfig, progress: bool | None = None, log=print, overwrite
     files, inputs, digest = _inputs(data)
     with writing(f"the data directory {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    preparation = Preparation(data, files, inputs, digest, out, progress, log, workers)
-    with parent_lock(out):  # concurrent runs of a sweep prepare the same data once
-        if _up_to_date(out, digest):
-            log(f"data in {out} is up to date")
-            return out
-        _claim(out, overwrite, flag, fix)
-        if part[1] == 1:
-            preparation.run(part, overwrite, flag, fix)
-            return out
-    # the parts of a preparation run side by side: none holds the output's lock while it works
-    preparation.run(part, overwrite, flag, fix)
+    if _up_to_date(out, digest):  # checked again under the lock; a no-op starts no workers
+        log(f"data in {out} is up to date")
+        return out
+    preparation = Preparation(data, files, inputs, digest, out, progress, log)
+    # the tokenizer workers start first, while this process is small and holds no lock (see encode.py)
+    with Encoder(workers or default_workers()) as encoder:
+        with parent_lock(out):  # concurrent runs of a sweep prepare the same data once
+            if _up_to_date(out, digest):
+                log(f"data in {out} is up to date")
+                return out
+            _claim(out, overwrite, flag, fix)
+            if part[1] == 1:
+                preparation.run(encoder, part, overwrite, flag, fix)
+                return out
+        # the parts of a preparation run side by side: none holds the output's lock while it works
+        preparation.run(encoder, part, overwrite, flag, fix)
     return out
 
 
@@ -258,13 +271,13 @@ class Preparation:
     """One [data] section's preparation in its work directory: index, split, tokenizer, parts, join."""
 
     def __init__(self, data: DataConfig, files: list[SourceFile], inputs: dict, digest: str, out: Path, progress,
-                 log, workers: int | None):
+                 log):
         self.data, self.files, self.inputs, self.digest, self.out = data, files, inputs, digest, out
-        self.progress, self.log, self.workers = progress, log, workers or default_workers()
+        self.progress, self.log = progress, log
         self.work = out.parent / f".{out.name}.prepare-{digest[:16]}"
         self.started, self.rate = time.perf_counter(), None
 
-    def run(self, part: tuple[int, int], overwrite: bool, flag: str, fix: str) -> None:
+    def run(self, encoder: Encoder, part: tuple[int, int], overwrite: bool, flag: str, fix: str) -> None:
         index, count = part
         part_dir = self.work / f"part-{index:05d}-of-{count:05d}"
         what = f"the data directory {self.out}"
@@ -274,7 +287,7 @@ class Preparation:
             try:
                 with writing(what, "free space and run it again"):
                     self._shared()
-                    self._part(part_dir, index, count)
+                    self._part(encoder, part_dir, index, count)
                     # one process runs inside prepare's lock of the output already; a part takes it to join
                     with parent_lock(self.out) if count > 1 else contextlib.nullcontext():
                         self._join(count, overwrite, flag, fix)
@@ -313,7 +326,7 @@ class Preparation:
         than data.tokenizer_sample_bytes."""
         index, data = self.index, self.data
         train = np.ones(len(index.bytes), dtype=bool)
-        train[list(self.val)] = False
+        train[self.val] = False
         train_bytes = int(index.bytes[train].sum())
         if train_bytes > data.tokenizer_sample_bytes:
             share = data.tokenizer_sample_bytes / train_bytes
@@ -336,7 +349,7 @@ class Preparation:
                        for k in (index, index + 1))
         return start, stop
 
-    def _part(self, part_dir: Path, index: int, count: int) -> None:
+    def _part(self, encoder: Encoder, part_dir: Path, index: int, count: int) -> None:
         """Tokenize this part's documents into its shards, resuming from its last checkpoint."""
         done, state_path = part_dir / "done.json", part_dir / "state.json"
         if done.is_file():
@@ -357,26 +370,27 @@ class Preparation:
         first = state["next"] if state else start
         if first > start:
             self.log(f"resuming part {index}/{count} at document {first:,} of {start:,}..{stop:,}")
-        self._encode(writers, first, stop, lambda next_document: write_text_atomic(state_path, json.dumps({
+        self._encode(encoder, writers, first, stop, lambda next_document: write_text_atomic(state_path, json.dumps({
             "range": [start, stop], "tokenizer_sha256": sha, "next": next_document,
             **{split: writer.checkpoint() for split, writer in writers.items()}})))
         summary = {"range": [start, stop], **{split: writer.finish() for split, writer in writers.items()}}
         write_text_atomic(done, json.dumps(summary))
         state_path.unlink(missing_ok=True)
 
-    def _encode(self, writers: dict[str, ShardWriter], first: int, stop: int, checkpoint) -> None:
+    def _encode(self, encoder: Encoder, writers: dict[str, ShardWriter], first: int, stop: int, checkpoint
+                ) -> None:
         index, data, names = self.index, self.data, [f.name for f in self.files]
         total = int(index.bytes[first:stop].sum())
         documents = documents_from(self.files, index, first, stop, data.jsonl_field, data.parquet_column,
                                    data.on_bad_record)
         last, shards = time.perf_counter(), self._shard_count(writers)
-        with Encoder(str(self.tokenizer_path), self.workers, self.eos_id) as encoder, \
-                Progress("tokenizing", total, self.progress, self.log) as bar:
-            for batch, ids, lengths in encoder.encode(batches(documents)):
+        with Progress("tokenizing", total, self.progress, self.log) as bar:
+            for batch, ids, lengths in encoder.encode(batches(documents), str(self.tokenizer_path), self.eos_id):
                 ends = np.cumsum(lengths)
-                for (number, file_number, _), end, length in zip(batch, ends, lengths, strict=True):
-                    writers["val" if number in self.val else "train"].add(ids[end - length:end], names[file_number],
-                                                                          int(index.bytes[number]))
+                in_val = is_member(np.array([item[0] for item in batch]), self.val)
+                for (number, file_number, _), end, length, val in zip(batch, ends, lengths, in_val, strict=True):
+                    writers["val" if val else "train"].add(ids[end - length:end], names[file_number],
+                                                           int(index.bytes[number]))
                 bar.update(int(index.bytes[batch[0][0]:batch[-1][0] + 1].sum()))
                 if self._shard_count(writers) != shards or time.perf_counter() - last > CHECKPOINT_SECONDS:
                     checkpoint(batch[-1][0] + 1)
