@@ -1,13 +1,14 @@
 """Peak memory and throughput of `scalevec data prepare` on corpora made by repeating the bundled prose.
 
-    .venv/bin/python benchmarks/data_prepare.py memory --sizes-gb 0.5,2      # peak RSS at two sizes, 4x apart
+    .venv/bin/python benchmarks/data_prepare.py memory --sizes-gb 0.5,2.1    # 0.526 and 2.104 GB: 4x apart
     .venv/bin/python benchmarks/data_prepare.py throughput --size-gb 0.5 --workers 1,2
 
 Each run is `scalevec data prepare --input big.jsonl --tokenizer tokenizer.json` (the 8,192-id tokenizer of the
 bundled prose, as in the issue) in a child process; peak memory is sampled every 50 ms over the child and its
 tokenizer workers (the sum of their resident sets, which counts shared pages once per process; the sum of their
-proportional sets, which counts them once; and the largest resident set) and also read from wait4 (the largest single
-process). Inputs and outputs go under --tmp and are deleted afterwards; each result is one JSON line.
+proportional sets, which counts them once; the largest resident set; and the preparing process's own, without its
+workers) and also read from wait4 (the largest single process). Inputs and outputs go under --tmp and are deleted
+afterwards; each result is one JSON line.
 """
 
 import argparse
@@ -46,7 +47,7 @@ def run(args: list[str]) -> dict:
     """Run a preparation; its wall time, peak memory and the tokenization rate it reports."""
     started = time.perf_counter()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    process, tree_peak, tree_pss, largest = psutil.Process(child.pid), 0, 0, 0
+    process, tree_peak, tree_pss, largest, parent = psutil.Process(child.pid), 0, 0, 0, 0
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage, not earlier runs'
         if pid:
@@ -56,7 +57,7 @@ def run(args: list[str]) -> dict:
         except psutil.NoSuchProcess:
             continue
         tree_peak, largest = max(tree_peak, sum(m.rss for m in memory)), max(largest, *(m.rss for m in memory))
-        tree_pss = max(tree_pss, sum(m.pss for m in memory))
+        tree_pss, parent = max(tree_pss, sum(m.pss for m in memory)), max(parent, memory[0].rss)
         time.sleep(0.05)
     output = child.stdout.read()
     if os.waitstatus_to_exitcode(status):
@@ -64,7 +65,7 @@ def run(args: list[str]) -> dict:
     rate = re.search(r"tokenized ([\d.]+) MB/s", output)
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_tree_mb": round(tree_peak / 2**20),
             "peak_pss_tree_mb": round(tree_pss / 2**20),
-            "peak_rss_largest_mb": round(largest / 2**20),
+            "peak_rss_largest_mb": round(largest / 2**20), "peak_rss_parent_mb": round(parent / 2**20),
             "ru_maxrss_mb": round(usage.ru_maxrss / 1024),
             "tokenize_mb_per_s": float(rate[1]) if rate else None}
 
