@@ -165,8 +165,13 @@ def test_nanogpt_train_bin_imports_without_copying_and_trains(tmp_path, tokenize
                  "--tokenizer", str(tokenizer), "--out", str(out)]) == 0
     assert "up to date" in capsys.readouterr().out
 
-    run = tmp_path / "run"
-    overrides = [f"data.dir={out}", f"data.tokenizer={tokenizer}", "data.val_tokens=1024", "model.vocab_size=300",
+    train_briefly(out, tokenizer, tmp_path / "run")
+    assert os.path.samefile(out / "train_000.bin", tmp_path / "train.bin")  # training left the arrays alone
+
+
+def train_briefly(data_dir: Path, tokenizer: Path, run: Path) -> None:
+    """Four steps of a tiny model on `data_dir`, evaluated at the end: a finite validation loss."""
+    overrides = [f"data.dir={data_dir}", f"data.tokenizer={tokenizer}", "data.val_tokens=1024", "model.vocab_size=300",
                  "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
                  "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=4", "train.steps=4",
                  "train.eval_every=4", "train.threads=1", "schedule.warmup_steps=1"]
@@ -174,28 +179,44 @@ def test_nanogpt_train_bin_imports_without_copying_and_trains(tmp_path, tokenize
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert evals and np.isfinite(evals[-1]["val_loss"]) and evals[-1]["val_bpb"] > 0
-    assert os.path.samefile(out / "train_000.bin", tmp_path / "train.bin")  # training left the arrays alone
 
 
-def test_import_checks_every_id_and_reads_npy(tmp_path, tokenizer):
+def test_import_checks_every_id(tmp_path, tokenizer):
+    from scalevec.data.import_tokens import import_tokens
+
     nanogpt_files(tmp_path, tokenizer)
     tokens = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
-    np.save(tmp_path / "train.npy", tokens)  # with a header: copied past it
     tokens[1234] = 300  # one id past the 300-id vocabulary
-    tokens.tofile(tmp_path / "bad.bin")
-    with pytest.raises(DataError, match=r"bad.bin: token 1,234 is id 300, outside the vocabulary .*300 ids"):
-        from scalevec.data.import_tokens import import_tokens
+    for name, save in (("bad.bin", tokens.tofile), ("bad.npy", lambda path: np.save(path, tokens))):
+        save(tmp_path / name)
+        with pytest.raises(DataError, match=rf"{name}: token 1,234 is id 300, outside the vocabulary .*300 ids"):
+            import_tokens([str(tmp_path / name)], [str(tmp_path / "val.bin")], str(tokenizer), tmp_path / "o",
+                          log=quiet)
+        assert not (tmp_path / "o").exists()
 
-        import_tokens([str(tmp_path / "bad.bin")], [str(tmp_path / "val.bin")], str(tokenizer), tmp_path / "o",
-                      log=quiet)
-    assert not (tmp_path / "o").exists()
-    out = import_tokens([str(tmp_path / "train.npy")], [str(tmp_path / "val.bin")], str(tokenizer), tmp_path / "npy",
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_npy_with_a_header_imports_at_its_offset_and_trains(tmp_path, tokenizer, dtype):
+    from scalevec.data.import_tokens import import_tokens
+
+    nanogpt_files(tmp_path, tokenizer)
+    arrays = {}
+    for split in ("train", "val"):
+        arrays[split] = np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16).astype(dtype)
+        np.save(tmp_path / f"{split}.npy", arrays[split])
+        with open(tmp_path / f"{split}.npy", "rb") as fh:  # the tokens start past the header, not at byte 0
+            assert fh.read(6) == b"\x93NUMPY" and (tmp_path / f"{split}.npy").stat().st_size > arrays[split].nbytes
+    out = import_tokens([str(tmp_path / "train.npy")], [str(tmp_path / "val.npy")], str(tokenizer), tmp_path / "npy",
                         log=quiet)
-    windows = TokenWindows(out, "train", seq_len=31)
-    assert np.array_equal(np.concatenate([windows.get(i) for i in range(len(windows))]),
-                          np.load(tmp_path / "train.npy")[:len(windows) * 32])
-    assert json.loads((out / "meta.json").read_text())["imported"]["placed"] == ["copied (a .npy header)",
-                                                                                  "hard-linked"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dtype"] == dtype and meta["imported"]["placed"] == ["copied (a .npy header)"]
+    for split, tokens in arrays.items():
+        assert meta[split]["tokens"] == len(tokens)
+        assert meta[split]["documents"] == int(np.count_nonzero(tokens == meta["eos_id"]))
+        windows = TokenWindows(out, split, seq_len=31)
+        assert np.array_equal(np.concatenate([windows.get(i) for i in range(len(windows))]),
+                              tokens[:len(windows) * 32])
+    train_briefly(out, tokenizer, tmp_path / "run")
 
 
 def test_bad_jsonl_line_errors_or_is_skipped(tmp_path, tokenizer):
