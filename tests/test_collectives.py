@@ -106,4 +106,5 @@ def test_a_run_makes_its_collectives_on_the_training_device(small_data, tmp_path
     # every collective scalevec makes itself comes through scalevec.dist: none made elsewhere in scalevec
     assert not [c for c in calls if not c[3] and c[2] in {"evaluate", "_expert_load", "_train_step", "balance"}]
     purposes = {purpose for _, _, purpose, is_ours in ours}
-    assert {"evaluate", "_expert_load", "_train_step", "balance", "save_checkpoint", "_start"} <= purposes, purposes
+    expected = {"evaluate", "_expert_load", "_train_step", "balance", "save_checkpoint", "_run_directory"}
+    assert expected <= purposes, purposes

@@ -228,7 +228,6 @@ def test_imported_run_trains_from_its_weights(tmp_path, small_data):
                          ["data.sources=moby_dick,milton", "train.steps=1", "train.seq_len=32", "train.batch_size=2"])
     prepare(config.data, progress=False, log=quiet)  # with the checkpoint's tokenizer, into the run's data folder
     trainer = Trainer(config, tmp_path / "fresh", progress=False, log=quiet)
-    trainer.close()
     init = load_file(tmp_path / "run" / "init" / "model.safetensors")
     assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in init.items())
 

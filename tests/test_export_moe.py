@@ -184,7 +184,6 @@ def test_an_imported_moe_checkpoint_continues_pretraining(tmp_path, small_data):
     assert config.model.moe_experts == 4 and config.moe.normalize_top_k and config.train.init_from
     prepare(config.data, progress=False, log=lambda *_: None)
     trainer = Trainer(config, tmp_path / "fresh", progress=False, log=lambda *_: None)
-    trainer.close()
     init = load_file(tmp_path / "run" / "init" / "model.safetensors")
     assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in init.items())
 

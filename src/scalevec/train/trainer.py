@@ -2,7 +2,8 @@
 
 The data are prepared before (`scalevec train` and `compare` do it; data/prepare.py), so a
 Trainer only reads. Everything a start can refuse (config, memory, data, init and branch weights,
-the run directory) is checked before the run directory is written; a failed start leaves nothing.
+the run directory) is checked (train/preflight.py) before the run directory is taken, which `run()` does
+and undoes: a Trainer that is only constructed writes and locks nothing; a failed start leaves nothing.
 metrics.jsonl holds one record per logged step; val_loss and scale diagnostics at eval steps.
 """
 
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,10 +57,14 @@ def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: f
 
 
 class Trainer:
+    """A run, set up from its preflight: constructing one only reads (the config, data, weights, the run
+    directory); `run()` takes the run directory (its lock), trains and releases it, however it ends."""
+
     def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, log=print, plan: Plan | None = None):
         """`plan`: this start's preflight, already run on prepared data (else it runs here)."""
         self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
+        self.resume, self.overwrite = resume, overwrite
         t = config.train
         if plan is None or plan.data_dir is None:
             plan = preflight(config, self.run_dir, resume, overwrite)  # every check, before anything is written
@@ -71,16 +77,15 @@ class Trainer:
         self.device = world.device
         if not world.main:
             self.log, self.progress = (lambda *_: None), False
-        self.rundir = None
         watch_failures(world, self._end_on_failure_elsewhere)
         with fail_together(world, TrainError):  # a rank that cannot start ends the others waiting in a collective
-            self._start(plan, resume=resume, overwrite=overwrite)
+            self._build(plan)
 
-    def _start(self, plan: Plan, resume: bool, overwrite: bool) -> None:
+    def _build(self, plan: Plan) -> None:
         config, t, world = self.config, self.config.train, self.world
         # under torchrun a process group exists at any world size, so one rank shards (and checkpoints) as many do
         self.sharded = world.grouped and config.dist.mode == "fsdp2"
-        self.windows, self.val_windows, branch = plan.windows, plan.val_windows, plan.branch
+        self.windows, self.val_windows, self.branch = plan.windows, plan.val_windows, plan.branch
         self.model = build_model(config.model, config.strategy, config.seed, config.moe).to(self.device)
         if plan.init is not None:  # before sharding; a checkpoint found by --resume replaces these weights
             self.model.load_state_dict(plan.init)
@@ -104,28 +109,50 @@ class Trainer:
         self.metrics_path = self.run_dir / METRICS_NAME
         self.checkpoints = CheckpointManager(self.run_dir, config, world, self.model, self.optimizers, self.loader,
                                              self.counters, self.sharded)
+        self.loggers: list = []
 
-        # everything above only reads: the run directory is taken (locked) and written from here on
-        self.rundir = RunDir(self.run_dir, config, resume, overwrite) if world.main else None
-        barrier(world)
+    @contextlib.contextmanager
+    def _run_directory(self) -> Iterator[None]:
+        """The run directory taken (locked, config written) and the run continued from it; released, with the
+        loggers, when the block ends. A start that fails before the block removes the directory it created."""
+        with fail_together(self.world, TrainError):  # a rank that cannot start ends the others waiting in a collective
+            rundir = RunDir(self.run_dir, self.config, self.resume, self.overwrite) if self.world.main else None
+            barrier(self.world)
+            try:
+                self._begin()
+            except BaseException:
+                self._release(rundir, failed=not self.resume)
+                raise
         try:
-            if resume:
-                self._restore()
-            if self.step == 0 and branch is not None:
-                try:
-                    self.checkpoints.apply(*branch)
-                except CheckpointError as err:
-                    raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
-                self.log(f"branched from {branch[0]} at step {self.step}")
-            self.loader.batch_size, self.grad_accum = split_global_batch(self.counters.global_batch, world.size,
-                                                                         t.batch_size)
-            self.loggers = [LOGGERS[name](self.run_dir, config, resume) for name in t.loggers] if world.main else []
-            lines = not sys.stderr.isatty() if self.progress is None else False  # a log file or a job: plain lines
-            if lines and world.main:
-                self.loggers.append(ProgressLines(t.steps, self.step))
-        except BaseException:
-            self.close(failed=not resume)
-            raise
+            yield
+        finally:
+            self._release(rundir)
+
+    def _begin(self) -> None:
+        """Continue from the run directory's newest checkpoint (a resume) or train.branch_from's; open the loggers."""
+        config, t, world = self.config, self.config.train, self.world
+        if self.resume:
+            self._restore()
+        if self.step == 0 and self.branch is not None:
+            try:
+                self.checkpoints.apply(*self.branch)
+            except CheckpointError as err:
+                raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
+            self.log(f"branched from {self.branch[0]} at step {self.step}")
+        self.loader.batch_size, self.grad_accum = split_global_batch(self.counters.global_batch, world.size,
+                                                                     t.batch_size)
+        self.loggers = [LOGGERS[name](self.run_dir, config, self.resume) for name in t.loggers] if world.main else []
+        lines = not sys.stderr.isatty() if self.progress is None else False  # a log file or a job: plain lines
+        if lines and world.main:
+            self.loggers.append(ProgressLines(t.steps, self.step))
+
+    def _release(self, rundir: RunDir | None, failed: bool = False) -> None:
+        """Close the loggers and the run directory; `failed` start: remove the directory if it created it."""
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
+        if rundir is not None:
+            rundir.close(failed)
 
     def _end_on_failure_elsewhere(self, message: str) -> None:
         """Another rank failed while this one may wait in a collective that never returns: end at once, rank 0
@@ -138,12 +165,6 @@ class Trainer:
     def step(self) -> int:
         """Optimizer steps taken."""
         return self.counters.step
-
-    def close(self, failed: bool = False) -> None:
-        """Release the run directory (idempotent); `failed` start: remove the directory if this start created it."""
-        if self.rundir is not None:
-            self.rundir.close(failed)
-            self.rundir = None
 
     def _restore(self) -> None:
         found = self.checkpoints.restore()
@@ -261,17 +282,16 @@ class Trainer:
         return copy
 
     def run(self) -> dict:
-        """Train to train.steps; StoppedEarly after checkpointing the step reached when a stop was requested."""
-        bar = tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=None if self.progress is None else not self.progress)
-        try:
-            with self.stop_requests, fail_together(self.world, TrainError, passing=(StoppedEarly,)):
-                return self._loop(bar)
-        finally:
-            bar.close()
-            for logger in self.loggers:
-                logger.close()
-            self.close()
+        """Take the run directory, train to train.steps and release it; StoppedEarly after checkpointing the step
+        reached when a stop was requested."""
+        with self._run_directory():
+            bar = tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, disable=None if self.progress is None else not self.progress)
+            try:
+                with self.stop_requests, fail_together(self.world, TrainError, passing=(StoppedEarly,)):
+                    return self._loop(bar)
+            finally:
+                bar.close()
 
     def _loop(self, bar: tqdm) -> dict:
         t = self.config.train
