@@ -122,14 +122,14 @@ def test_apply_strategy_on_our_decoder_folds_into_weights_what_no_scale_holds():
 
 
 def test_apply_strategy_on_our_decoder_refuses_before_changing_anything():
-    from scalevec.export import ExportError
+    from scalevec.convert import ConvertError
 
     model = build_model(SHAPE, strategy("dnp"), seed=2)
     randomize_scales(model)
     with torch.no_grad():
         model.blocks[1].ffn.gate_up.out_scales["up"].weight[0] = -0.5
     state = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(ExportError, match=r"blocks.1.ffn.gate_up.out_scales.up: ER needs every γ > 0"):
+    with pytest.raises(ConvertError, match=r"blocks.1.ffn.gate_up.out_scales.up: ER needs every γ > 0"):
         apply_strategy(model, "er")
     assert model.strategy == strategy("dnp")
     assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
@@ -163,14 +163,14 @@ def test_unapply_saves_a_plain_model_that_reloads_with_the_same_logits(tmp_path,
                                                 ("qwen2", "qknorm")])
 def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     from scalevec import fold_scales, unapply
-    from scalevec.export import ExportError
+    from scalevec.apply import ApplyError
 
     model = hf_model(architecture, tie=False)
     apply_strategy(model, name)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = logits(model, tokens)
-    with pytest.raises(ExportError, match="unapply: DNP on"):
+    with pytest.raises(ApplyError, match="unapply: DNP on"):
         unapply(model)
     with pytest.raises(TypeError, match="use scalevec.unapply"):
         fold_scales(model)
@@ -178,5 +178,5 @@ def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     torch.testing.assert_close(logits(model, tokens), out)
-    with pytest.raises(ExportError, match="not a transformers model converted"):
+    with pytest.raises(ApplyError, match="not a transformers model converted"):
         unapply(hf_model(architecture, tie=False))

@@ -10,13 +10,13 @@ from test_export import make_run
 from test_model import randomize_scales
 
 from scalevec import apply_strategy, build_model, param_groups, param_info, strategy, unapply
+from scalevec.apply import ApplyError
 from scalevec.checkpoint import load_run_model
 from scalevec.cli import main
 from scalevec.config import ConfigError, ModelConfig, load_config
-from scalevec.export import ExportError
 from scalevec.export.hf import export_run
 from scalevec.generate import generate
-from scalevec.hf_import import import_hf
+from scalevec.hf_import import HFImportError, import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,7 +144,7 @@ def test_function_changing_strategies_keep_the_norms_the_model_has(tmp_path, arc
     assert s.post_norms and set(s.dnp) == {"q", "k", "gate", "up"}
     if architecture == "olmo2":  # its QK-norm spans all heads, so the kept one does too
         assert (s.qk_norm_group, s.qk_scale_shape) == ("full", "full")
-    with pytest.raises(ExportError, match="unapply: DNP on"):
+    with pytest.raises(ApplyError, match="unapply: DNP on"):
         unapply(model)
 
 
@@ -182,7 +182,7 @@ def test_a_layer_pattern_without_a_rule_is_refused_before_writing(tmp_path):
     config = transformers.Qwen2Config(**{**COMMON, "num_hidden_layers": 3}, use_sliding_window=True, sliding_window=5,
                                       max_window_layers=1)  # full, sliding, sliding: not every n-th layer full
     transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "m")
-    with pytest.raises(ExportError, match="sliding-window layers"):
+    with pytest.raises(HFImportError, match="sliding-window layers"):
         import_hf(tmp_path / "m", "standard", tmp_path / "run", warm_start=False, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
 

@@ -26,7 +26,7 @@ def package_exceptions() -> dict[str, type]:
 
 def test_every_exception_class_of_the_package_is_one_of_the_two():
     found = package_exceptions()
-    assert len(found) >= 10  # ConfigError, DataError, ExportError, CheckpointError, StoppedEarly, ...
+    assert len(found) >= 10  # ConfigError, DataError, ExportError, HFImportError, CheckpointError, StoppedEarly, ...
     strays = [name for name, cls in found.items() if not issubclass(cls, (BadInput, RunStopped))]
     assert not strays, f"neither BadInput nor RunStopped: {strays}"
     assert not [name for name, cls in found.items() if issubclass(cls, BadInput) and issubclass(cls, RunStopped)]
@@ -52,3 +52,13 @@ def test_exit_codes_follow_the_base(monkeypatch, capsys):
 @pytest.mark.parametrize("cls", [BadInput, RunStopped])
 def test_bases_are_the_builtin_kinds_callers_expect(cls):
     assert issubclass(cls, ValueError if cls is BadInput else RuntimeError)
+
+
+def test_import_apply_and_convert_errors_are_named_for_what_failed():
+    from scalevec.apply import ApplyError
+    from scalevec.convert import ConvertError
+    from scalevec.export import ExportError
+    from scalevec.hf_import import HFImportError
+
+    for cls in (ApplyError, ConvertError, HFImportError):
+        assert issubclass(cls, BadInput) and not issubclass(cls, ExportError), cls

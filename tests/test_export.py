@@ -11,10 +11,10 @@ from scalevec import ModelConfig, build_model, strategy
 from scalevec.checkpoint import save_checkpoint
 from scalevec.cli import main
 from scalevec.config import Config, DataConfig, MoEConfig, TrainConfig, to_toml
-from scalevec.export import ExportError
+from scalevec.convert import ConvertError
 from scalevec.export.hf import export_run
 from scalevec.generate import generate
-from scalevec.hf_import import import_hf
+from scalevec.hf_import import HFImportError, import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,22 +196,22 @@ def test_import_checks_names_shapes_and_er_sign(tmp_path):
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :16].contiguous()
     save_file(state, source / "model.safetensors")
     expected = r"tensor model.layers.1.mlp.up_proj.weight has shape \(48, 16\), expected \(48, 32\)"
-    with pytest.raises(ExportError, match=expected):
+    with pytest.raises(HFImportError, match=expected):
         import_hf(source, "standard", tmp_path / "a", warm_start=False, log=quiet)
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, source / "model.safetensors")
-    with pytest.raises(ExportError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(HFImportError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
         import_hf(source, "standard", tmp_path / "b", warm_start=False, log=quiet)
     negative = random_hf(tmp_path / "neg")
     state = load_file(negative / "model.safetensors")
     state["model.norm.weight"][0] = -0.5
     save_file(state, negative / "model.safetensors")
-    with pytest.raises(ExportError, match="ER needs every γ > 0"):
+    with pytest.raises(ConvertError, match="ER needs every γ > 0"):
         import_hf(negative, "er", tmp_path / "c", warm_start=False, log=quiet)
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(ExportError, match="pickled .bin checkpoints are not read"):
+    with pytest.raises(HFImportError, match="pickled .bin checkpoints are not read"):
         import_hf(tmp_path / "pickle", "standard", tmp_path / "d", warm_start=False, log=quiet)
 
 

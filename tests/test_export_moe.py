@@ -8,9 +8,8 @@ from test_export_remote import SHAPES, load, scalevec_model, tokens
 
 from scalevec import apply_strategy
 from scalevec.evaluate import load_model
-from scalevec.export import ExportError
 from scalevec.export.remote import save_remote
-from scalevec.hf_import import hf_model, import_hf, read_hf_dir
+from scalevec.hf_import import HFImportError, hf_model, import_hf, read_hf_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -193,7 +192,7 @@ def test_a_gated_shared_expert_is_refused_by_name(tmp_path):
     with torch.no_grad():
         reference.model.layers[1].mlp.shared_expert_gate.weight.normal_()
     reference.save_pretrained(tmp_path / "hf")
-    with pytest.raises(ExportError, match="shared_expert_gate is not zero"):
+    with pytest.raises(HFImportError, match="shared_expert_gate is not zero"):
         hf_model(*read_hf_dir(tmp_path / "hf"))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig, MoEConfig
 from .convert import convert_decoder, convert_moe, set_gamma
-from .export import ExportError
+from .errors import BadInput
 from .hf_keys import HF_BRANCHES, MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
 from .model import Decoder
 from .moe import MoEFeedForward
@@ -32,6 +32,10 @@ from .projection import Branch, Projection, normalize
 from .scales import Kind, ParamInfo, Role, Scale, make_scale
 from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
+
+
+class ApplyError(BadInput):
+    """`apply_strategy` or `unapply` cannot convert this model as asked; it is left as it was."""
 
 
 class ParameterFreeNorm(nn.Module):
@@ -81,12 +85,12 @@ def _architecture(model: nn.Module) -> str:
     if model_type in APPLIED_MOE_FAMILIES:
         return model_type
     if model_type == "qwen2_moe":
-        raise ExportError("apply_strategy: Qwen2-MoE's shared expert sits behind a sigmoid gate, which scalevec's "
-                          "MoE has not; import the checkpoint (scalevec import: exact when the gate is zero)")
+        raise ApplyError("apply_strategy: Qwen2-MoE's shared expert sits behind a sigmoid gate, which scalevec's "
+                         "MoE has not; import the checkpoint (scalevec import: exact when the gate is zero)")
     if model_type not in MODEL_TYPES:
-        raise ExportError("apply_strategy converts scalevec Decoders and transformers Llama, Mistral, Qwen2, Qwen3, "
-                          "Gemma 2, Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE and Mixtral models, not "
-                          f"{model_type or type(model).__name__!r}")
+        raise ApplyError("apply_strategy converts scalevec Decoders and transformers Llama, Mistral, Qwen2, Qwen3, "
+                         "Gemma 2, Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE and Mixtral models, not "
+                         f"{model_type or type(model).__name__!r}")
     return MODEL_TYPES[model_type]
 
 
@@ -283,7 +287,7 @@ def unapply(model: nn.Module) -> nn.Module:
     norms the architecture lacks (e.g. DNP on gate/up, unified)."""
     problem = _plain_form_problem(model)
     if problem:
-        raise ExportError(f"unapply: {problem}; train on, or export from a strategy without them")
+        raise ApplyError(f"unapply: {problem}; train on, or export from a strategy without them")
     architecture, c, norm_cls = _architecture(model), model.config, model.scalevec_norm_class
     offset, eps = NORM_OFFSET.get(architecture, 0.0), c.rms_norm_eps
 

@@ -11,13 +11,17 @@ import copy
 
 import torch
 
-from .export import ExportError
+from .errors import BadInput
 from .export.fold import fold_scales
 from .model import Decoder, FeedForward
 from .moe import MoEFeedForward
 from .projection import Projection
 from .scales import Scale
 from .strategy import Strategy, keeping_source_norms
+
+
+class ConvertError(BadInput):
+    """A model cannot be rebuilt under the asked strategy: a scale value or shape that strategy cannot hold."""
 
 
 def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
@@ -27,7 +31,7 @@ def set_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> None:
     try:
         scale.set_gamma(gamma)
     except ValueError as err:
-        raise ExportError(f"{where}: {err}; choose strategy or, or plain") from None
+        raise ConvertError(f"{where}: {err}; choose strategy or, or plain") from None
 
 
 def _take_gamma(scale: Scale | None, gamma: torch.Tensor, where: str) -> bool:
@@ -95,8 +99,8 @@ def convert_moe(source: MoEFeedForward, target: MoEFeedForward, where: str) -> N
         if target.placements[name] == "dnp" and name in source.out_scales:
             out = source.out_scales[name]().detach()
             if out.ndim > scale().ndim:
-                raise ExportError(f"{where}.out_scales.{name}: per-expert DNP scales have no shared form; choose "
-                                  "strategy.expert_scales=per_expert")
+                raise ConvertError(f"{where}.out_scales.{name}: per-expert DNP scales have no shared form; choose "
+                                   "strategy.expert_scales=per_expert")
             set_gamma(scale, out.expand_as(scale()), f"{where}.out_scales.{name}")
     if source.shared_expert is not None:
         a, b = source.shared_expert, target.shared_expert

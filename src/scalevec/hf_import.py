@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .config import Config, ConfigError, ModelConfig, MoEConfig, load_config, to_dict, to_toml
 from .convert import convert_decoder
-from .export import ExportError
+from .errors import BadInput
 from .hf_keys import (
     GLOBAL_PARTS,
     HF_ACTIVATIONS,
@@ -42,31 +42,36 @@ from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
 
 
+class HFImportError(BadInput):
+    """A transformers checkpoint cannot be imported as asked (unreadable, unsupported, or not what its config.json
+    describes); nothing was written."""
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {name: fh.get_tensor(name) for name in fh.keys()}
     except Exception as err:
-        raise ExportError(f"cannot read {path} as safetensors ({str(err).splitlines()[0]}); "
-                          "give a safetensors file") from None
+        raise HFImportError(f"cannot read {path} as safetensors ({str(err).splitlines()[0]}); "
+                            "give a safetensors file") from None
 
 
 def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ExportError(f"{hf_dir} has no config.json; give a Hugging Face model directory")
+        raise HFImportError(f"{hf_dir} has no config.json; give a Hugging Face model directory")
     try:
         hf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{config_path} is not valid JSON ({err}); give the checkpoint's own config.json") from None
+        raise HFImportError(f"{config_path} is not valid JSON ({err}); give the checkpoint's own config.json") from None
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise ExportError(f"{hf_dir} has no model.safetensors (pickled .bin checkpoints are not read); convert it to "
-                          "safetensors first")
+        raise HFImportError(f"{hf_dir} has no model.safetensors (pickled .bin checkpoints are not read); convert it to "
+                            "safetensors first")
     state = {}
     for name in files:
         state |= _read_safetensors(hf_dir / name)
@@ -77,8 +82,8 @@ def _rope_fields(rope: dict, where: str) -> dict:
     """ModelConfig RoPE fields of one transformers rope_parameters dict."""
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3", "linear"):
-        raise ExportError(f"unsupported checkpoint: {where} RoPE type {kind!r} (default, llama3 and linear are "
-                          "supported)")
+        raise HFImportError(f"unsupported checkpoint: {where} RoPE type {kind!r} (default, llama3 and linear are "
+                            "supported)")
     fields = {"rope_theta": float(rope.get("rope_theta", 10000.0))}
     if kind == "linear":
         fields |= dict(rope_scaling="linear", rope_factor=float(rope["factor"]))
@@ -113,13 +118,13 @@ def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
 
 
 def _window_fields(windowed: list[bool], window: int | None) -> dict:
-    """sliding_window and full_attention_every expressing `windowed`, or an ExportError for another pattern."""
+    """sliding_window and full_attention_every expressing `windowed`, or an HFImportError for another pattern."""
     if not any(windowed):
         return {}
     every = 0 if all(windowed) else windowed.index(False) + 1
     if windowed != [not (every and (i + 1) % every == 0) for i in range(len(windowed))]:
-        raise ExportError("unsupported checkpoint: its sliding-window layers follow no pattern scalevec has (every "
-                          "block windowed, or every n-th block full: model.full_attention_every)")
+        raise HFImportError("unsupported checkpoint: its sliding-window layers follow no pattern scalevec has (every "
+                            "block windowed, or every n-th block full: model.full_attention_every)")
     return {"sliding_window": int(window), "full_attention_every": every}
 
 
@@ -127,11 +132,11 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     """The ModelConfig of a transformers config.json, and its layout (hf_keys.MODEL_TYPES)."""
     model_type = hf.get("model_type")
     if model_type == "gemma3":
-        raise ExportError("a multimodal Gemma 3 checkpoint (model_type gemma3); import a text-only one "
-                          "(Gemma3ForCausalLM, model_type gemma3_text)")
+        raise HFImportError("a multimodal Gemma 3 checkpoint (model_type gemma3); import a text-only one "
+                            "(Gemma3ForCausalLM, model_type gemma3_text)")
     if model_type not in MODEL_TYPES and model_type not in MOE_FAMILIES:
-        raise ExportError(f"model_type {model_type!r} is not supported; import Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
-                          "Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE, Mixtral or Qwen2-MoE checkpoints")
+        raise HFImportError(f"model_type {model_type!r} is not supported; import Llama, Mistral, Qwen2, Qwen3, "
+                            "Gemma 2, Gemma 3 (text), OLMo 2, Qwen3-MoE, OLMoE, Mixtral or Qwen2-MoE checkpoints")
     architecture = MODEL_TYPES.get(model_type, model_type)
     gemma = architecture in ("gemma2", "gemma3")
     activation = hf.get("hidden_activation", "gelu_pytorch_tanh") if gemma else hf.get("hidden_act", "silu")
@@ -142,7 +147,7 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
               (not hf.get("use_bidirectional_attention"), "bidirectional attention is not supported")]
     for ok, message in checks:
         if not ok:
-            raise ExportError(f"unsupported checkpoint: {message}")
+            raise HFImportError(f"unsupported checkpoint: {message}")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -158,7 +163,7 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     if local is not None and any(windowed):
         local_fields = _rope_fields(local, "sliding-window layers' ")
         if set(local_fields) != {"rope_theta"}:
-            raise ExportError("unsupported checkpoint: RoPE scaling on sliding-window layers")
+            raise HFImportError("unsupported checkpoint: RoPE scaling on sliding-window layers")
         if local_fields["rope_theta"] != fields["rope_theta"] or "rope_scaling" in fields:
             fields["rope_local_theta"] = local_fields["rope_theta"]
     if gemma:
@@ -189,10 +194,10 @@ def _moe_fields(hf: dict, architecture: str) -> dict:
     routed = [experts > 0 and i not in skipped and (i + 1) % step == 0 for i in range(n)]
     d_expert = hf["moe_intermediate_size"] if qwen else hf["intermediate_size"]
     if architecture == "qwen2_moe" and hf.get("shared_expert_intermediate_size") != hf["intermediate_size"]:
-        raise ExportError("unsupported checkpoint: a shared expert of another width than the dense FFN "
-                          "(shared_expert_intermediate_size != intermediate_size): scalevec's has d_ff")
+        raise HFImportError("unsupported checkpoint: a shared expert of another width than the dense FFN "
+                            "(shared_expert_intermediate_size != intermediate_size): scalevec's has d_ff")
     if architecture == "olmoe" and hf.get("clip_qkv") is not None:
-        raise ExportError("unsupported checkpoint: clip_qkv (OLMoE's q/k/v clamping) is not supported")
+        raise HFImportError("unsupported checkpoint: clip_qkv (OLMoE's q/k/v clamping) is not supported")
     return dict(moe_experts=experts, moe_top_k=hf["num_experts_per_tok"], moe_every=_every(routed, "routed layers"),
                 moe_d_expert=0 if d_expert == hf["intermediate_size"] else d_expert,
                 moe_shared_expert=architecture == "qwen2_moe")
@@ -207,18 +212,18 @@ def moe_config_from_hf(hf: dict) -> MoEConfig:
 def check_hf_state(state: dict, shapes: dict) -> None:
     for name, shape in shapes.items():
         if name not in state:
-            raise ExportError(f"checkpoint lacks tensor {name} (expected shape {shape})")
+            raise HFImportError(f"checkpoint lacks tensor {name} (expected shape {shape})")
         tensor = state[name]
         if tuple(tensor.shape) != shape:
-            raise ExportError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+            raise HFImportError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
         if not tensor.is_floating_point():
-            raise ExportError(f"tensor {name} has dtype {tensor.dtype}; a model checkpoint holds floating-point "
-                              "weights")
+            raise HFImportError(f"tensor {name} has dtype {tensor.dtype}; a model checkpoint holds floating-point "
+                                "weights")
         if not torch.isfinite(tensor).all():
-            raise ExportError(f"tensor {name} holds NaN or infinite values; import a finite checkpoint")
+            raise HFImportError(f"tensor {name} holds NaN or infinite values; import a finite checkpoint")
     extra = sorted(set(state) - set(shapes))
     if extra:
-        raise ExportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
+        raise HFImportError(f"checkpoint has unexpected tensor {extra[0]}; is config.json the checkpoint's own?")
 
 
 def _every(flags: list[bool], what: str) -> int:
@@ -227,7 +232,7 @@ def _every(flags: list[bool], what: str) -> int:
         return 0
     every = flags.index(True) + 1
     if flags != [(i + 1) % every == 0 for i in range(len(flags))]:
-        raise ExportError(f"unsupported checkpoint: its {what} follow no pattern scalevec has (every n-th layer)")
+        raise HFImportError(f"unsupported checkpoint: its {what} follow no pattern scalevec has (every n-th layer)")
     return every
 
 
@@ -267,8 +272,8 @@ def hf_model(hf: dict, state: dict) -> tuple[Decoder, str]:
         try:
             m, source, moe = remote_model_config(hf)
         except (KeyError, TypeError, ValueError) as err:
-            raise ExportError(f"config.json of a remote-code export is not scalevec's ({type(err).__name__}: "
-                              f"{err}); export it again with this version of scalevec") from None
+            raise HFImportError(f"config.json of a remote-code export is not scalevec's ({type(err).__name__}: "
+                                f"{err}); export it again with this version of scalevec") from None
         check_hf_state(state, remote_shapes(m, source))
         return _source_model(m, source, state, lambda i: remote_layer_keys(i, m, source), 0.0, moe), "remote"
     model_config, architecture = model_config_from_hf(hf)
@@ -306,9 +311,9 @@ def convert_from_hf(hf: dict, state: dict, strategy_name: str | Strategy, warm_s
         changes.append(f"strategy {target.scale!r} drops norm weights no matrix can absorb "
                        "(a tied head's final norm, QK or post-branch norms)")
     if changes and not warm_start:
-        raise ExportError(f"strategy {requested.preset!r} changes the model's function ({'; '.join(changes)}); pass "
-                          "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
-                          "(standard, hg, dp, or, er and their compositions)")
+        raise HFImportError(f"strategy {requested.preset!r} changes the model's function ({'; '.join(changes)}); pass "
+                            "--warm-start to convert anyway and see the logit difference, or choose an exact strategy "
+                            "(standard, hg, dp, or, er and their compositions)")
     config = Config(model=model_config, strategy=target,
                     moe=reference.moe_layers()[0].moe if reference.moe_layers() else MoEConfig())
     config.train.seq_len = min(config.train.seq_len, model_config.max_seq_len)
@@ -328,7 +333,7 @@ def _source_model(m: ModelConfig, source: Strategy, state: dict, keys, offset: f
             try:
                 write_part(block, layer_part(key), state[name], offset)
             except ValueError as err:  # a tensor scalevec's model has no place for
-                raise ExportError(f"{name}: {err}") from None
+                raise HFImportError(f"{name}: {err}") from None
     return model
 
 
@@ -340,14 +345,14 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
     from any directory. Everything is checked before `out` is written."""
     check_output_path(out, "--out")
     if out.exists() and any(out.iterdir()):
-        raise ExportError(f"output directory {out} exists; choose a new --out")
+        raise HFImportError(f"output directory {out} exists; choose a new --out")
     hf, state = read_hf_dir(hf_dir)
     config, model, difference = convert_from_hf(hf, state, strategy_name, warm_start)
     tokenizer = tokenizer if tokenizer is not None else hf_dir / "tokenizer.json"
     if tokenizer is not None and not tokenizer.is_file():
         if tokenizer != hf_dir / "tokenizer.json":
-            raise ExportError(f"--tokenizer {tokenizer} not found; give the tokenizer.json the checkpoint was "
-                              "trained with")
+            raise HFImportError(f"--tokenizer {tokenizer} not found; give the tokenizer.json the checkpoint was "
+                                "trained with")
         tokenizer = None
     out = out.resolve()
     base = to_dict(config)
@@ -356,7 +361,7 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
     try:
         config = load_config(base, overrides)
     except ConfigError as err:
-        raise ExportError(f"--set: {err}") from None
+        raise HFImportError(f"--set: {err}") from None
     if Path(config.data.dir) != out / "data":
         config.data.dir = str(Path(config.data.dir).resolve())
     config.data.inputs = [str(Path(p).resolve()) for p in config.data.inputs]
@@ -364,13 +369,13 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
         return tuple((k, tuple(v.shape)) for k, v in state.items())
 
     if shapes(Decoder(config.model, config.strategy, config.moe).state_dict()) != shapes(model.state_dict()):
-        raise ExportError("--set changes the shape of the imported weights (model or strategy); set only "
-                          "data, train, optim, schedule and seed, or import with another --strategy")
+        raise HFImportError("--set changes the shape of the imported weights (model or strategy); set only "
+                            "data, train, optim, schedule and seed, or import with another --strategy")
     if tokenizer is not None:
         vocab = load_tokenizer_vocab(tokenizer)
         if vocab > config.model.vocab_size:
-            raise ExportError(f"tokenizer {tokenizer} has {vocab} tokens, more than the checkpoint's vocab_size "
-                              f"{config.model.vocab_size}; give the checkpoint's own tokenizer")
+            raise HFImportError(f"tokenizer {tokenizer} has {vocab} tokens, more than the checkpoint's vocab_size "
+                                f"{config.model.vocab_size}; give the checkpoint's own tokenizer")
     created = not out.exists()
     try:
         with writing(f"the import {out}", "nothing was kept; free space and import again"):
@@ -400,4 +405,4 @@ def load_tokenizer_vocab(path: Path) -> int:
     try:
         return Tokenizer.from_file(str(path)).get_vocab_size()
     except Exception as err:  # tokenizers raises a bare Exception for malformed files
-        raise ExportError(f"cannot load tokenizer {path}: {str(err).splitlines()[0]}") from None
+        raise HFImportError(f"cannot load tokenizer {path}: {str(err).splitlines()[0]}") from None

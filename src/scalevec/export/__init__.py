@@ -4,4 +4,5 @@ from ..errors import BadInput
 
 
 class ExportError(BadInput):
-    """A checkpoint cannot be written or read as asked; one line naming the problem and the options."""
+    """A run cannot be exported as asked (no transformers form, a bad --family, --dtype or --to); one line naming
+    the problem and the options."""
