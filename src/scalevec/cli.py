@@ -415,23 +415,22 @@ def cmd_report(args) -> None:
         print("no finished runs yet")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+def _add_set(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=help)
 
-    parser = OneLineParser(prog="scalevec", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"scalevec {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
+def _info_parser(sub) -> None:
     info = sub.add_parser("info", help="parameter counts by role and kind, scale fraction, FLOPs")
     info.add_argument("config", help="a .toml config file or a model preset name (e.g. cpu-3m)")
-    info.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                      help="override a config field (repeatable)")
+    _add_set(info, "override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
+
+def _train_parser(sub) -> None:
     train = sub.add_parser("train", help="train one model; one run = one directory")
     train.add_argument("config", nargs="?", help="a .toml config or a model preset name (omit with --resume)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(train)
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -440,10 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the config, run directory, memory and data; print the plan; write nothing")
     train.set_defaults(func=cmd_train)
 
+
+def _env_parser(sub) -> None:
     env = sub.add_parser("env", help="versions, threads and devices, for bug reports")
     env.add_argument("--json", action="store_true")
     env.set_defaults(func=cmd_env)
 
+
+def _compare_parser(sub) -> None:
     compare = sub.add_parser("compare", help="the main job: baseline vs unified, same seed/data/budget, report")
     compare.add_argument("--preset", default="demo", help="a shipped comparison config (default demo)")
     compare.add_argument("--config", help="a .toml config instead of the preset")
@@ -452,15 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--jobs", type=int, default=1, help="strategies trained side by side, each its own process")
     compare.add_argument("--reference", help="a study's results (e.g. results/study-iwd-cpu): train at its best "
                                              "learning rates, check the run records of this seed, show its Δ")
-    compare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(compare)
     compare.set_defaults(func=cmd_compare)
 
+
+def _theory_parser(sub) -> None:
     theory = sub.add_parser("theory", help="check the paper's theorems numerically (plain GD), each against a control")
     theory.add_argument("name", choices=["fold", "preconditioning", "weight-decay", "dual-placement", "reparam", "all"])
     theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
     theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")
     theory.set_defaults(func=cmd_theory)
 
+
+def _bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="training tokens/s and memory per strategy, side by side (ABAB)")
     bench.add_argument("--config", default="cpu-7m", help="a .toml config or a model preset (default cpu-7m)")
     bench.add_argument("--strategies", default="standard,unified", help="comma-separated; ratios are to the first")
@@ -474,9 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also profile STEPS steps per arm: a table of operators (CPU) or kernels (CUDA) by self "
                             "time, and what each arm adds over the first")
     bench.add_argument("--json", action="store_true")
-    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(bench)
     bench.set_defaults(func=cmd_bench)
 
+
+def _export_parser(sub) -> None:
     export = sub.add_parser("export", help="fold scales and write a transformers checkpoint (Llama ... OLMo 2, "
                                            "Qwen3-MoE ... Mixtral, or remote code for models no family computes)")
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
@@ -489,16 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
                                          "where it computes other logits)")
     export.set_defaults(func=cmd_export)
 
+
+def _import_parser(sub) -> None:
     imp = sub.add_parser("import", help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
     imp.add_argument("hf_dir", help="a Hugging Face model directory (config.json, model.safetensors)")
     imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
     imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
     imp.add_argument("--warm-start", action="store_true", help="allow strategies that change the function (DNP...)")
     imp.add_argument("--tokenizer", help="the checkpoint's tokenizer.json (default: the one in HF_DIR)")
-    imp.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="the run's options, e.g. data.inputs=..., train.steps=... (repeatable)")
+    _add_set(imp, "the run's options, e.g. data.inputs=..., train.steps=... (repeatable)")
     imp.set_defaults(func=cmd_import)
 
+
+def _generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="sample text from a run directory or an export")
     gen.add_argument("source", help="run directory or exported model directory")
     gen.add_argument("--prompt", required=True)
@@ -509,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
+
+def _eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or an export on your text")
     ev.add_argument("source", help="run directory or exported model directory")
     ev.add_argument("--data", action="append", required=True,
@@ -523,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
+
+def _sweep_parser(sub) -> None:
     sweep = sub.add_parser("sweep", help="run a paper suite's grid (resumable), then write its report")
     sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
     sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
@@ -533,19 +549,30 @@ def build_parser() -> argparse.ArgumentParser:
                                          "a sweep skips every run recorded there, e.g. in a results/ folder")
     sweep.set_defaults(func=cmd_sweep)
 
+
+def _report_parser(sub) -> None:
     report = sub.add_parser("report", help="tables and plots of a sweep directory")
     report.add_argument("dir", help="the --results (default --out) of `scalevec sweep`: its records and suite.json")
     report.set_defaults(func=cmd_report)
 
+
+def _schedule_parser(sub) -> None:
     sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")
     sched.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
     sched.add_argument("--out", default="schedule.png", help="PNG to write")
-    sched.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(sched)
     sched.set_defaults(func=cmd_schedule)
 
+
+def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True,
                                                                                parser_class=OneLineParser)
+    _data_prepare_parser(data)
+    _data_import_parser(data)
+
+
+def _data_prepare_parser(data) -> None:
     prep = data.add_parser("prepare", help="train or load a tokenizer and write token shards (no-op when up to date)")
     prep.add_argument("--config", help="a .toml config whose [data] section to start from")
     prep.add_argument("--sources", type=_csv, help=f"bundled sources, comma-separated (default: the prose ones; "
@@ -561,8 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, help="tokenizer processes (default: the cores available)")
     prep.add_argument("--part", metavar="I/N", help="prepare only part I of N (0-based; a SLURM array task, a node); "
                       "the last part to finish joins them into --out")
-    prep.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(prep)
     prep.set_defaults(func=cmd_data_prepare)
+
+
+def _data_import_parser(data) -> None:
     imp = data.add_parser("import", help="use token arrays made elsewhere (nanoGPT train.bin/val.bin, .npy) with "
                           "their tokenizer.json, without copying them")
     imp.add_argument("--train", action="append", required=True, help="training token file or glob (.bin, .npy; "
@@ -576,6 +606,18 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source", default="imported", help="source name in meta.json (default imported)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
     imp.set_defaults(func=cmd_data_import)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = OneLineParser(prog="scalevec", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"scalevec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for add in (_info_parser, _train_parser, _env_parser, _compare_parser, _theory_parser,
+                _bench_parser, _export_parser, _import_parser, _generate_parser, _eval_parser,
+                _sweep_parser, _report_parser, _schedule_parser, _data_parser):  # `--help` lists them in this order
+        add(sub)
     return parser
 
 
