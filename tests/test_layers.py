@@ -13,13 +13,12 @@ PACKAGE = Path(__file__).parent.parent / "src" / "scalevec"
 FLOORS = {
     "_version": 0, "errors": 0, "outputs": 0, "config": 0, "strategy": 0, "hf_keys": 0, "export": 0,
     "scales": 1,
-    "projection": 2, "model": 2, "moe": 2,
+    "projection": 2, "model": 2, "moe": 2, "summary": 2,
     "optim": 3, "schedule": 3, "data": 3, "dist": 3,
     "rundir": 4, "checkpoint": 4,
     "train": 5,
     "export.fold": 6, "export.remote": 6, "convert": 6, "export.hf": 6, "hf_import": 6, "apply": 6, "generate": 6,
     "evaluate": 6,
-    "summary": 6,
     "experiments": 7, "bench": 7, "theory": 7,
     "cli": 8, "__main__": 8, "": 8,  # "" is the package's __init__, which loads names lazily
 }

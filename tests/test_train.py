@@ -41,7 +41,7 @@ def records(run_dir):
 
 
 def comparable(record):
-    return {k: v for k, v in record.items() if k != "tokens_per_s"}
+    return {k: v for k, v in record.items() if k not in ("tokens_per_s", "mfu")}
 
 
 def final_weights(run_dir):

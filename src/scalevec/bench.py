@@ -4,8 +4,8 @@ Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) a
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
 of them alike; medians and ratios to the first strategy are reported.
 
-MFU (CUDA only): model FLOPs per token (`flops_per_token`, PaLM's accounting, the same for every
-strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak.
+MFU (CUDA only; train/utilization.py): model FLOPs per token (`flops_per_token`, PaLM's accounting, the
+same for every strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak.
 
 Memory: on CUDA the allocator's peak; on CPU, where torch keeps no allocator statistics, the bytes
 of parameters, gradients and optimizer state plus the activations saved for backward in one step
@@ -31,17 +31,9 @@ from .optim import Optimizers
 from .strategy import strategy as make_strategy
 from .summary import flops_per_token
 from .train.trainer import lm_objective
+from .train.utilization import mfu, peak_tflops
 
 COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph \w+ ##")
-# Dense bf16 tensor-core peaks (datasheets, TFLOP/s), matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
-
-
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    if given or device.type != "cuda":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 @dataclass
@@ -178,7 +170,7 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
             memory = _state_bytes(arm) + _saved_activation_bytes(arm, tokens)
         results[arm.name] = {"step_s": median, "tokens_per_s": tokens_per_step / median, "memory_bytes": memory,
                              "parameters": sum(p.numel() for p in arm.model.parameters()),
-                             "mfu": flops * tokens_per_step / median / (peak * 1e12) if peak else None}
+                             "mfu": mfu(flops, tokens_per_step / median, peak) if peak else None}
     base = results[strategies[0]]
     for row in results.values():
         row["step_ratio"] = row["step_s"] / base["step_s"]

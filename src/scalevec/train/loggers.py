@@ -88,7 +88,7 @@ LOGGERS = {"tensorboard": TensorBoard, "csv": CSVFile, "wandb": WandB}  # the na
 
 
 class ProgressLines:
-    """One plain line per metrics record on stderr: step, loss, lr, tokens/s, elapsed and ETA."""
+    """One plain line per metrics record on stderr: step, loss, lr, tokens/s, MFU (on GPU), elapsed and ETA."""
 
     def __init__(self, total_steps: int, first_step: int):
         self.total, self.first, self.started = total_steps, first_step, time.perf_counter()
@@ -101,6 +101,8 @@ class ProgressLines:
         eta = elapsed / done * (self.total - record["step"]) if done > 0 else float("nan")
         parts = [f"step {record['step']}/{self.total}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.3g}",
                  f"{record['tokens_per_s']:,.0f} tok/s", f"elapsed {_duration(elapsed)}", f"eta {_duration(eta)}"]
+        if "mfu" in record:  # CUDA, on a card of known peak
+            parts.insert(-2, f"MFU {record['mfu']:.1%}")
         if "val_loss" in record:
             parts.insert(2, f"val_loss {record['val_loss']:.4f}")
         print(" | ".join(parts), file=sys.stderr, flush=True)

@@ -35,11 +35,13 @@ from ..optim import Optimizers
 from ..outputs import append_line, writing
 from ..rundir import METRICS_NAME, RunDir, TrainError, truncate_metrics
 from ..schedule import lr_factor
+from ..summary import flops_per_token
 from .checkpointing import CheckpointManager, Counters
 from .diagnostics import scale_diagnostics
 from .loggers import LOGGERS, ProgressLines
 from .preempt import StoppedEarly, StopRequests
 from .preflight import Plan, preflight
+from .utilization import mfu, peak_tflops
 
 
 def lm_objective(forward, inputs: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
@@ -92,6 +94,8 @@ class Trainer:
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
+        self.flops_per_token = flops_per_token(self.model, t.seq_len)
+        self.peak_tflops = peak_tflops(self.device)  # None off CUDA or for a card of unknown peak: no MFU
         self.wrapped = wrap(self.model, config.dist.mode, self.device.type == "cuda") if world.grouped else self.model
         self.optimizers = Optimizers(self.model, config.optim, config.strategy.scale_decay, self.infos)
         if self.moe_layers:
@@ -306,14 +310,16 @@ class Trainer:
             evaluate = self.step % t.eval_every == 0 or done
             if self.step % t.log_every == 0 or evaluate:
                 # throughput of the training steps since the last record, evaluation and saving excluded
-                elapsed = time.perf_counter() - window_start
-                last = {"step": self.step, "tokens": self.step * tokens_per_step, **last,
-                        "tokens_per_s": window_steps * tokens_per_step / elapsed, "skipped": self.counters.skipped,
-                        **self._expert_load()}
+                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                last = {"step": self.step, "tokens": self.step * tokens_per_step, **last, "tokens_per_s": tokens_per_s,
+                        "skipped": self.counters.skipped, **self._expert_load()}
+                if self.peak_tflops:
+                    last["mfu"] = mfu(self.flops_per_token, tokens_per_s, self.peak_tflops, self.world.size)
                 if evaluate:
                     last |= self._eval_record()
                 self._write(last)
-                bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last['train_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}",
+                                **({"mfu": f"{last['mfu']:.1%}"} if "mfu" in last else {}))
             stopping = self.stop_agreed and not done
             if self.step % t.checkpoint_every == 0 or done or stopping:
                 self.checkpoints.save()
