@@ -415,20 +415,26 @@ def cmd_report(args) -> None:
         print("no finished runs yet")
 
 
+def _command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, which runs `func(args)`."""
+    parser = sub.add_parser(name, help=help)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _add_set(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=help)
 
 
 def _info_parser(sub) -> None:
-    info = sub.add_parser("info", help="parameter counts by role and kind, scale fraction, FLOPs")
+    info = _command(sub, "info", cmd_info, help="parameter counts by role and kind, scale fraction, FLOPs")
     info.add_argument("config", help="a .toml config file or a model preset name (e.g. cpu-3m)")
     _add_set(info, "override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(func=cmd_info)
 
 
 def _train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train one model; one run = one directory")
+    train = _command(sub, "train", cmd_train, help="train one model; one run = one directory")
     train.add_argument("config", nargs="?", help="a .toml config or a model preset name (omit with --resume)")
     _add_set(train)
     train.add_argument("--out", help="run directory (default runs/<config name>)")
@@ -437,17 +443,16 @@ def _train_parser(sub) -> None:
     train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config, run directory, memory and data; print the plan; write nothing")
-    train.set_defaults(func=cmd_train)
 
 
 def _env_parser(sub) -> None:
-    env = sub.add_parser("env", help="versions, threads and devices, for bug reports")
+    env = _command(sub, "env", cmd_env, help="versions, threads and devices, for bug reports")
     env.add_argument("--json", action="store_true")
-    env.set_defaults(func=cmd_env)
 
 
 def _compare_parser(sub) -> None:
-    compare = sub.add_parser("compare", help="the main job: baseline vs unified, same seed/data/budget, report")
+    compare = _command(sub, "compare", cmd_compare,
+                       help="the main job: baseline vs unified, same seed/data/budget, report")
     compare.add_argument("--preset", default="demo", help="a shipped comparison config (default demo)")
     compare.add_argument("--config", help="a .toml config instead of the preset")
     compare.add_argument("--strategies", default="standard,unified", help="comma-separated; the first is the baseline")
@@ -456,19 +461,18 @@ def _compare_parser(sub) -> None:
     compare.add_argument("--reference", help="a study's results (e.g. results/study-iwd-cpu): train at its best "
                                              "learning rates, check the run records of this seed, show its Δ")
     _add_set(compare)
-    compare.set_defaults(func=cmd_compare)
 
 
 def _theory_parser(sub) -> None:
-    theory = sub.add_parser("theory", help="check the paper's theorems numerically (plain GD), each against a control")
+    theory = _command(sub, "theory", cmd_theory,
+                      help="check the paper's theorems numerically (plain GD), each against a control")
     theory.add_argument("name", choices=["fold", "preconditioning", "weight-decay", "dual-placement", "reparam", "all"])
     theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
     theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")
-    theory.set_defaults(func=cmd_theory)
 
 
 def _bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="training tokens/s and memory per strategy, side by side (ABAB)")
+    bench = _command(sub, "bench", cmd_bench, help="training tokens/s and memory per strategy, side by side (ABAB)")
     bench.add_argument("--config", default="cpu-7m", help="a .toml config or a model preset (default cpu-7m)")
     bench.add_argument("--strategies", default="standard,unified", help="comma-separated; ratios are to the first")
     bench.add_argument("--mode", choices=["eager", "compiled", "both"], default="eager")
@@ -482,12 +486,11 @@ def _bench_parser(sub) -> None:
                             "time, and what each arm adds over the first")
     bench.add_argument("--json", action="store_true")
     _add_set(bench)
-    bench.set_defaults(func=cmd_bench)
 
 
 def _export_parser(sub) -> None:
-    export = sub.add_parser("export", help="fold scales and write a transformers checkpoint (Llama ... OLMo 2, "
-                                           "Qwen3-MoE ... Mixtral, or remote code for models no family computes)")
+    export = _command(sub, "export", cmd_export, help="fold scales and write a transformers checkpoint (Llama ... "
+                      "OLMo 2, Qwen3-MoE ... Mixtral, or remote code for models no family computes)")
     export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
     export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
     export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
@@ -496,22 +499,21 @@ def _export_parser(sub) -> None:
     export.add_argument("--family", help="force a form: llama, mistral, qwen2, qwen3, gemma2, gemma3, olmo2, "
                                          "qwen3_moe, olmoe, mixtral, qwen2_moe or remote (refused, with the reason, "
                                          "where it computes other logits)")
-    export.set_defaults(func=cmd_export)
 
 
 def _import_parser(sub) -> None:
-    imp = sub.add_parser("import", help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
+    imp = _command(sub, "import", cmd_import,
+                   help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
     imp.add_argument("hf_dir", help="a Hugging Face model directory (config.json, model.safetensors)")
     imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
     imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
     imp.add_argument("--warm-start", action="store_true", help="allow strategies that change the function (DNP...)")
     imp.add_argument("--tokenizer", help="the checkpoint's tokenizer.json (default: the one in HF_DIR)")
     _add_set(imp, "the run's options, e.g. data.inputs=..., train.steps=... (repeatable)")
-    imp.set_defaults(func=cmd_import)
 
 
 def _generate_parser(sub) -> None:
-    gen = sub.add_parser("generate", help="sample text from a run directory or an export")
+    gen = _command(sub, "generate", cmd_generate, help="sample text from a run directory or an export")
     gen.add_argument("source", help="run directory or exported model directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=100)
@@ -519,11 +521,10 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--top-k", type=int, default=50, help="0 = off")
     gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(func=cmd_generate)
 
 
 def _eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or an export on your text")
+    ev = _command(sub, "eval", cmd_eval, help="loss, perplexity and bits per byte of a run or an export on your text")
     ev.add_argument("source", help="run directory or exported model directory")
     ev.add_argument("--data", action="append", required=True,
                     help=".txt, .jsonl or .parquet file, or a prepared data directory (repeatable)")
@@ -535,11 +536,10 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--column", default="text", help="text column of .parquet files")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--json", action="store_true")
-    ev.set_defaults(func=cmd_eval)
 
 
 def _sweep_parser(sub) -> None:
-    sweep = sub.add_parser("sweep", help="run a paper suite's grid (resumable), then write its report")
+    sweep = _command(sub, "sweep", cmd_sweep, help="run a paper suite's grid (resumable), then write its report")
     sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
     sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     sweep.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
@@ -547,22 +547,19 @@ def _sweep_parser(sub) -> None:
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
     sweep.add_argument("--results", help="where run records, suite.json and the report go (default: --out); "
                                          "a sweep skips every run recorded there, e.g. in a results/ folder")
-    sweep.set_defaults(func=cmd_sweep)
 
 
 def _report_parser(sub) -> None:
-    report = sub.add_parser("report", help="tables and plots of a sweep directory")
+    report = _command(sub, "report", cmd_report, help="tables and plots of a sweep directory")
     report.add_argument("dir", help="the --results (default --out) of `scalevec sweep`: its records and suite.json")
-    report.set_defaults(func=cmd_report)
 
 
 def _schedule_parser(sub) -> None:
-    sched = sub.add_parser("schedule", help="plot a learning-rate schedule")
+    sched = _command(sub, "schedule", cmd_schedule, help="plot a learning-rate schedule")
     sched.add_argument("--config", help="a .toml config (its [schedule] section)")
     sched.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
     sched.add_argument("--out", default="schedule.png", help="PNG to write")
     _add_set(sched)
-    sched.set_defaults(func=cmd_schedule)
 
 
 def _data_parser(sub) -> None:
@@ -573,7 +570,8 @@ def _data_parser(sub) -> None:
 
 
 def _data_prepare_parser(data) -> None:
-    prep = data.add_parser("prepare", help="train or load a tokenizer and write token shards (no-op when up to date)")
+    prep = _command(data, "prepare", cmd_data_prepare,
+                    help="train or load a tokenizer and write token shards (no-op when up to date)")
     prep.add_argument("--config", help="a .toml config whose [data] section to start from")
     prep.add_argument("--sources", type=_csv, help=f"bundled sources, comma-separated (default: the prose ones; "
                       f"also {', '.join(s for s in BUNDLED_SOURCES if s not in PROSE_SOURCES)})")
@@ -589,12 +587,11 @@ def _data_prepare_parser(data) -> None:
     prep.add_argument("--part", metavar="I/N", help="prepare only part I of N (0-based; a SLURM array task, a node); "
                       "the last part to finish joins them into --out")
     _add_set(prep)
-    prep.set_defaults(func=cmd_data_prepare)
 
 
 def _data_import_parser(data) -> None:
-    imp = data.add_parser("import", help="use token arrays made elsewhere (nanoGPT train.bin/val.bin, .npy) with "
-                          "their tokenizer.json, without copying them")
+    imp = _command(data, "import", cmd_data_import, help="use token arrays made elsewhere (nanoGPT train.bin/val.bin, "
+                   ".npy) with their tokenizer.json, without copying them")
     imp.add_argument("--train", action="append", required=True, help="training token file or glob (.bin, .npy; "
                      "repeatable, in order)")
     imp.add_argument("--val", action="append", required=True, help="validation token file or glob (repeatable)")
@@ -605,7 +602,6 @@ def _data_import_parser(data) -> None:
     imp.add_argument("--eos-id", type=int, help="document separator id (default: the tokenizer's <|endoftext|>)")
     imp.add_argument("--source", default="imported", help="source name in meta.json (default imported)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
-    imp.set_defaults(func=cmd_data_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
