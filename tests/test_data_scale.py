@@ -281,3 +281,27 @@ def test_part_and_workers_are_checked(tmp_path, capsys):
     assert "--part '3/3' is not i/n" in capsys.readouterr().err
     assert main(["data", "prepare", "--workers", "0", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_join_links_every_shard_of_one_part_and_copies_what_does_not_line_up(tmp_path):
+    from scalevec.data.shards import ShardWriter, join_parts
+
+    tokens = np.arange(60, dtype=np.uint16)
+    parts = []
+    for number, piece in enumerate((tokens[:25], tokens[25:])):  # 10, 10, 5 tokens, then 10, 10, 10, 5
+        directory = tmp_path / f"part{number}"
+        directory.mkdir()
+        writer = ShardWriter(directory, "train", np.uint16, 10)
+        writer.add(piece, "s", 2 * len(piece))
+        parts.append((directory, writer.finish()))
+    (tmp_path / "one").mkdir()
+    one = join_parts(parts[:1], tmp_path / "one", "train", np.uint16, 10)
+    assert [s["tokens"] for s in one["shards"]] == [10, 10, 5]
+    assert all(os.path.samefile(tmp_path / "one" / s["file"], parts[0][0] / s["file"]) for s in one["shards"])
+    (tmp_path / "two").mkdir()
+    two = join_parts(parts, tmp_path / "two", "train", np.uint16, 10)
+    assert [s["tokens"] for s in two["shards"]] == [10] * 6
+    assert np.array_equal(np.concatenate([np.fromfile(tmp_path / "two" / s["file"], dtype=np.uint16)
+                                          for s in two["shards"]]), tokens)
+    assert two["sources"] == [{"name": "s", "tokens": 60, "bytes": 120, "documents": 2}]
+    assert not os.path.samefile(tmp_path / "two" / "train_002.bin", parts[1][0] / "train_000.bin")  # copied

@@ -95,6 +95,7 @@ class Encoder:
             yield batch, *result.get()
 
     def close(self) -> None:
+        """End the workers; closing again does nothing."""
         self.pool.terminate()
         self.pool.join()
 

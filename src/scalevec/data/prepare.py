@@ -288,6 +288,7 @@ class Preparation:
                 with writing(what, "free space and run it again"):
                     self._shared()
                     self._part(encoder, part_dir, index, count)
+                    encoder.close()  # the workers' memory is not needed by the join
                     # one process runs inside prepare's lock of the output already; a part takes it to join
                     with parent_lock(self.out) if count > 1 else contextlib.nullcontext():
                         self._join(count, overwrite, flag, fix)

@@ -4,7 +4,8 @@
 A shard is written as `<split>.partial` and renamed to `<split>_NNN.bin` once full and synced: a shard under its
 final name is always whole. `checkpoint()` syncs the partial one and returns the writer's state, from which a
 killed preparation resumes (`ShardWriter(..., state)`). `join_parts` puts the parts of a preparation together into
-the shards one process would have written, linking every shard that lines up and copying the rest.
+the shards one process would have written, linking every shard that lines up (all of them, for one part) and copying
+the rest with plain reads (a memory map would add the pages it reads to the process's resident set).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..errors import BadInput
 
-COPY_TOKENS = 1 << 24  # tokens per read when a join copies a part's shard
+COPY_TOKENS = 1 << 22  # tokens per read when a join copies a part's shard
 
 
 class StaleState(BadInput):
@@ -81,16 +82,16 @@ class ShardWriter:
         self.summary["bytes"] += text_bytes
         self.write(ids)
 
-    def adopt(self, path: Path) -> None:
-        """Take a whole shard written elsewhere as the next one: a hard link where the filesystem allows, else a
-        copy (the original stays, so a join killed part way can start again)."""
+    def adopt(self, path: Path, tokens: int) -> None:
+        """Take a shard written elsewhere as the next one: a hard link where the filesystem allows, else a copy (the
+        original stays, so a join killed part way can start again)."""
         name = self._shard_path(len(self.summary["shards"]))
         try:
             os.link(path, name)
         except OSError:
             shutil.copyfile(path, name)
-        self.summary["shards"].append({"file": name.name, "tokens": self.shard_tokens})
-        self.summary["tokens"] += self.shard_tokens
+        self.summary["shards"].append({"file": name.name, "tokens": tokens})
+        self.summary["tokens"] += tokens
 
     def _sync(self) -> None:
         self._file.flush()
@@ -123,16 +124,17 @@ def join_parts(parts: list[tuple[Path, dict]], out: Path, split: str, dtype, sha
     """The summaries of one split of consecutive parts (directory, summary), as one process's shards in `out`."""
     writer = ShardWriter(out, split, dtype, shard_tokens)
     summary = writer.summary
+    last = next(((d, p["shards"][-1]["file"]) for d, p in reversed(parts) if p["shards"]), None)
     for directory, part in parts:
         for shard in part["shards"]:
             path = directory / shard["file"]
-            if writer.partial == 0 and shard["tokens"] == shard_tokens:
-                writer.adopt(path)
+            # a shard lines up when it starts a shard here and is whole, or ends the split
+            if writer.partial == 0 and (shard["tokens"] == shard_tokens or (directory, shard["file"]) == last):
+                writer.adopt(path, shard["tokens"])
                 continue
-            tokens = np.memmap(path, dtype=dtype, mode="r")
-            for start in range(0, len(tokens), COPY_TOKENS):
-                writer.write(np.asarray(tokens[start:start + COPY_TOKENS]))
-            del tokens
+            with open(path, "rb") as fh:
+                while len(tokens := np.fromfile(fh, dtype=dtype, count=COPY_TOKENS)):
+                    writer.write(tokens)
         for key in ("documents", "bytes"):
             summary[key] += part[key]
         for source in part["sources"]:
