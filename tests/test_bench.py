@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalevec import build_model, strategy
+from scalevec import bench, build_model, strategy
 from scalevec.bench import format_bench, run_bench
 from scalevec.config import load_config
 from scalevec.train.trainer import lm_objective
@@ -16,17 +16,21 @@ TINY = {"model": {"vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4,
         "train": {"batch_size": 2, "seq_len": 32}}
 
 
-def test_bench_reports_ratios_to_first_arm():
-    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=2, warmup=1)
+def test_bench_reports_medians_and_ratios_to_first_arm(monkeypatch):
+    # given step times (a warm-up step, then three timed ones per arm, in ABAB order): known medians and ratios
+    times = {"standard": iter([9.0, 0.4, 0.2, 0.3]), "unified": iter([9.0, 0.33, 0.6, 0.36])}
+    monkeypatch.setattr(bench, "_step", lambda arm, *args: next(times[arm.name]))
+    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=3, warmup=1)
     results = report["results"]
     assert list(results) == ["standard", "unified"]
-    assert results["standard"]["step_ratio"] == 1.0 and results["standard"]["memory_ratio"] == 1.0
-    unified, standard = results["unified"], results["standard"]
-    assert unified["step_ratio"] == pytest.approx(unified["step_s"] / standard["step_s"])
-    assert results["unified"]["tokens_per_s"] == pytest.approx(2 * 32 / results["unified"]["step_s"])
-    assert results["unified"]["parameters"] > results["standard"]["parameters"]
-    assert "| unified |" in format_bench(report)
-    assert results["unified"]["mfu"] is None  # no peak known on CPU
+    standard, unified = results["standard"], results["unified"]
+    assert (standard["step_s"], unified["step_s"]) == (0.3, 0.36)  # medians, the warm-up left out
+    assert standard["step_ratio"] == 1.0 and unified["step_ratio"] == pytest.approx(1.2)
+    assert unified["tokens_per_s"] == pytest.approx(2 * 32 / 0.36)
+    assert standard["memory_ratio"] == 1.0 and unified["memory_ratio"] > 1.0  # the scales and their activations
+    assert unified["parameters"] > standard["parameters"]
+    assert "| unified | 360.0 | 178 | 1.200 |" in format_bench(report)
+    assert unified["mfu"] is None  # no peak known on CPU
 
 
 def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:
@@ -40,17 +44,17 @@ def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:
 
 
 @pytest.mark.parametrize("name", ["standard", "unified"])
-def test_bench_flops_are_the_counted_matmuls_plus_attention(name):
+def test_bench_flops_are_the_counted_matmuls_plus_attention(name, monkeypatch):
     """The bench's FLOPs per token: torch's count of every matmul, forward and backward (the scales add none), plus
     PaLM's attention term 12·layers·d·seq (CPU attention kernels have no count); MFU is that over the peak."""
     config = load_config(TINY)
+    monkeypatch.setattr(bench, "_step", lambda *args: 0.5)  # 64 tokens a step: 128 tokens/s
     report = run_bench(config, [name], repeats=1, warmup=1, peak=1e-3)
     model = build_model(config.model, strategy(name))
     m, tokens = config.model, 2 * 32
-    attention = 12 * m.n_layers * m.d_model * 32
-    assert report["flops_per_token"] == counted_matmul_flops(model, 128, 2, 32) // tokens + attention
-    row = report["results"][name]
-    assert row["mfu"] == pytest.approx(report["flops_per_token"] * row["tokens_per_s"] / 1e9)
+    counted = counted_matmul_flops(model, 128, 2, 32) // tokens + 12 * m.n_layers * m.d_model * 32
+    assert report["flops_per_token"] == counted
+    assert report["results"][name]["mfu"] == pytest.approx(counted * 128 / 1e9)  # over a peak of 1 GFLOP/s
 
 
 def test_bench_against_transformers():

@@ -103,8 +103,8 @@ class Trainer:
                 expert_balancing_hook(self.moe_layers, functools.partial(all_reduce, world=world)))
         self.loader = Loader(self.windows, t.batch_size, config.seed, world.rank, world.size)
         self.counters = Counters(global_batch=t.batch_size * t.grad_accum * world.size)  # resumed: the checkpoint's
-        # static shapes: the short last validation batch gets its own graph instead of turning the training
-        # graph dynamic (slower kernels, and a slower compile)
+        # model and loss as one graph, fed training batches only, all of one shape (evaluate() runs the model
+        # eager); static shapes: another shape would get its own graph instead of making this one dynamic
         objective = functools.partial(lm_objective, self.wrapped, z_loss=t.z_loss)
         self.objective = torch.compile(objective, dynamic=False) if t.compile else objective
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
