@@ -1,9 +1,9 @@
 """The training loop: one run = one directory (rundir.py), written by one process at a time.
 
-The data are prepared before (`scalevec train` and `compare` do it; data/prepare.py), so a
-Trainer only reads. Everything a start can refuse (config, memory, data, init and branch weights,
-the run directory) is checked (train/preflight.py) before the run directory is taken, which `run()` does
-and undoes: a Trainer that is only constructed writes and locks nothing; a failed start leaves nothing.
+The data are prepared before (`scalevec train` and `compare` do it; data/prepare.py). Constructing a
+Trainer only reads: everything a start can refuse (config, memory, data, init and branch weights, the
+run directory) is checked there (train/preflight.py). `run()` takes the run directory (its lock and
+config), trains, and releases it however it ends; a start that fails leaves nothing.
 metrics.jsonl holds one record per logged step; val_loss and scale diagnostics at eval steps.
 """
 
