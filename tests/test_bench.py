@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalevec import bench, build_model, strategy
+from scalevec import bench, build_model, kernels, strategy
 from scalevec.bench import format_bench, run_bench
 from scalevec.config import load_config
 from scalevec.train.trainer import lm_objective
@@ -20,7 +20,7 @@ def test_bench_reports_medians_and_ratios_to_first_arm(monkeypatch):
     # given step times (a warm-up step, then three timed ones per arm, in ABAB order): known medians and ratios
     times = {"standard": iter([9.0, 0.4, 0.2, 0.3]), "unified": iter([9.0, 0.33, 0.6, 0.36])}
     monkeypatch.setattr(bench, "_step", lambda arm, *args: next(times[arm.name]))
-    report = run_bench(load_config(TINY), ["standard", "unified"], repeats=3, warmup=1)
+    report = run_bench(load_config(TINY, ["train.fused_kernels=false"]), ["standard", "unified"], repeats=3, warmup=1)
     results = report["results"]
     assert list(results) == ["standard", "unified"]
     standard, unified = results["standard"], results["unified"]
@@ -31,6 +31,15 @@ def test_bench_reports_medians_and_ratios_to_first_arm(monkeypatch):
     assert unified["parameters"] > standard["parameters"]
     assert "| unified | 360.0 | 178 | 1.200 |" in format_bench(report)
     assert unified["mfu"] is None  # no peak known on CPU
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler builds the fused kernels")
+def test_an_arm_with_fused_kernels_is_timed_beside_its_torch_ops_form(monkeypatch):
+    monkeypatch.setattr(bench, "_step", lambda *args: 0.5)
+    report = run_bench(load_config(TINY), ["standard", "unified", "dnp-ffn"], repeats=1, warmup=0)
+    assert list(report["results"]) == ["standard", "unified", "unified (torch ops)", "dnp-ffn", "dnp-ffn (torch ops)"]
+    report = run_bench(load_config(TINY, ["train.fused_kernels=false"]), ["unified"], repeats=1, warmup=0)
+    assert list(report["results"]) == ["unified"]
 
 
 def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:

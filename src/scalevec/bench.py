@@ -2,7 +2,8 @@
 
 Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) are timed in
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
-of them alike; medians and ratios to the first strategy are reported.
+of them alike; medians and ratios to the first strategy are reported. An arm whose FFNs use the fused
+CPU kernel (train.fused_kernels, kernels.py) is timed beside its torch-ops form, `name (torch ops)`.
 
 MFU (CUDA only; train/utilization.py): model FLOPs per token (`flops_per_token`, PaLM's accounting, the
 same for every strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak.
@@ -134,13 +135,21 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
 
-    arms = []
-    for name in strategies:
+    def arm(name: str, fused: bool) -> tuple[TimedArm, int]:
         strat = make_strategy(name)
         model = build_model(config.model, strat, config.seed, config.moe).to(device)
         model.checkpoint_blocks = activation_checkpointing
-        optimizer = Optimizers(model, config.optim, strat.scale_decay)
-        arms.append(TimedArm(name, model, partial(lm_objective, model), optimizer))
+        fused_ffns = model.use_fused_kernels(fused)
+        label = f"{name} (torch ops)" if fused != config.train.fused_kernels else name
+        return TimedArm(label, model, partial(lm_objective, model), Optimizers(model, config.optim, strat.scale_decay)
+                        ), fused_ffns
+
+    arms = []
+    for name in strategies:
+        timed, fused_ffns = arm(name, config.train.fused_kernels)
+        arms.append(timed)
+        if fused_ffns:  # the fused kernel's effect, side by side
+            arms.append(arm(name, False)[0])
     if hf:
         arms.append(_hf_arm(config, device))
     if compile:  # each arm's whole loss, model and cross-entropy, as one graph (as the trainer does)

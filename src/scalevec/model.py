@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import ModelConfig, MoEConfig
 from .moe import MoEFeedForward
 from .projection import ACTIVATIONS, Branch, Projection, normalize
@@ -129,10 +130,19 @@ class FeedForward(nn.Module):
         self.down = Projection(d_in=ff, branches=[Branch.whole("down", m.d_model)], strategy=s, reads_norm=False,
                                norm=m.norm, eps=m.norm_eps, residual_output=True)
         self.activation = ACTIVATIONS[m.activation]
+        # DNP on gate and up before SwiGLU, with RMSNorm: what kernels.dnp_swiglu computes in one pass
+        self.fusable = self.gate_up.placements == ["dnp", "dnp"] and m.norm == "rms" and m.activation == "silu"
+        self.fused = False  # Decoder.use_fused_kernels
 
     def forward(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.gate_up(x, reader_scale)
-        return self.down(self.activation(gate) * up)[0]
+        y = self.gate_up.linear(x, reader_scale)
+        if self.fused and kernels.computes(y):
+            hidden = kernels.dnp_swiglu(y, self.gate_up.dnp_scale("gate"), self.gate_up.dnp_scale("up"),
+                                        self.gate_up.eps)
+        else:
+            gate, up = self.gate_up.branch_outputs(y)
+            hidden = self.activation(gate) * up
+        return self.down(hidden)[0]
 
 
 class Block(nn.Module):
@@ -249,6 +259,16 @@ class Decoder(nn.Module):
             cap = self.config.final_softcap
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    def use_fused_kernels(self, on: bool = True) -> int:
+        """Compute each FFN that DNP normalizes before SwiGLU with the fused CPU kernel (kernels.py), or with torch
+        ops (`on=False`, the reference). Returns how many FFNs use it: 0 off CPU or where it cannot be built."""
+        ffns = [m for m in self.modules() if isinstance(m, FeedForward) and m.fusable]
+        on_cpu = self.tok_emb.weight.device.type == "cpu"
+        usable = on and bool(ffns) and on_cpu and kernels.library() is not None
+        for ffn in ffns:
+            ffn.fused = usable
+        return len(ffns) if usable else 0
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]

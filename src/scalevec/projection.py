@@ -161,12 +161,23 @@ class Projection(nn.Module):
         return torch.cat(pieces)
 
     def forward(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
-        y = F.linear(x, self.effective_weight(reader_scale), self.effective_bias())
+        return self.branch_outputs(self.linear(x, reader_scale))
+
+    def linear(self, x: torch.Tensor, reader_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Every branch's output before DNP's norms, concatenated: one matmul with the effective weight."""
+        return F.linear(x, self.effective_weight(reader_scale), self.effective_bias())
+
+    def dnp_scale(self, branch: str) -> torch.Tensor | None:
+        """The effective γa after a DNP branch's norm, or None where the strategy gives it none."""
+        return self.out_scales[branch]() if branch in self.out_scales else None
+
+    def branch_outputs(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """`linear`'s output split per branch, each DNP branch normalized and scaled."""
         outputs = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
         for i, (b, placement) in enumerate(zip(self.branches, self.placements)):
             if placement != "dnp":
                 continue
-            scale = self.out_scales[b.name]() if b.name in self.out_scales else None
+            scale = self.dnp_scale(b.name)
             if scale is not None and scale.shape[0] != b.norm_group:  # a `full` scale over several groups
                 outputs[i] = normalize(outputs[i], b.norm_group, self.norm, self.eps) * scale
             else:

@@ -92,6 +92,7 @@ class Trainer:
         if plan.init is not None:  # before sharding; a checkpoint found by --resume replaces these weights
             self.model.load_state_dict(plan.init)
         self.model.checkpoint_blocks = t.activation_checkpointing
+        self.model.use_fused_kernels(t.fused_kernels)
         self.infos = self.model.param_info()
         self.moe_layers = self.model.moe_layers()
         self.flops_per_token = flops_per_token(self.model, t.seq_len)

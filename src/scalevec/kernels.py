@@ -1,0 +1,264 @@
+"""Fused CPU kernel for DNP's FFN: both norms, both output scales and SwiGLU in one pass over gate and up.
+
+    h = silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up))        (gate, up: the halves of one fused matmul's rows)
+
+Composed from torch ops, Inductor makes several passes over the d_ff-wide activations, and the scales'
+gradients, sums over every token, become separate column reductions that re-read them (the profile in
+benchmarks/README.md). Here one forward pass reads each row once and writes h, and one backward pass
+writes the input gradient while each thread accumulates the scales' gradients in its own buffer, summed
+in a fixed order afterwards (so a result depends on the thread count, never on scheduling).
+
+No maintained library fuses this on CPU (Liger-Kernel's and quack's kernels are Triton, for GPUs, and
+fuse the norm before a matmul, not after it), so the kernel is ours: plain C with OpenMP, compiled once
+per machine with the C compiler torch.compile uses on CPU, and registered as a torch.library custom op
+with its autograd formula, so compiled graphs keep it as one node. Where no compiler is found, or the
+tensors are not fp32 on CPU, the caller keeps the reference path (torch ops), which the tests compare
+against, forward and backward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Cephes' single-precision exp (rel. error ~1e-7), written so that loops over it vectorize: libm's expf does not */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+static float rsqrt_mean_square(const float *x, int64_t n, float eps) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t j = 0; j < n; j++) sum += x[j] * x[j];
+    return 1.0f / sqrtf(sum / (float)n + eps);
+}
+
+/* y: rows of [gate | up], each `width` wide; gate_scale, up_scale: width each.
+   Writes h (rows x width) and each row's two reciprocal RMS values (rstd: rows x 2). */
+void dnp_swiglu_forward(const float *restrict y, const float *restrict gate_scale, const float *restrict up_scale,
+                        float *restrict h, float *restrict rstd, int64_t rows, int64_t width, float eps, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *gate = y + t * 2 * width, *up = gate + width;
+        float rg = rsqrt_mean_square(gate, width, eps), ru = rsqrt_mean_square(up, width, eps);
+        rstd[2 * t] = rg;
+        rstd[2 * t + 1] = ru;
+        float *out = h + t * width;
+        #pragma omp simd
+        for (int64_t j = 0; j < width; j++) {
+            float g = gate[j] * rg * gate_scale[j], u = up[j] * ru * up_scale[j];
+            out[j] = g * sigmoid(g) * u;
+        }
+    }
+}
+
+/* dh: rows x width. Writes dy (rows x 2 width) and the scales' gradients (width each): each thread sums its rows
+   in its own block of `partial` (threads x 2 width doubles), and the blocks are added in thread order. */
+void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_scale, const float *restrict up_scale,
+                         const float *restrict rstd, const float *restrict dh, float *restrict dy,
+                         float *restrict d_gate_scale, float *restrict d_up_scale, double *restrict partial,
+                         int64_t rows, int64_t width, int threads) {
+    memset(partial, 0, sizeof(double) * (size_t)threads * 2 * (size_t)width);
+    #pragma omp parallel num_threads(threads)
+    {
+        int id = 0;
+        #ifdef _OPENMP
+        id = omp_get_thread_num();
+        #endif
+        double *acc_gate = partial + (int64_t)id * 2 * width, *acc_up = acc_gate + width;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows; t++) {
+            const float *gate = y + t * 2 * width, *up = gate + width, *grad = dh + t * width;
+            float rg = rstd[2 * t], ru = rstd[2 * t + 1];
+            float *d_gate = dy + t * 2 * width, *d_up = d_gate + width;
+            float dot_gate = 0.0f, dot_up = 0.0f;
+            #pragma omp simd reduction(+:dot_gate, dot_up)
+            for (int64_t j = 0; j < width; j++) {
+                float sg = gate_scale[j], su = up_scale[j];
+                float ng = gate[j] * rg, nu = up[j] * ru;
+                float g = ng * sg, u = nu * su, s = sigmoid(g);
+                float du = grad[j] * g * s;                            /* dh/du = silu(g) */
+                float dg = grad[j] * u * s * (1.0f + g * (1.0f - s));  /* silu'(g) */
+                acc_gate[j] += (double)(dg * ng);
+                acc_up[j] += (double)(du * nu);
+                float dng = dg * sg, dnu = du * su;
+                dot_gate += dng * ng;
+                dot_up += dnu * nu;
+                d_gate[j] = dng;
+                d_up[j] = dnu;
+            }
+            float mg = dot_gate / (float)width, mu = dot_up / (float)width;
+            #pragma omp simd
+            for (int64_t j = 0; j < width; j++) {
+                d_gate[j] = rg * (d_gate[j] - gate[j] * rg * mg);
+                d_up[j] = ru * (d_up[j] - up[j] * ru * mu);
+            }
+        }
+    }
+    for (int64_t j = 0; j < width; j++) {
+        double sum_gate = 0.0, sum_up = 0.0;
+        for (int i = 0; i < threads; i++) {
+            sum_gate += partial[(int64_t)i * 2 * width + j];
+            sum_up += partial[(int64_t)i * 2 * width + width + j];
+        }
+        d_gate_scale[j] = (float)sum_gate;
+        d_up_scale[j] = (float)sum_up;
+    }
+}
+"""
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    """$SCALEVEC_CACHE/kernels, else the user's cache directory ($XDG_CACHE_HOME or ~/.cache)/scalevec/kernels."""
+    if os.environ.get("SCALEVEC_CACHE"):
+        return Path(os.environ["SCALEVEC_CACHE"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalevec" / "kernels"
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (a shared cache on mixed nodes)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source, flags and CPU), or None with one warning saying why not."""
+    compiler = _compiler()
+    if compiler is None:
+        return _unavailable("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256("\n".join([SOURCE, compiler, *FLAGS, _machine()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"dnp_swiglu_{key}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                source = Path(tmp) / "dnp_swiglu.c"
+                source.write_text(SOURCE)
+                built = Path(tmp) / path.name
+                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
+                               capture_output=True, text=True)
+                os.replace(built, path)  # whole or absent: several processes may build at once
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            return _unavailable(f"{compiler} could not build them ({detail.strip().splitlines()[-1][:200]})")
+    lib = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.dnp_swiglu_forward.argtypes = [pointer] * 5 + [size, size, ctypes.c_float, ctypes.c_int]
+    lib.dnp_swiglu_backward.argtypes = [pointer] * 9 + [size, size, ctypes.c_int]
+    return lib
+
+
+def _unavailable(reason: str) -> None:
+    warnings.warn(f"fused kernels unavailable: {reason}; the reference path (torch ops) runs instead", stacklevel=3)
+    return None
+
+
+def computes(y: torch.Tensor) -> bool:
+    """Whether the fused kernel computes on `y` (fp32 on CPU); `library()` must have been built before."""
+    return y.device.type == "cpu" and y.dtype == torch.float32
+
+
+@torch.library.custom_op("scalevec::dnp_swiglu", mutates_args=())
+def _forward(y: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    y, gate_scale, up_scale = y.contiguous(), gate_scale.contiguous(), up_scale.contiguous()
+    width = y.shape[-1] // 2
+    rows = y.numel() // (2 * width)
+    h = y.new_empty((*y.shape[:-1], width))
+    rstd = y.new_empty((*y.shape[:-1], 2))
+    library().dnp_swiglu_forward(y.data_ptr(), gate_scale.data_ptr(), up_scale.data_ptr(), h.data_ptr(),
+                                 rstd.data_ptr(), rows, width, eps, torch.get_num_threads())
+    return h, rstd
+
+
+@_forward.register_fake
+def _(y, gate_scale, up_scale, eps):
+    return y.new_empty((*y.shape[:-1], y.shape[-1] // 2)), y.new_empty((*y.shape[:-1], 2))
+
+
+@torch.library.custom_op("scalevec::dnp_swiglu_backward", mutates_args=())
+def _backward(grad: torch.Tensor, y: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor,
+              rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, y, gate_scale, up_scale, rstd = (t.contiguous() for t in (grad, y, gate_scale, up_scale, rstd))
+    width = y.shape[-1] // 2
+    rows = y.numel() // (2 * width)
+    threads = torch.get_num_threads()
+    dy = torch.empty_like(y)
+    d_gate, d_up = torch.empty_like(gate_scale), torch.empty_like(up_scale)
+    partial = y.new_empty(threads * 2 * width, dtype=torch.float64)
+    library().dnp_swiglu_backward(y.data_ptr(), gate_scale.data_ptr(), up_scale.data_ptr(), rstd.data_ptr(),
+                                  grad.data_ptr(), dy.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
+                                  partial.data_ptr(), rows, width, threads)
+    return dy, d_gate, d_up
+
+
+@_backward.register_fake
+def _(grad, y, gate_scale, up_scale, rstd):
+    return torch.empty_like(y), torch.empty_like(gate_scale), torch.empty_like(up_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    y, gate_scale, up_scale, _ = inputs
+    ctx.save_for_backward(y, gate_scale, up_scale, output[1])
+
+
+def _autograd(ctx, grad_h, _grad_rstd):
+    y, gate_scale, up_scale, rstd = ctx.saved_tensors
+    dy, d_gate, d_up = _backward(grad_h, y, gate_scale, up_scale, rstd)
+    return dy, d_gate, d_up, None
+
+
+_forward.register_autograd(_autograd, setup_context=_setup_context)
+
+
+def dnp_swiglu(y: torch.Tensor, gate_scale: torch.Tensor | None, up_scale: torch.Tensor | None, eps: float
+               ) -> torch.Tensor:
+    """silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up)) for y = [gate | up] along the last dimension, fused
+    (`computes(y)` and a built `library()`). A None scale is 1 (no scale vector)."""
+    ones = y.new_ones(y.shape[-1] // 2)
+    return _forward(y, ones if gate_scale is None else gate_scale, ones if up_scale is None else up_scale, eps)[0]
