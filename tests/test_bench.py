@@ -133,3 +133,13 @@ def test_profile_tables_each_arm_and_what_it_adds():
     text = format_profile(report)
     assert "standard: self time per step by operator (CPU op)" in text and "| aten::mm |" in text
     assert "unified over standard:" in text
+
+
+def test_gpu_script_fits_one_device_call():
+    """benchmarks/gpu.sh time-boxes every step; together they fit the 9 minutes of one call on a lent machine."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parent.parent / "benchmarks" / "gpu.sh").read_text()
+    limits = [int(seconds) for seconds in re.findall(r"^step \w+ (\d+) ", script, re.MULTILINE)]
+    assert len(limits) >= 9 and sum(limits) <= 540
