@@ -14,6 +14,9 @@ per machine with the C compiler torch.compile uses on CPU, and registered as a t
 with its autograd formula, so compiled graphs keep it as one node. Where no compiler is found, or the
 tensors are not fp32 on CPU, the caller keeps the reference path (torch ops), which the tests compare
 against, forward and backward.
+
+The same treatment of q's and k's per-head norms with RoPE was measured and dropped: Inductor's own
+kernels were as fast there (head_dim-wide rows, benchmarks/README.md).
 """
 
 from __future__ import annotations
