@@ -141,8 +141,8 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         model.checkpoint_blocks = activation_checkpointing
         fused_ffns = model.use_fused_kernels(fused)
         label = f"{name} (torch ops)" if fused != config.train.fused_kernels else name
-        return TimedArm(label, model, partial(lm_objective, model), Optimizers(model, config.optim, strat.scale_decay)
-                        ), fused_ffns
+        optimizer = Optimizers(model, config.optim, strat.scale_decay)
+        return TimedArm(label, model, partial(lm_objective, model), optimizer), fused_ffns
 
     arms = []
     for name in strategies:
