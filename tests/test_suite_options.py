@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 import tomllib
+from dataclasses import astuple
 
 import pytest
 
@@ -81,12 +82,16 @@ def fake_runs(monkeypatch, tmp_path):
         record = {"config": tomllib.loads(to_toml(config)), "device": "cpu", "dtype": "float32",
                   "final": {"step": config.train.steps, "tokens": tokens, "val_loss": loss}, "train_seconds": 1.0,
                   "wall_seconds": None, "curve": [{"tokens": 0, "val_loss": 6.0}, {"tokens": tokens, "val_loss": loss}]}
+        if ood is not None:  # out of domain: 1.5 nats above, half the in-domain gap to the baseline
+            record["ood"] = {ood[0]: 1.5 + loss - 0.5 * (loss - law(suite, Arm("standard", *astuple(spec.arm)[1:]),
+                                                                    spec.lr, spec.seed, **options))}
         path = sweep.record_path(results, spec.arm, spec.lr, spec.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
         return spec.path(out), None
 
     monkeypatch.setattr(sweep, "_run", fake_run)
+    monkeypatch.setattr(sweep, "ood_windows", lambda *args: None)  # the fake runs score no windows
     monkeypatch.setattr("scalevec.data.prepare.prepare", lambda data, log: tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "references.json").write_text("null")  # no count-based references in a fake sweep
@@ -151,7 +156,9 @@ def test_per_size_grids_and_seeds(fake_runs, tmp_path):
 def test_per_size_tables_name_known_sizes(tmp_path, option):
     with pytest.raises(ConfigError, match=rf"{option} names cpu-d96, not among its sizes \(cpu-0.5m\); add it to "
                                           rf"sizes or remove it from {option}"):
-        load_suite(write_suite(tmp_path, **{option: {"cpu-d96": [0.01]}}), "cpu")
+        load_suite(write_suite(tmp_path, **{option: {"cpu-d96": [1]}}), "cpu")
+    with pytest.raises(ConfigError, match=rf"{option} 'cpu-0.5m' = \['x'\]; give a non-empty list of"):
+        load_suite(write_suite(tmp_path, **{option: {"cpu-0.5m": ["x"]}}), "cpu")
 
 
 def test_a_size_carries_its_training_length(tmp_path):
@@ -173,9 +180,14 @@ def test_a_size_carries_its_training_length(tmp_path):
 
 def test_tokens_ladder_reports_each_length(fake_runs, tmp_path):
     sweep_fake(tmp_path, sizes=["cpu-0.5m@20", "cpu-0.5m@40", "cpu-0.5m@80"], lrs=[0.006],
-               analyses=[{"name": "u", "baseline": "standard", "arms": {"unified": -0.04}}], seeds=[0, 1, 2])
+               analyses=[{"name": "u", "baseline": "standard", "arms": {"unified": -0.04}}], seeds=[0, 1, 2],
+               ood_source="python_docs")
     summary = write_report(tmp_path / "results")
     deltas = {a["setting"]: a["arms"][0]["delta"] for a in summary["analyses"]}
+    for analysis in summary["analyses"]:  # what the closing note quotes per length, in and out of domain
+        row = analysis["arms"][0]
+        assert {"delta", "ci95", "p_holm", "verdict"} <= set(row)
+        assert row["ood_n"] == 3 and row["ood_delta"] == pytest.approx(row["delta"] / 2, abs=1e-12)
     assert list(deltas) == [f"cpu-0.5m@{n}/adamw-cosine" for n in (20, 40, 80)]
     assert all(d < 0 for d in deltas.values())  # unified is 1.3x the compute in the law
     ratios = summary["tokens_per_non_embedding_parameter"]

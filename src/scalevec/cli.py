@@ -543,7 +543,7 @@ def _sweep_parser(sub) -> None:
     sweep = _command(sub, "sweep", cmd_sweep, help="run a paper suite's grid (resumable), then write its report")
     sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
     sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
-    sweep.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    sweep.add_argument("--seeds", type=int, help="number of seeds, at every size (default: the suite's)")
     sweep.add_argument("--out", help="sweep directory (default runs/sweeps/<suite>-<scale>)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
     sweep.add_argument("--results", help="where run records, suite.json and the report go (default: --out); "
