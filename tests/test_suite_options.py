@@ -116,7 +116,11 @@ def test_an_edge_lr_is_extended_by_lr_ratio_and_rounded(fake_runs, tmp_path):
     assert result["best_lr"] == {"standard/cpu-1m/adamw-cosine": 0.01131, "unified/cpu-1m/adamw-cosine": 0.01131}
     assert (tmp_path / "results" / "records" / "standard" / "cpu-1m" / "adamw-cosine" / "lr0.01131" /
             "seed0.json").is_file()
-    assert sweep.round_lr(0.008 * 2) == 0.016 and Suite.lr_ratio == 2.0
+    assert Suite.lr_ratio == 2.0
+    # today's factor-2 extensions, and an edge run that failed (no record): its grid value is tried again
+    assert [sweep.extension([0.004, 0.008, 0.016], best, up, 2.0) for best, up in (
+        (0.016, True), (0.032, True), (0.004, False), (0.002, False), (0.008, True))] == [0.032, 0.064, 0.002, 0.001,
+                                                                                         0.016]
 
 
 def test_bad_lr_options_are_refused(tmp_path):

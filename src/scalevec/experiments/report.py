@@ -1,6 +1,8 @@
 """`scalevec report DIR`: a sweep's table (mean ± std over seeds, paired difference to the baseline
 with a t-test), learning-rate curves, loss curves, loss against wall clock, and for a size ladder
-a fit of loss against compute with the compute-efficiency multiplier of each strategy."""
+a fit of loss against compute with the compute-efficiency multiplier of each strategy (with the
+suite's `compute_fit`: of one arm over its baseline at matched loss, with 95% bootstrap intervals
+and the reason when the fit is degenerate; `compute_fit()`)."""
 
 from __future__ import annotations
 

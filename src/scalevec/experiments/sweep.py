@@ -161,12 +161,12 @@ def round_lr(lr: float) -> float:
     return float(f"{lr:.{LR_DIGITS}g}")
 
 
-def extension(grid: list[float], best: float, ratio: float) -> float:
-    """The next learning rate past `best`, an edge of the tried LRs: one more step of the grid's geometric ladder
-    from the grid's edge (edge·ratio^k, so rounding never accumulates: 0.008, 0.01131, 0.016 at ratio √2),
-    rounded to LR_DIGITS significant digits."""
-    edge = max(grid) if best >= max(grid) else min(grid)
-    steps = round(math.log(best / edge) / math.log(ratio)) + (1 if best >= max(grid) else -1)
+def extension(grid: list[float], best: float, up: bool, ratio: float) -> float:
+    """The next learning rate above (`up`) or below `best`, the top or bottom of the tried LRs: one more step of
+    the grid's geometric ladder from the grid's edge (edge·ratio^k, so rounding never accumulates: 0.008, 0.01131,
+    0.016 at ratio √2), rounded to LR_DIGITS significant digits."""
+    edge = max(grid) if up else min(grid)
+    steps = round(math.log(best / edge) / math.log(ratio)) + (1 if up else -1)
     return round_lr(edge * ratio ** steps)
 
 
@@ -535,7 +535,8 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
                 best = min(losses, key=losses.get) if len(losses) > 1 else None
                 extended = len(set(losses) - set(suite.lrs_for(arm)))
                 if best is not None and best in (min(losses), max(losses)) and extended < suite.extend_lrs:
-                    extra.append(RunSpec(arm, extension(suite.lrs_for(arm), best, suite.lr_ratio), suite.lr_seed))
+                    lr = extension(suite.lrs_for(arm), best, best == max(losses), suite.lr_ratio)
+                    extra.append(RunSpec(arm, lr, suite.lr_seed))
             if not extra:
                 break
             bar.total += len(extra)
