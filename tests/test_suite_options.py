@@ -278,7 +278,9 @@ def test_a_fit_law_with_a_bad_exponent_is_named():
     assert isinstance(_fit_law([(c, 3 + 2 * c ** -0.5) for c, _ in points]), tuple)
 
 
-def test_sweep_set_applies_to_every_run_and_refuses_suite_keys(tmp_path, capsys):
+def test_sweep_set_applies_to_every_run_and_refuses_suite_keys(tmp_path, capsys, monkeypatch):
+    import subprocess
+
     from scalevec.cli import main
 
     path = write_suite(tmp_path)
@@ -286,6 +288,15 @@ def test_sweep_set_applies_to_every_run_and_refuses_suite_keys(tmp_path, capsys)
     arm = suite.arms()[1]
     assert load_config(suite.config, overrides(suite, arm, 0.004, 1)).train.eval_batch_size == 3
     assert suite.base_config().train.eval_batch_size == 3 and suite.sets == ["train.eval_batch_size=3"]
+    # every run's `scalevec train` gets it (its resolved config.toml, and so its record, carries it)
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **_: commands.append(command) or
+                        subprocess.CompletedProcess(command, 1, "", "stopped here"))
+    spec = sweep.RunSpec(arm, 0.004, 1)
+    assert sweep._run(spec, suite, tmp_path / "runs", tmp_path, tmp_path / "base.toml", 1, None)[1] == "stopped here"
+    (command,) = commands
+    assert command[command.index("train.eval_batch_size=3") - 1] == "--set"
+    monkeypatch.undo()
     for key, option in (("optim.lr", "lrs (or lrs_by_size)"), ("model.d_model", "sizes"), ("seed", "seeds"),
                         ("train.steps", "tokens_per_parameter"), ("model.preset", "sizes")):
         assert main(["sweep", path, "--out", str(tmp_path / "out"), "--set", f"{key}=1"]) == 2
