@@ -108,7 +108,6 @@ def sweep_fake(tmp_path, **options) -> tuple[Suite, dict]:
 def test_an_edge_lr_is_extended_by_lr_ratio_and_rounded(fake_runs, tmp_path):
     """cpu-1m's best LR (0.011) lies above a √2 grid: it is extended by lr_ratio, rounded to 4 digits, until the
     best is inside; the default ratio keeps today's factor of 2 and today's record paths."""
-    fake_runs.clear()
     suite, result = sweep_fake(tmp_path, sizes=["cpu-1m"], lrs=[0.004, 0.005657, 0.008], lr_ratio=1.41421356,
                                extend_lrs=3)
     lr_runs = sorted(spec.lr for spec in fake_runs if spec.seed == 100 and spec.arm.strategy == "standard")
