@@ -143,3 +143,20 @@ def test_gpu_script_fits_one_device_call():
     script = (Path(__file__).parent.parent / "benchmarks" / "gpu.sh").read_text()
     limits = [int(seconds) for seconds in re.findall(r"^step \w+ (\d+) ", script, re.MULTILINE)]
     assert len(limits) >= 9 and sum(limits) <= 540
+
+
+def test_gpu_study_script_fits_one_device_call():
+    """benchmarks/gpu_study.sh runs a ladder suite's largest size on the GPU within one call's 9 minutes; its sweep
+    line is one `scalevec sweep` accepts."""
+    import re
+    from pathlib import Path
+
+    from scalevec.experiments.sweep import load_suite
+
+    script = (Path(__file__).parent.parent / "benchmarks" / "gpu_study.sh").read_text()
+    limits = [int(seconds) for seconds in re.findall(r"^step \w+ (\d+) ", script, re.MULTILINE)]
+    assert len(limits) == 3 and sum(limits) <= 540
+    assert '--sizes "$SIZE" --set train.device=cuda --jobs "$JOBS"' in script
+    suite_name = re.search(r"^SUITE=\$\{SUITE:-([\w-]+)\}", script, re.MULTILINE).group(1)
+    suite = load_suite(suite_name, "cpu", sets=["train.device=cuda"], sizes=[load_suite(suite_name, "cpu").sizes[-1]])
+    assert len(suite.sizes) == 1 and all(suite.arm_config(arm).train.device == "cuda" for arm in suite.arms())

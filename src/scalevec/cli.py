@@ -389,7 +389,8 @@ def cmd_sweep(args) -> None:
 
     _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
-    suite = load_suite(args.suite, args.scale, args.seeds)
+    sizes = [size.strip() for size in args.sizes.split(",")] if args.sizes else None
+    suite = load_suite(args.suite, args.scale, args.seeds, args.set, sizes)
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
     results = Path(args.results) if args.results else out
     for path, flag in {out: "--out", results: "--results"}.items():
@@ -542,11 +543,14 @@ def _sweep_parser(sub) -> None:
     sweep = _command(sub, "sweep", cmd_sweep, help="run a paper suite's grid (resumable), then write its report")
     sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
     sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
-    sweep.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    sweep.add_argument("--seeds", type=int, help="number of seeds, at every size (default: the suite's)")
     sweep.add_argument("--out", help="sweep directory (default runs/sweeps/<suite>-<scale>)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
     sweep.add_argument("--results", help="where run records, suite.json and the report go (default: --out); "
                                          "a sweep skips every run recorded there, e.g. in a results/ folder")
+    sweep.add_argument("--sizes", help="only these of the suite's sizes, comma-separated (default: all)")
+    _add_set(sweep, "applied to every run, e.g. train.device=cuda (never a key the suite sets per run: the size, "
+                    "optim.lr, seed, train.steps...); recorded in each run's config")
 
 
 def _report_parser(sub) -> None:

@@ -1,6 +1,8 @@
 """`scalevec report DIR`: a sweep's table (mean ± std over seeds, paired difference to the baseline
 with a t-test), learning-rate curves, loss curves, loss against wall clock, and for a size ladder
-a fit of loss against compute with the compute-efficiency multiplier of each strategy."""
+a fit of loss against compute with the compute-efficiency multiplier of each strategy (with the
+suite's `compute_fit`: of one arm over its baseline at matched loss, with 95% bootstrap intervals
+and the reason when the fit is degenerate; `compute_fit()`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ MIN_SIZES_FOR_FIT = 5
 BOOTSTRAP = 200  # seed resamples for the multiplier's interval
 MIN_EXPONENT, MAX_EXPONENT = 0.01, 2.0  # outside: the fit is degenerate (e.g. an exponent of 20), not reported
 TARGET_EFFECT = 0.02  # nats: the difference the seed count is planned to detect (power is reported for it)
+FIT_DRAWS = 1000  # bootstrap draws of the compute fit's interval
+PAPER_MULTIPLIER = (1.22, 1.25)  # the paper's compute multiplier of unified over the standard model
 
 
 @dataclass
@@ -62,7 +66,7 @@ def analyse(results: Path) -> dict:
             continue
         best = min(finished, key=finished.get)
         grid = sorted(finished)
-        seeds = {s: read_run(results, arm, best, s) for s in suite.seeds}
+        seeds = {s: read_run(results, arm, best, s) for s in suite.seeds_for(arm.size)}
         seeds = {s: run for s, run in seeds.items() if run is not None}
         if not seeds:
             continue
@@ -102,11 +106,14 @@ def analyse(results: Path) -> dict:
             "cpu_hours": suite.cpu_hours, "steps": {arm.size: suite.steps(arm) for arm in suite.arms()},
             "runs_recorded": len(records),
             "seeds_planned": len(suite.seeds), "arms_pending": [a.path for a in suite.arms() if a not in arms],
+            **({"seeds_planned_by_size": {size: len(suite.seeds_for(size)) for size in suite.sizes}}
+               if suite.seeds_by_size else {}),
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **({"ood_source": suite.ood_source, "ood_tokens": suite.ood_tokens} if suite.ood_source else {}),
             **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
             "arms": [{k: v for k, v in row.items() if k not in ("curves", "devices")} for row in arms.values()],
-            "scaling": scaling_fit(suite, arms)}
+            **({"compute_fit": compute_fit(suite, arms)} if suite.compute_fit else
+               {"scaling": scaling_fit(suite, arms)})}
 
 
 def _all_records(results: Path) -> list[dict]:
@@ -222,7 +229,8 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]
 
 
 def _fit_law(points: list[tuple[float, float]]):
-    """L(C) = a·(C/C0)^(−b) + floor through (compute, loss) points; (a, b, floor, C0), or None if it fails."""
+    """L(C) = a·(C/C0)^(−b) + floor through (compute, loss) points (scipy's curve_fit, C over the smallest C0);
+    (a, b, floor, C0), or the reason there is none."""
     from scipy.optimize import OptimizeWarning, curve_fit
 
     c, loss = np.array([p[0] for p in points]), np.array([p[1] for p in points])
@@ -232,22 +240,36 @@ def _fit_law(points: list[tuple[float, float]]):
             fitted = curve_fit(lambda x, a, b, floor: a * np.power(x, -b) + floor, c / c.min(), loss,
                                p0=(1.0, 0.3, loss.min() * 0.9), maxfev=20000)[0]
     except RuntimeError:  # no convergence
-        return None
+        return "curve_fit did not converge"
     a, b, floor = fitted
-    if not (a > 0 and MIN_EXPONENT <= b <= MAX_EXPONENT):  # degenerate: a multiplier from it would mean nothing
-        return None
+    # degenerate: a multiplier from it would mean nothing
+    if not np.all(np.isfinite(fitted)):
+        return "curve_fit gave non-finite parameters"
+    if not a > 0:
+        return f"A = {a:.3g} is not positive"
+    if not MIN_EXPONENT <= b <= MAX_EXPONENT:
+        return f"alpha = {b:.3g}, " + ("not positive" if b <= 0 else f"outside [{MIN_EXPONENT}, {MAX_EXPONENT}]")
     return (*fitted, c.min())
+
+
+def _law(fit: tuple, compute: float) -> float:
+    a, b, floor, c0 = fit
+    return float(a * (compute / c0) ** -b + floor)
+
+
+def _compute_to_reach(fit: tuple, loss: float) -> float | None:
+    """The compute at which a fitted law reaches `loss` (None: at or below its floor, never)."""
+    a, b, floor, c0 = fit
+    return float(c0 * ((loss - floor) / a) ** (-1 / b)) if loss > floor else None
 
 
 def _multiplier(base, points: list[tuple[float, float]]) -> float | None:
     """Baseline compute to reach the strategy's loss at its largest size, over the strategy's compute there."""
-    if base is None:
+    if not isinstance(base, tuple):
         return None
-    a, b, floor, c0 = base
     compute, loss = max(points)
-    if loss <= floor or a <= 0 or b <= 0:  # the baseline law never reaches that loss
-        return None
-    return float(c0 * ((loss - floor) / a) ** (-1 / b) / compute)
+    reached = _compute_to_reach(base, loss)
+    return None if reached is None else reached / compute
 
 
 def scaling_fit(suite: Suite, arms: dict) -> dict:
@@ -297,6 +319,103 @@ def scaling_fit(suite: Suite, arms: dict) -> dict:
     return result
 
 
+def compute_fit(suite: Suite, arms: dict) -> dict:
+    """The suite's `compute_fit` (a baseline and an arm), per optimizer-schedule setting: final loss against
+    training FLOPs (summary.flops_per_token at train.seq_len, times the tokens trained) at the sizes trained on one
+    length (the length most sizes share), seed means over each size's paired seeds; per arm a fit of
+    L(C) = E + A·C^-alpha (scipy's curve_fit, C over the smallest C); at each size the compute multiplier, the
+    baseline's compute to reach the arm's fitted loss over the arm's compute, given at the largest size and as the
+    geometric mean over sizes, each with a 95% interval from FIT_DRAWS bootstrap draws (each size's paired seeds
+    resampled with replacement, both arms refitted; seeded). A degenerate fit gives its reason, not a number."""
+    names = (suite.compute_fit["baseline"], suite.compute_fit["arm"])
+    settings = dict.fromkeys((arm.optimizer, arm.schedule) for arm in arms)
+    return {**suite.compute_fit, "paper": list(PAPER_MULTIPLIER), "draws": FIT_DRAWS, "method": "curve_fit",
+            "settings": {f"{o}-{s}": _compute_fit_setting(suite, arms, names, o, s) for o, s in settings}}
+
+
+def _training_flops(suite: Suite, arm: Arm, tokens: int) -> float:
+    import torch
+
+    from ..model import Decoder
+    from ..summary import flops_per_token
+
+    config = load_config(suite.config, overrides(suite, arm, suite.lrs_for(arm)[0], 0))
+    with torch.device("meta"):
+        model = Decoder(config.model, config.strategy, config.moe)
+    return float(flops_per_token(model, config.train.seq_len) * tokens)
+
+
+def _compute_fit_setting(suite: Suite, arms: dict, names: tuple[str, str], optimizer: str, schedule: str) -> dict:
+    paired_rows = {}  # size -> the baseline's row, the arm's row, their paired seeds
+    for size in suite.sizes:
+        base, row = (arms.get(Arm(name, size, optimizer, schedule)) for name in names)
+        seeds = sorted(_paired(row, base), key=int) if base and row else []
+        if seeds:
+            paired_rows[size] = base, row, seeds
+    lengths: dict[float, list[str]] = {}
+    for size in paired_rows:
+        lengths.setdefault(suite.tokens_per_parameter_of(size), []).append(size)
+    length, sizes = max(lengths.items(), key=lambda item: len(item[1])) if lengths else (0.0, [])
+    compute = {(name, size): _training_flops(suite, Arm(name, size, optimizer, schedule),
+                                             paired_rows[size][i]["tokens"]) for size in sizes
+               for i, name in enumerate(names)}
+    sizes.sort(key=lambda size: compute[names[0], size])
+
+    def points(draw: dict[str, list[str]]) -> dict[str, list[tuple[float, float, str]]]:
+        return {name: [(compute[name, size], statistics.mean(paired_rows[size][i]["seeds"][s] for s in draw[size]),
+                        size) for size in sizes] for i, name in enumerate(names)}
+
+    seeds = {size: paired_rows[size][2] for size in sizes}
+    result: dict = {"tokens_per_parameter": length or None, "sizes": {size: {"seeds": len(seeds[size])}
+                                                                      for size in sizes}}
+    for name, means in points(seeds).items():
+        for c, loss, size in means:
+            result["sizes"][size][name] = {"compute": c, "loss": loss}
+    if len(sizes) < MIN_SIZES_FOR_FIT:
+        at = f" at {length:g} tokens per parameter" if length else ""
+        return {**result, "estimable": False, "reason": f"{len(sizes)} size(s) with both arms{at}; a compute fit "
+                                                         f"needs at least {MIN_SIZES_FOR_FIT}"}
+    estimate = _fit_multipliers(points(seeds), names)
+    if isinstance(estimate, str):
+        return {**result, "estimable": False, "reason": estimate}
+    rng = np.random.default_rng(0)
+    draws = [_fit_multipliers(points({size: [s[i] for i in rng.integers(len(s), size=len(s))]
+                                      for size, s in seeds.items()}), names) for _ in range(FIT_DRAWS)]
+    draws = [d for d in draws if isinstance(d, dict)]
+    for size, multiplier in estimate["multipliers"].items():
+        result["sizes"][size]["multiplier"] = multiplier
+    interval = {key: [float(q) for q in np.percentile([d[key] for d in draws], [2.5, 97.5])] if draws else None
+                for key in ("largest", "geomean")}
+    return {**result, "estimable": True, "fits": estimate["fits"], "defined": len(draws),
+            "largest": {"size": sizes[-1], "value": estimate["largest"], "ci95": interval["largest"]},
+            "geomean": {"value": estimate["geomean"], "ci95": interval["geomean"]}}
+
+
+def _fit_multipliers(points: dict[str, list[tuple[float, float, str]]], names: tuple[str, str]) -> dict | str:
+    """Both arms' laws and the multiplier at each of the arm's sizes, or why there is none."""
+    fits = {}
+    for name in names:
+        for (_, low, small), (_, high, large) in zip(points[name], points[name][1:]):
+            if high >= low:
+                return f"{name}'s loss does not fall with compute from {small} to {large} ({low:.4f} to {high:.4f})"
+        fit = _fit_law([(c, loss) for c, loss, _ in points[name]])
+        if isinstance(fit, str):
+            return f"{name}: {fit}"
+        fits[name] = fit
+    base, arm = names
+    multipliers = {}
+    for compute, _, size in points[arm]:
+        loss = _law(fits[arm], compute)
+        reached = _compute_to_reach(fits[base], loss)
+        if reached is None:
+            return (f"at {size} {arm}'s fitted loss {loss:.4f} is below {base}'s fitted floor E = "
+                    f"{fits[base][2]:.4f}, which the baseline never reaches")
+        multipliers[size] = reached / compute
+    return {"fits": {name: dict(zip(("A", "alpha", "E", "C0"), map(float, fit))) for name, fit in fits.items()},
+            "multipliers": multipliers, "largest": multipliers[points[arm][-1][2]],
+            "geomean": float(np.exp(np.mean(np.log(list(multipliers.values())))))}
+
+
 def _steps_text(steps: dict[str, int]) -> str:
     if len(set(steps.values())) == 1:
         return f"{next(iter(steps.values()))} steps per run"
@@ -324,7 +443,7 @@ def write_report(out: Path) -> dict:
             f"{row['diff_mean']:+.4f} ± {row['diff_std']:.4f}"
         p = "—" if row["p_value"] is None else f"{row['p_value']:.3f}{' *' if row['p_value'] < 0.05 else ''}"
         bpb = "—" if row["bits_per_byte"] is None else f"{row['bits_per_byte']:.4f}"
-        lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {_seeds(len(row['seeds']), summary)} | "
+        lines.append(f"| {row['arm']} | {row['best_lr']:g}{edge} | {_seeds(len(row['seeds']), summary, row['arm'])} | "
                      f"{row['mean']:.4f} ± "
                      f"{row['std']:.4f} | {diff} | {p} | {bpb} | {row['train_seconds']:.0f} |")
     lines += ["", "± is the standard deviation over seeds; * marks p < 0.05 (uncorrected). `(edge)`: the best learning "
@@ -340,8 +459,10 @@ def write_report(out: Path) -> dict:
         lines += [f"| {arm} | {p['decay_from']} | {p['stable']:.4f} | {p.get('stable_gap', 0):+.4f} | "
                   f"{p['decayed']:.4f} | {p.get('decayed_gap', 0):+.4f} |" for arm, p in wsd_rows]
         lines.append("")
-    scaling = summary["scaling"]
-    if scaling["estimable"]:
+    scaling = summary.get("scaling")
+    if scaling is None:
+        lines += _compute_fit_lines(summary["compute_fit"])
+    elif scaling["estimable"]:
         ratios = scaling["tokens_per_parameter"]
         lines += ["Compute-efficiency multipliers: the baseline's compute to reach the strategy's final loss at its "
                   "largest size, over the strategy's compute (fits of L(C) = a·C^-b + c over sizes); interval: "
@@ -358,6 +479,42 @@ def write_report(out: Path) -> dict:
         lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary
+
+
+def _compute_fit_lines(fit: dict) -> list[str]:
+    base, arm = fit["baseline"], fit["arm"]
+    paper = "-".join(f"{m:.2f}" for m in fit["paper"])
+
+    def times(value: float, ci: list[float] | None) -> str:
+        return f"{value:.2f}x" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+    lines = [f"## Compute fit: {arm} over {base}", "",
+             "Final validation loss against training compute C (FLOPs per token × tokens trained; seed means over each "
+             "size's paired seeds) at the sizes trained on one length, per arm a fit of L(C) = E + A·(C/C0)^-α "
+             f"(scipy's curve_fit); the multiplier at a size is the compute {base} needs to reach {arm}'s fitted loss "
+             f"there, over {arm}'s compute. 95% intervals: 2.5-97.5 percentiles of {fit['draws']} bootstrap draws "
+             f"(each size's paired seeds resampled with replacement, both arms refitted). The paper: {paper}x.", ""]
+    for setting, result in fit["settings"].items():
+        length = result["tokens_per_parameter"]
+        lines += [f"{setting}" + (f", {length:g} tokens per non-embedding parameter" if length else "") + ":", "",
+                  f"| size | seeds | {base} FLOPs | {base} loss | {arm} FLOPs | {arm} loss | multiplier |",
+                  "|---|---|---|---|---|---|---|"]
+        for size, row in result["sizes"].items():
+            lines.append(f"| {size} | {row['seeds']} | {row[base]['compute']:.3g} | {row[base]['loss']:.4f} | "
+                         f"{row[arm]['compute']:.3g} | {row[arm]['loss']:.4f} | "
+                         f"{_number(row.get('multiplier'), '.3f')} |")
+        lines.append("")
+        if result["estimable"]:
+            largest, geomean = result["largest"], result["geomean"]
+            laws = "; ".join(f"{name}: E = {f['E']:.4f}, A = {f['A']:.4f}, α = {f['alpha']:.3f}"
+                             for name, f in result["fits"].items())
+            lines += [f"**{arm} over {base}: {times(largest['value'], largest['ci95'])} at {largest['size']}, "
+                      f"{times(geomean['value'], geomean['ci95'])} as the geometric mean over sizes** "
+                      f"({result['defined']} of {fit['draws']} draws gave a fit); the paper: {paper}x. Fits: "
+                      f"{laws}.", ""]
+        else:
+            lines += [f"No compute multiplier: {result['reason']}.", ""]
+    return [*lines, "![loss against compute](compute.png)", ""]
 
 
 def _facts_lines(summary: dict) -> list[str]:
@@ -412,9 +569,16 @@ def _number(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _seeds(n: int, summary: dict) -> str:
+def _planned(summary: dict, setting: str) -> int:
+    """Test seeds planned at a setting's ("size/..." or "strategy/size/...") size."""
+    by_size = summary.get("seeds_planned_by_size", {})
+    size = next((part for part in setting.split("/") if part in by_size), None)
+    return by_size[size] if size else summary.get("seeds_planned", 0)
+
+
+def _seeds(n: int, summary: dict, setting: str) -> str:
     """A seed count, with the planned one beside it while the sweep has not run them all."""
-    planned = summary.get("seeds_planned")
+    planned = _planned(summary, setting)
     return f"{n} of {planned}" if planned and n < planned else str(n)
 
 
@@ -425,7 +589,7 @@ def _analysis_lines(summary: dict) -> list[str]:
             continue
         lines += [f"## {analysis['name']} ({analysis['setting']}, baseline `{analysis['baseline']}` "
                   f"{analysis['baseline_mean']:.4f})", "", analysis["claim"], ""]
-        if any(row["n"] < summary.get("seeds_planned", 0) for row in analysis["arms"]):
+        if any(row["n"] < _planned(summary, analysis["setting"]) for row in analysis["arms"]):
             lines += ["**Interim**: the test seeds are still running, so these verdicts and intervals are not the "
                       "study's; the rule applies to the planned seeds.", ""]
         ood = "ood_source" in summary
@@ -433,7 +597,7 @@ def _analysis_lines(summary: dict) -> list[str]:
                   + (" Δ out of domain | its 95% interval |" if ood else ""),
                   "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if ood else "")]
         for row in analysis["arms"]:
-            lines.append(f"| {row['arm']} | {_seeds(row['n'], summary)} | {row['delta']:+.4f} "
+            lines.append(f"| {row['arm']} | {_seeds(row['n'], summary, analysis['setting'])} | {row['delta']:+.4f} "
                          f"| {_interval(row['ci95'])} | {_number(row['p'], '.3g')} "
                          f"| {_number(row['p_holm'], '.3g')} | {_number(row['expected'], '+.3f')} | {row['verdict']} | "
                          f"{_number(row['power'], '.2f')} | {_number(row['mde'], '.4f')} |"
@@ -496,6 +660,8 @@ def _plots(out: Path, summary: dict) -> None:
     draw("curves.png", summary["suite"], curve, xlabel="training tokens (M)", ylabel="validation loss (seed mean)")
     draw("lr.png", "LR sensitivity", lr_curve, xscale="log", xlabel="learning rate",
          ylabel="final validation loss (one seed)")
+    if "compute_fit" in summary:
+        _compute_plot(out, summary["compute_fit"], colour, plt)
     families = [a for a in summary["analyses"] if any(row["delta_curve"] for row in a["arms"])]
     if families:
         fig, grid = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
@@ -518,3 +684,25 @@ def _plots(out: Path, summary: dict) -> None:
         fig.tight_layout()
         write_atomic(out / "gap.png", lambda path: fig.savefig(path, dpi=100, format="png"))
         plt.close(fig)
+
+
+def _compute_plot(out: Path, fit: dict, colour: dict, plt) -> None:
+    """compute.png: each arm's seed-mean final loss against training FLOPs (log x), with its fitted law."""
+    settings = fit["settings"]
+    fig, grid = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.8), squeeze=False)
+    for ax, (setting, result) in zip(grid.flat, settings.items()):
+        for name in (fit["baseline"], fit["arm"]):
+            compute = [row[name]["compute"] for row in result["sizes"].values()]
+            ax.plot(compute, [row[name]["loss"] for row in result["sizes"].values()], "o", color=colour.get(name),
+                    label=name)
+            law = result.get("fits", {}).get(name)
+            if law and compute:
+                x = np.geomspace(min(compute), max(compute), 100)
+                ax.plot(x, law["A"] * (x / law["C0"]) ** -law["alpha"] + law["E"], color=colour.get(name),
+                        linewidth=0.8)
+        ax.set(xscale="log", xlabel="training FLOPs", ylabel="final validation loss (seed mean)",
+               title=setting if result["estimable"] else f"{setting} (no fit)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(out / "compute.png", lambda path: fig.savefig(path, dpi=100, format="png"))
+    plt.close(fig)

@@ -17,7 +17,15 @@ report without the runs, and a sweep on another machine skips every recorded run
 Study options of a suite scale: `variants` (named arms that are a strategy plus config overrides,
 e.g. another init), `analyses` (families of arm-vs-baseline claims with the paper's effect, for
 verdicts: see stats.py), `extend_lrs` (extend an LR grid whose best value is at an edge, by a
-factor of 2, up to this many times), and [config.model] fields kept on top of every size preset.
+factor of `lr_ratio`, default 2, up to this many times; an extension is rounded to 4 significant
+digits, so its record path stays short: lr0.01131), `lrs_by_size` and `seeds_by_size` (a size's own
+LR grid or test seeds instead of `lrs` or `seeds`), `tokens_per_parameter` (each size trains this
+many tokens per non-embedding parameter; a size named `PRESET@N`, e.g. `cpu-0.5m@40`, trains N
+instead: a tokens ladder is a list of such sizes), `compute_fit` (`{ baseline = ..., arm = ... }`:
+the report fits loss against training FLOPs per arm and gives the compute multiplier, see
+report.py), `ood_source` (every final model also scored on a bundled source outside the training
+mix), and [config.model] fields kept on top of every size preset. `scalevec sweep --set KEY=VALUE`
+applies an override to every run (e.g. train.device=cuda), never to a key the suite sets per run.
 
 WSD studies (`wsd_decays`): a WSD run's stable phase is a constant-LR run, so its checkpoints there
 launch extra decays (`train.branch_from`) at fractions of the stable phase; the report then shows
@@ -48,6 +56,7 @@ from ..train.preempt import EXIT_STOPPED, StoppedEarly
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
 CONTROL = "control"  # an analysis arm the paper makes no claim about
+LR_DIGITS = 4  # significant digits of an extended learning rate (its record path is lr{lr:g})
 
 
 @dataclass(frozen=True)
@@ -85,21 +94,34 @@ class Suite:
     tokens_per_parameter: float = 0.0  # > 0: each size trains this many tokens per non-embedding parameter
     ood_source: str = ""  # a bundled source outside the training mix: every run's final model is scored on it
     ood_tokens: int = 131072  # how many of its tokens (evenly spaced windows of train.seq_len)
+    lr_ratio: float = 2.0  # the factor between an edge of the LR grid and its extension
+    lrs_by_size: dict[str, list[float]] = field(default_factory=dict)  # a size's LR grid instead of lrs
+    seeds_by_size: dict[str, list[int]] = field(default_factory=dict)  # a size's test seeds instead of seeds
+    compute_fit: dict[str, str] = field(default_factory=dict)  # {baseline, arm}: the report's loss-vs-FLOPs fit
+    sets: list[str] = field(default_factory=list)  # `scalevec sweep --set` overrides, applied to every run
 
     def arms(self) -> list[Arm]:
         return [Arm(st, si, o, sc) for si in self.sizes for o in self.optimizers for sc in self.schedules
                 for st in self.strategies]
 
     def lrs_for(self, arm: Arm) -> list[float]:
-        return self.muon_lrs if arm.optimizer == "muon" else self.lrs
+        return self.muon_lrs if arm.optimizer == "muon" else self.lrs_by_size.get(arm.size, self.lrs)
+
+    def seeds_for(self, size: str) -> list[int]:
+        """The test seeds of a size (seeds_by_size, else seeds)."""
+        return self.seeds_by_size.get(size, self.seeds)
+
+    def tokens_per_parameter_of(self, size: str) -> float:
+        """A size's training length in tokens per non-embedding parameter (0: the config's train.steps)."""
+        return split_size(size)[1] or self.tokens_per_parameter
 
     def base_config(self):
         """The suite's config with its first size (every run overrides the size anyway)."""
-        return load_config(self.config, size_overrides(self, self.sizes[0]))
+        return self.arm_config(Arm(self.strategies[0], self.sizes[0], self.optimizers[0], self.schedules[0]))
 
     def arm_config(self, arm: Arm):
         """The suite's config at `arm`'s size (its steps, with tokens_per_parameter, depend on the size)."""
-        return load_config(self.config, size_overrides(self, arm.size))
+        return load_config(self.config, [*size_overrides(self, arm.size), *self.sets])
 
     def steps(self, arm: Arm | None = None) -> int:
         """Steps of a run of `arm` (of the first size if None)."""
@@ -119,7 +141,59 @@ class Suite:
         return round(point / (1 - self.base_config().schedule.decay_fraction))
 
 
-def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite:
+def split_size(size: str) -> tuple[str, float]:
+    """`PRESET@N` -> (PRESET, N tokens per non-embedding parameter); a plain size -> (size, 0)."""
+    preset, at, length = size.partition("@")
+    if not at:
+        return size, 0.0
+    try:
+        value = float(length)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"size {size!r}: after @ comes the training length in tokens per non-embedding "
+                          f"parameter, a positive number (e.g. {preset or 'cpu-0.5m'}@40)")
+    return preset, value
+
+
+def round_lr(lr: float) -> float:
+    """An extended learning rate at LR_DIGITS significant digits (a short, stable record path)."""
+    return float(f"{lr:.{LR_DIGITS}g}")
+
+
+def extension(grid: list[float], best: float, up: bool, ratio: float) -> float:
+    """The next learning rate above (`up`) or below `best`, the top or bottom of the tried LRs: one more step of
+    the grid's geometric ladder from the grid's edge (edge·ratio^k, so rounding never accumulates: 0.008, 0.01131,
+    0.016 at ratio √2), rounded to LR_DIGITS significant digits."""
+    edge = max(grid) if up else min(grid)
+    steps = round(math.log(best / edge) / math.log(ratio)) + (1 if up else -1)
+    return round_lr(edge * ratio ** steps)
+
+
+# keys a suite sets per run, and the suite option that sets them (`--set` may not)
+SUITE_KEYS = {"model.preset": "sizes", "optim.lr": "lrs (or lrs_by_size)", "optim.muon_lr": "muon_lrs",
+              "seed": "seeds (or seeds_by_size, --seeds)", "strategy.preset": "strategies (or variants)",
+              "optim.name": "optimizers", "schedule.name": "schedules",
+              "train.steps": "tokens_per_parameter, a size's @N, or train.steps in the suite's [config]",
+              "train.branch_from": "wsd_decays", "schedule.decay_start": "wsd_decays"}
+
+
+def check_sets(sets: list[str]) -> None:
+    """Refuse a `sweep --set` of a key the suite sets per run, naming the suite option to use instead."""
+    from ..config import MODEL_PRESETS
+
+    shape = {f"model.{key}" for preset in MODEL_PRESETS.values() for key in preset}
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key in SUITE_KEYS or key in shape:
+            option = SUITE_KEYS.get(key, "sizes (or the suite's [config.model])")
+            raise ConfigError(f"--set {key}: the suite sets it per run; use the suite's {option} instead")
+
+
+def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: list[str] | None = None,
+               sizes: list[str] | None = None) -> Suite:
+    """A suite's scale; `seeds` (a count), `sets` (overrides for every run) and `sizes` (a subset of its sizes)
+    replace the suite's own."""
     path = Path(name_or_path)
     if not path.is_file():
         path = SUITE_DIR / f"{name_or_path}.toml"
@@ -137,7 +211,19 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
     except TypeError as err:
         raise ConfigError(f"suite {path}: {err}; see the shipped suites for the fields") from None
     if seeds is not None:
-        suite.seeds = list(range(seeds))
+        suite.seeds, suite.seeds_by_size = list(range(seeds)), {}
+    if sets:
+        check_sets(sets)
+        suite.sets = list(sets)
+    if sizes:
+        unknown = [size for size in sizes if size not in suite.sizes]
+        if unknown:
+            raise ConfigError(f"--sizes {', '.join(unknown)}: not among suite {suite.name}'s sizes; choose from "
+                              f"{', '.join(suite.sizes)}")
+        suite.sizes = list(sizes)
+        suite.lrs_by_size = {k: v for k, v in suite.lrs_by_size.items() if k in sizes}
+        suite.seeds_by_size = {k: v for k, v in suite.seeds_by_size.items() if k in sizes}
+    _check_study_options(suite)
     if suite.baseline not in suite.strategies:
         raise ConfigError(f"suite {suite.name}: baseline {suite.baseline!r} is not among its strategies")
     for analysis in suite.analyses:
@@ -159,6 +245,38 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None) -> Suite
                               f"the training mix ({', '.join(trained_on)}); choose from "
                               f"{', '.join(s for s in BUNDLED_SOURCES if s not in trained_on)}")
     return suite
+
+
+def _check_study_options(suite: Suite) -> None:
+    """Sizes' training lengths, per-size tables, the LR ratio, grid values and compute_fit, each refused in one
+    line naming the fix."""
+    for size in suite.sizes:
+        try:
+            split_size(size)
+        except ConfigError as err:
+            raise ConfigError(f"suite {suite.name}: {err}") from None
+    for option, kind in (("lrs_by_size", (int, float)), ("seeds_by_size", int)):
+        unknown = [size for size in getattr(suite, option) if size not in suite.sizes]
+        if unknown:
+            raise ConfigError(f"suite {suite.name}: {option} names {', '.join(unknown)}, not among its sizes "
+                              f"({', '.join(suite.sizes)}); add it to sizes or remove it from {option}")
+        for size, values in getattr(suite, option).items():
+            if not (isinstance(values, list) and values and all(isinstance(v, kind) and not isinstance(v, bool)
+                                                                and v >= 0 for v in values)):
+                raise ConfigError(f"suite {suite.name}: {option} {size!r} = {values!r}; give a non-empty list of "
+                                  + ("learning rates" if option == "lrs_by_size" else "integer seeds"))
+    if not suite.lr_ratio > 1:
+        raise ConfigError(f"suite {suite.name}: lr_ratio {suite.lr_ratio} must be above 1 (e.g. 1.41421356 for a grid "
+                          "with √2 spacing)")
+    for lr in [*suite.lrs, *suite.muon_lrs, *(lr for grid in suite.lrs_by_size.values() for lr in grid)]:
+        if float(f"{lr:g}") != lr:  # a record path lr{lr:g} would name another learning rate
+            raise ConfigError(f"suite {suite.name}: learning rate {lr!r} has more significant digits than its "
+                              f"record path lr{lr:g} keeps; give it as {lr:g} (6 digits at most)")
+    fit = suite.compute_fit
+    if fit and (set(fit) != {"baseline", "arm"} or not set(fit.values()) <= set(suite.strategies)):
+        raise ConfigError(f"suite {suite.name}: compute_fit {fit!r} needs exactly a baseline and an arm among the "
+                          f"strategies ({', '.join(suite.strategies)}), e.g. {{ baseline = \"standard\", "
+                          "arm = \"unified\" }")
 
 
 def run_dir(out: Path, arm: Arm, lr: float, seed: int, decay_from: int = 0) -> Path:
@@ -191,16 +309,18 @@ class RunSpec:
 
 def size_overrides(suite: Suite, size: str) -> list[str]:
     """A size preset replaces the [model] section: the suite's own [model] fields are set again on top; with
-    tokens_per_parameter, the size also sets train.steps."""
-    if size == CONFIG_SIZE:
+    tokens_per_parameter (or a size's @N), the size also sets train.steps."""
+    preset, _ = split_size(size)
+    if preset == CONFIG_SIZE:
         sets = []
     else:
         model = {k: v for k, v in suite.config.get("model", {}).items() if k != "preset"}
-        sets = [f"model.preset={size}", *(f"model.{key}={json.dumps(value)}" for key, value in model.items())]
-    if suite.tokens_per_parameter > 0:
-        config = load_config(suite.config, sets)
+        sets = [f"model.preset={preset}", *(f"model.{key}={json.dumps(value)}" for key, value in model.items())]
+    tokens_per_parameter = suite.tokens_per_parameter_of(size)
+    if tokens_per_parameter > 0:
+        config = load_config(suite.config, [*sets, *suite.sets])
         t = config.train
-        steps = math.ceil(suite.tokens_per_parameter * non_embedding_parameters(config.model)
+        steps = math.ceil(tokens_per_parameter * non_embedding_parameters(config.model)
                           / (t.batch_size * t.seq_len * t.grad_accum))
         sets.append(f"train.steps={steps}")
     return sets
@@ -221,7 +341,7 @@ def non_embedding_parameters(model) -> int:
 def overrides(suite: Suite, arm: Arm, lr: float, seed: int) -> list[str]:
     lr_key = "optim.muon_lr" if arm.optimizer == "muon" else "optim.lr"
     strategy = suite.variants.get(arm.strategy, [f"strategy.preset={arm.strategy}"])
-    return [*size_overrides(suite, arm.size), *strategy, f"optim.name={arm.optimizer}",
+    return [*size_overrides(suite, arm.size), *suite.sets, *strategy, f"optim.name={arm.optimizer}",
             f"schedule.name={arm.schedule}", f"{lr_key}={lr}", f"seed={seed}"]
 
 
@@ -382,8 +502,8 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
     failures: dict[str, str] = {}
     arms = suite.arms()
     lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
-    total = len(lr_phase) + sum(len([s for s in suite.seeds if s != suite.lr_seed])
-                                + len(suite.seeds) * len(suite.decay_points(arm)) for arm in arms)
+    total = len(lr_phase) + sum(len([s for s in suite.seeds_for(arm.size) if s != suite.lr_seed])
+                                + len(suite.seeds_for(arm.size)) * len(suite.decay_points(arm)) for arm in arms)
     with tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
         def recorded(spec: RunSpec) -> bool:  # a run finished before records existed is recorded now
             return record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from).is_file() or \
@@ -415,16 +535,18 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
                 best = min(losses, key=losses.get) if len(losses) > 1 else None
                 extended = len(set(losses) - set(suite.lrs_for(arm)))
                 if best is not None and best in (min(losses), max(losses)) and extended < suite.extend_lrs:
-                    extra.append(RunSpec(arm, best * 2 if best == max(losses) else best / 2, suite.lr_seed))
+                    lr = extension(suite.lrs_for(arm), best, best == max(losses), suite.lr_ratio)
+                    extra.append(RunSpec(arm, lr, suite.lr_seed))
             if not extra:
                 break
             bar.total += len(extra)
             execute(extra)
         best = {arm: best_lr(results, suite, arm) for arm in arms}
         # seed-major, so a sweep stopped part-way leaves every arm with the same seeds to pair
-        execute([RunSpec(arm, lr, seed) for seed in suite.seeds if seed != suite.lr_seed
-                 for arm, lr in best.items() if lr is not None])
+        seeds = dict.fromkeys([*suite.seeds, *(s for size in suite.seeds_by_size.values() for s in size)])
+        execute([RunSpec(arm, lr, seed) for seed in seeds if seed != suite.lr_seed
+                 for arm, lr in best.items() if lr is not None and seed in suite.seeds_for(arm.size)])
         execute([RunSpec(arm, lr, seed, point) for arm, lr in best.items() if lr is not None
-                 for seed in suite.seeds if final_val_loss(results, arm, lr, seed) is not None
+                 for seed in suite.seeds_for(arm.size) if final_val_loss(results, arm, lr, seed) is not None
                  for point in suite.decay_points(arm)])
     return {"runs": total, "failed": failures, "best_lr": {arm.path: lr for arm, lr in best.items()}}
