@@ -37,9 +37,13 @@ MODEL_PRESETS: dict[str, dict] = {
     "cpu-2m": dict(d_model=160, n_layers=5, n_heads=5, n_kv_heads=1, d_ff=448),
     "cpu-3m": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512),
     "cpu-7m": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704),
-    # the study's size ladder around cpu-0.5m (same family: head_dim 24-40, d_ff about 3x d_model)
+    # the study's size ladders around cpu-0.5m (same family: head_dim 24-44, d_ff about 3x d_model)
     "cpu-d48": dict(d_model=48, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=128),
+    "cpu-d56": dict(d_model=56, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=160),
+    "cpu-d72": dict(d_model=72, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=224),
     "cpu-d80": dict(d_model=80, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=256),
+    "cpu-d84": dict(d_model=84, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=272),
+    "cpu-d88": dict(d_model=88, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=288),
     "cpu-moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, moe_experts=4, moe_top_k=2,
                     moe_d_expert=192),
     # GPU ladder: Llama-style shapes near the paper's sizes (total parameters, untied head), the GPT-2 init
