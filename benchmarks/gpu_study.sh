@@ -5,10 +5,10 @@
 # folder of its own: a record says its device and dtype, and the report never pairs a GPU run with a CPU one) and
 # are copied to $OUT with the report, to be committed under results/. A sweep cut by its time limit stops its runs
 # at a checkpoint (exit 75); rerunning the script continues it. Run from the repository root:
-#   bash benchmarks/gpu_study.sh                 # or SUITE=study-ladder SIZE=cpu-d80 JOBS=8 bash benchmarks/gpu_study.sh
+#   bash benchmarks/gpu_study.sh                 # or SUITE=study-tokens SIZE=cpu-d56@80 JOBS=8 bash benchmarks/gpu_study.sh
 # Every step's time limit together: 540 s (a test checks it), so one call on a lent machine runs it all.
 set -u
-SUITE=${SUITE:-study-ladder}
+SUITE=${SUITE:-study-scale}
 OUT=${OUT:-benchmarks/gpu-study-out}
 RESULTS=${RESULTS:-results/$SUITE-gpu}
 JOBS=${JOBS:-8}  # tiny models leave the GPU mostly idle: runs in parallel, one CPU thread each
