@@ -15,17 +15,7 @@
 set -u
 OUT=${OUT:-benchmarks/gpu-out}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, never abort the script
-    local name=$1 limit=$2
-    shift 2
-    [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
-    echo "== $name ($(date +%T))"
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "   exit $? after ${SECONDS}s in all"
-    tail -n 25 "$OUT/$name.txt"
-}
+source "$(dirname "$0")/steps.sh"
 { nvidia-smi -L; $PYTHON -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

@@ -13,17 +13,7 @@ OUT=${OUT:-benchmarks/gpu-study-out}
 RESULTS=${RESULTS:-results/$SUITE-gpu}
 JOBS=${JOBS:-8}  # tiny models leave the GPU mostly idle: runs in parallel, one CPU thread each
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, never abort the script
-    local name=$1 limit=$2
-    shift 2
-    [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
-    echo "== $name ($(date +%T))"
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "   exit $? after ${SECONDS}s in all"
-    tail -n 25 "$OUT/$name.txt"
-}
+source "$(dirname "$0")/steps.sh"
 SIZE=${SIZE:-$($PYTHON -c "import sys; from scalevec.experiments.sweep import load_suite, non_embedding_parameters as n
 s = load_suite(sys.argv[1], 'cpu')
 print(max(s.arms(), key=lambda a: n(s.arm_config(a).model) * s.arm_config(a).train.steps).size)" "$SUITE")}
