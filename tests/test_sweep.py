@@ -7,6 +7,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -519,3 +520,55 @@ def test_a_preempted_run_stops_the_sweep_without_a_failure(small_data, tmp_path,
     with pytest.raises(StoppedEarly, match="the sweep stops with it"):
         run_sweep(suite, tmp_path / "runs", log=lambda *_: None)
     assert not list((tmp_path / "runs").rglob("failed.txt"))
+
+
+def test_a_stop_request_to_the_sweep_starts_no_other_run(small_data, tmp_path, monkeypatch):
+    """A signal to the sweep itself (a scheduler's SIGTERM) is noted, not fatal: the sweep waits for the run it is
+    in (which gets the signal too and checkpoints), starts no other run, and stops with exit 75."""
+    import subprocess as sp
+
+    from scalevec.train.preempt import StoppedEarly
+
+    suite = load_suite(str(write_suite(tmp_path, small_data)), "cpu")
+    started = []
+
+    def one_run(command, **kwargs):
+        started.append(command)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs in the main thread meanwhile
+        return sp.CompletedProcess(command, 1, "", "a run that failed on its own")
+
+    monkeypatch.setattr(sp, "run", one_run)
+    with pytest.raises(StoppedEarly, match=r"stopped on request \(SIGTERM\)"):
+        run_sweep(suite, tmp_path / "runs", log=lambda *_: None)
+    assert len(started) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the sweep's handler is gone with it
+
+
+def test_a_stop_request_to_compare_waits_for_its_runs(small_data, tmp_path, monkeypatch):
+    """`compare --jobs 2` under a scheduler's SIGTERM: the runs get it too and exit 75 at a checkpoint; compare
+    notes it instead of dying first (exit 143), and stops with their 75."""
+    import subprocess as sp
+
+    from test_train import tiny_config
+
+    from scalevec.config import to_toml
+    from scalevec.experiments.compare import run_comparison
+    from scalevec.train.preempt import EXIT_STOPPED, StoppedEarly
+
+    source = tmp_path / "tiny.toml"
+    source.write_text(to_toml(tiny_config(small_data)))
+
+    signalled, lock = [], threading.Lock()
+
+    def preempted_run(command, **kwargs):  # the scheduler signals compare once, and each run (exit 75)
+        with lock:
+            if not signalled:
+                signalled.append(os.kill(os.getpid(), signal.SIGTERM))  # without a handler: this process ends
+        time.sleep(0.3)
+        return sp.CompletedProcess(command, EXIT_STOPPED)
+
+    monkeypatch.setattr(sp, "run", preempted_run)
+    with pytest.raises(StoppedEarly, match="stopped at a checkpoint"):
+        run_comparison(source, ["standard", "unified"], tmp_path / "out", [], "test", log=lambda *_: None, jobs=2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -26,7 +26,7 @@ from ..config import ConfigError, load_config, to_dict, to_toml
 from ..data.prepare import prepare
 from ..outputs import write_atomic, write_text_atomic
 from ..rundir import TrainError, final_eval, first_difference, read_metrics
-from ..train.preempt import EXIT_STOPPED, StoppedEarly
+from ..train.preempt import EXIT_STOPPED, StoppedEarly, StopRequests
 from ..train.trainer import Trainer
 from .sweep import Suite, best_lr, read_record
 
@@ -64,8 +64,9 @@ def run_comparison(source: Path, strategies: list[str], out: Path, overrides: li
             continue
         todo[name] = bool(list_checkpoints(run_dir / "checkpoints"))
         log(f"{name}: {'resuming' if todo[name] else 'training'} in {run_dir}")
-    if jobs > 1:
-        with ThreadPoolExecutor(jobs) as pool:
+    if jobs > 1:  # a stop request reaches the runs too: this process waits for their exit 75 instead of dying first
+        signals = next(iter(configs.values())).train.stop_signals
+        with StopRequests(signals, 0), ThreadPoolExecutor(jobs) as pool:
             list(pool.map(lambda name: _train_process(source, name, configs[name], out, todo[name], log), todo))
     else:
         for name, resume in todo.items():

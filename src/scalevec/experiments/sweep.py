@@ -51,7 +51,7 @@ from tqdm import tqdm
 from ..config import BUNDLED_SOURCES, ConfigError, load_config, to_toml
 from ..outputs import write_text_atomic
 from ..rundir import final_eval, read_metrics
-from ..train.preempt import EXIT_STOPPED, StoppedEarly
+from ..train.preempt import EXIT_STOPPED, StoppedEarly, StopRequests
 
 SUITE_DIR = Path(__file__).parent / "suites"
 CONFIG_SIZE = "config"  # a size that keeps the [model] section of the suite's config
@@ -431,9 +431,11 @@ def best_lr(results: Path, suite: Suite, arm: Arm) -> float | None:
     return min(losses, key=losses.get) if losses else None
 
 
-def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, threads: int, ood
+def _run(spec: RunSpec, suite: Suite, out: Path, results: Path, base: Path, threads: int, ood, stops: StopRequests
          ) -> tuple[Path, str | None]:
     path = spec.path(out)
+    if stops.requested():  # the sweep was asked to stop: no run starts after that
+        raise StoppedEarly(f"stopped on request ({stops.reason}) before {path}; run the sweep again to continue")
     command = [sys.executable, "-m", "scalevec", "train", str(base), "--out", str(path),
                *[x for o in [*spec.overrides(out, suite), f"train.threads={threads}"] for x in ("--set", o)]]
     if path.exists():
@@ -504,7 +506,10 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
     lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
     total = len(lr_phase) + sum(len([s for s in suite.seeds_for(arm.size) if s != suite.lr_seed])
                                 + len(suite.seeds_for(arm.size)) * len(suite.decay_points(arm)) for arm in arms)
-    with tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
+    # a stop request (a scheduler's signal) reaches the runs too: they checkpoint and exit 75, and the sweep, which
+    # waits for them instead of dying first, starts no other run and exits 75 as well
+    stops = StopRequests(config.train.stop_signals, 0)
+    with stops, tqdm(total=total, unit="run", desc=f"sweep {suite.name}", disable=None) as bar:
         def recorded(spec: RunSpec) -> bool:  # a run finished before records existed is recorded now
             return record_path(results, spec.arm, spec.lr, spec.seed, spec.decay_from).is_file() or \
                 _write_record(spec, suite, out, results, None, ood)
@@ -518,7 +523,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
             done += len(specs) - len(todo)
             with ThreadPoolExecutor(jobs) as pool:
                 for spec, (path, error) in zip(todo, pool.map(
-                        lambda spec: _run(spec, suite, out, results, base, threads, ood), todo)):
+                        lambda spec: _run(spec, suite, out, results, base, threads, ood, stops), todo)):
                     done, ran = done + 1, ran + 1
                     bar.update(1)
                     if error:
