@@ -572,3 +572,24 @@ def test_a_stop_request_to_compare_waits_for_its_runs(small_data, tmp_path, monk
     with pytest.raises(StoppedEarly, match="stopped at a checkpoint"):
         run_comparison(source, ["standard", "unified"], tmp_path / "out", [], "test", log=lambda *_: None, jobs=2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_record_says_where_its_run_computed(small_data, tmp_path):
+    """The device comes from the run's own metrics (a GPU run recorded later by a sweep on a CPU machine stays a GPU
+    run); a run logged before that is taken to have run where the record is made."""
+    from test_train import tiny_config
+
+    from scalevec.config import to_toml
+    from scalevec.experiments.sweep import make_record
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(tiny_config(small_data)))
+    rows = [{"step": 0, "tokens": 0, "val_loss": 6.0, "device": "cuda"},
+            {"step": 40, "tokens": 5120, "train_loss": 5.0, "tokens_per_s": 512.0, "val_loss": 5.5, "device": "cuda"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    record = make_record(run, None)
+    assert (record["device"], record["dtype"], record["final"]["val_loss"]) == ("cuda", "bfloat16", 5.5)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "device"}) + "\n"
+                                               for row in rows))
+    assert (make_record(run, None)["device"], make_record(run, None)["dtype"]) == ("cpu", "float32")

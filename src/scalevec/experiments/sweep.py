@@ -371,7 +371,9 @@ def make_record(path: Path, wall_seconds: float | None, ood: tuple[str, np.ndarr
     config = load_config(raw, resolved=True)
     with torch.device("meta"):
         model = Decoder(config.model, config.strategy, config.moe)
-    device = resolve_device(config.train.device).type  # the run's: a sweep's runs run on its own machine
+    # where the run computed, as it logged it; runs from before that log ran on the machine making the record
+    device = next((row["device"] for row in reversed(rows) if "device" in row), None) or \
+        resolve_device(config.train.device).type
     record = {"config": raw, "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
               "final": {key: rows[-1][key] for key in keep if key in rows[-1]},
               "scale_decay": decay_counts(model, config.strategy.scale_decay, config.optim),

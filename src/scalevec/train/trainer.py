@@ -270,8 +270,11 @@ class Trainer:
             logger.log(record)
 
     def _eval_record(self) -> dict:
+        """Validation metrics, scale diagnostics, and the device the run computes on (a record made elsewhere, e.g.
+        by a sweep on another machine, reads it here)."""
         evaluation, model = self.evaluate(), self._full_model()
-        return {**evaluation, "scales": scale_diagnostics(model, self.infos) if model is not None else {}}
+        return {**evaluation, "scales": scale_diagnostics(model, self.infos) if model is not None else {},
+                "device": self.device.type}
 
     def _full_model(self) -> Decoder | None:
         """The model with plain tensors: under FSDP2 an unsharded copy on rank 0 (None elsewhere; a collective)."""
