@@ -114,3 +114,21 @@ def test_the_dry_run_reports_the_plan_of_a_start_that_would_go(sandbox, capsys):
     assert f"start {tmp / 'branched'} on cpu" in out and "branches from" in out and "at step 4" in out
     assert "is prepared" in out and "epochs" in out and not (tmp / "branched").exists()
     assert json.loads((data / "meta.json").read_text())["train"]["tokens"] > 0
+
+
+def test_a_run_directory_another_process_holds_is_refused_by_the_dry_run_too(sandbox, capsys):
+    """The lock a running training holds (flock: another open file description, as another process has) refuses
+    the start, and the dry run, which takes no lock itself, with the same line."""
+    from scalevec.outputs import DirectoryLock
+
+    tmp, _, _ = sandbox
+    run = tmp / "done"
+    with DirectoryLock(run, "run directory"):
+        before = snapshot(tmp)
+        lines = {}
+        for mode in ("--dry-run", None):
+            assert main(["train", "--resume", "--out", str(run), *([mode] if mode else [])]) == 2
+            lines[mode] = capsys.readouterr().err
+        assert lines["--dry-run"] == lines[None] and "is in use by another scalevec process" in lines[None]
+        assert snapshot(tmp) == before
+    assert main(["train", "--resume", "--out", str(run), "--dry-run"]) == 0  # free again

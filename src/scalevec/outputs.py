@@ -182,6 +182,13 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
+def _in_use(directory: Path, what: str, lock_file) -> OutputError:
+    lock_file.seek(0)
+    holder = lock_file.read().strip() or "unknown"
+    return OutputError(f"{what} {directory} is in use by another scalevec process (pid {holder}); wait for it to "
+                       "finish or choose another directory")
+
+
 class DirectoryLock:
     """An exclusive advisory lock on DIR/.lock, holding the holder's pid.
 
@@ -196,11 +203,9 @@ class DirectoryLock:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "unknown"
+                error = _in_use(directory, what, fh)
                 fh.close()
-                raise OutputError(f"{what} {directory} is in use by another scalevec process (pid {holder}); "
-                                  "wait for it to finish or choose another directory") from None
+                raise error from None
             try:
                 same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -213,6 +218,21 @@ class DirectoryLock:
             fh.truncate(0)
             fh.write(f"{os.getpid()}\n")
             fh.flush()
+
+    @staticmethod
+    def check_free(directory: Path, what: str) -> None:
+        """Refuse, with the lock's own error, a directory another process holds; takes and writes nothing (a dry
+        run's check: a shared lock for an instant, which conflicts only with a holder's exclusive one)."""
+        try:
+            fh = open(Path(directory) / LOCK_NAME)
+        except OSError:  # no lock file: no holder
+            return
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(directory, what, fh) from None
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
     def release(self) -> None:
         if self._file is None:

@@ -21,8 +21,8 @@ from ..data.loader import TokenWindows, check_compatible
 from ..data.prepare import require_prepared
 from ..data.sources import DataError, resolve_sources
 from ..model import Decoder
-from ..outputs import contains
-from ..rundir import check_run_dir, has_content, read_metrics
+from ..outputs import DirectoryLock, OutputError, contains
+from ..rundir import RunDirError, check_run_dir, has_content, read_metrics
 from .checkpointing import read_checkpoint, unusable
 from .loggers import check_loggers
 
@@ -173,5 +173,9 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction "
                             "> 0 or use more data")
         check_compatible(windows, config.data.tokenizer, config.model.vocab_size)
+    try:  # last, as the start takes the lock last
+        DirectoryLock.check_free(run_dir, "run directory")
+    except OutputError as err:
+        raise RunDirError(str(err)) from None
     return Plan(config, run_dir, resume, resume_from, device, world_size, data_dir, windows, val_windows,
                 _branch(config), _init_weights(config))
