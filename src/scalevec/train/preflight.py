@@ -173,8 +173,9 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction "
                             "> 0 or use more data")
         check_compatible(windows, config.data.tokenizer, config.model.vocab_size)
-    try:  # last, as the start takes the lock last
-        DirectoryLock.check_free(run_dir, "run directory")
+    try:  # last, as the start takes the lock last; by rank 0 only, which takes it (the others may start later)
+        if os.environ.get("RANK", "0") == "0":
+            DirectoryLock.check_free(run_dir, "run directory")
     except OutputError as err:
         raise RunDirError(str(err)) from None
     return Plan(config, run_dir, resume, resume_from, device, world_size, data_dir, windows, val_windows,
