@@ -1,6 +1,7 @@
 """Issue "MoE": dense equivalence, dispatch against a per-token loop, balancing, folding, counts."""
 
 import json
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -171,9 +172,9 @@ def test_balancing_lowers_expert_imbalance(small_data, tmp_path):
     none = imbalance_after_training(small_data, tmp_path, "none")
     aux = imbalance_after_training(small_data, tmp_path, "aux")
     bias = imbalance_after_training(small_data, tmp_path, "bias")
-    late = lambda values: sum(values[-3:]) / 3  # noqa: E731
-    assert late(aux) < late(none) - 2.0, (none, aux)
-    assert late(bias) < late(none) - 2.0, (none, bias)
+    late_none, late_aux, late_bias = (statistics.mean(values[-3:]) for values in (none, aux, bias))
+    assert late_aux < late_none - 2.0, (none, aux)
+    assert late_bias < late_none - 2.0, (none, bias)
 
 
 def test_bias_update_recentres_and_moves_toward_balance():
