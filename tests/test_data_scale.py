@@ -209,13 +209,22 @@ def test_npy_with_a_header_imports_at_its_offset_and_trains(tmp_path, tokenizer,
     out = import_tokens([str(tmp_path / "train.npy")], [str(tmp_path / "val.npy")], str(tokenizer), tmp_path / "npy",
                         log=quiet)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["dtype"] == dtype and meta["imported"]["placed"] == ["copied (a .npy header)"]
+    assert meta["dtype"] == dtype and meta["imported"]["placed"] == ["hard-linked"]  # not copied
     for split, tokens in arrays.items():
+        shard = meta[split]["shards"][0]
+        assert (out / shard["file"]).stat().st_ino == (tmp_path / f"{split}.npy").stat().st_ino
+        assert shard["offset"] == (tmp_path / f"{split}.npy").stat().st_size - tokens.nbytes  # past the header
         assert meta[split]["tokens"] == len(tokens)
         assert meta[split]["documents"] == int(np.count_nonzero(tokens == meta["eos_id"]))
         windows = TokenWindows(out, split, seq_len=31)
         assert np.array_equal(np.concatenate([windows.get(i) for i in range(len(windows))]),
                               tokens[:len(windows) * 32])
+    from tokenizers import Tokenizer
+
+    from scalevec.evaluate import read_input  # `scalevec eval --data` reads the same tokens
+
+    evaluated, _, _ = read_input(out, Tokenizer.from_file(str(tokenizer)), tokenizer, "text", "text")
+    assert np.array_equal(evaluated, arrays["val"])
     train_briefly(out, tokenizer, tmp_path / "run")
 
 

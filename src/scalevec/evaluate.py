@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_run_model, run_tokenizer
+from .data.loader import shard_tokens
 from .data.prepare import END_OF_TEXT, load_tokenizer
 from .data.sources import USER_SUFFIXES, DataError, SourceFile, read_documents
 from .model import Decoder
@@ -106,7 +107,7 @@ def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: st
             raise DataError(f"{path} was prepared with another tokenizer than the model's ({tokenizer_path}); "
                             "evaluate its text files instead, which are encoded with the model's tokenizer")
         split = meta["val"]
-        tokens = np.concatenate([np.memmap(path / s["file"], dtype=meta["dtype"], mode="r") for s in split["shards"]]
+        tokens = np.concatenate([shard_tokens(path, shard, meta["dtype"]) for shard in split["shards"]]
                                 or [np.zeros(0, dtype=np.int64)])
         return tokens, split["documents"], split["bytes"]
     if not path.is_file():

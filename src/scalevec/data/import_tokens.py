@@ -4,8 +4,8 @@ Flat token arrays, uint16 or uint32, documents separated by an end-of-text id: n
 Megatron's `.bin`, dolma's headerless `.npy` memmaps, or a NumPy `.npy` file; plus the `tokenizer.json` they were
 made with. One streaming pass checks every id against the vocabulary and counts documents and text bytes (a
 token's bytes, exact for byte-level BPE); the arrays are then hard-linked into the directory, or referenced where
-they are when the filesystem cannot link, never copied (a `.npy` file with a header is copied without it: the
-loader reads shards from byte 0).
+they are when the filesystem cannot link, never copied (a `.npy` file's shard records where its tokens start, past
+its header).
 """
 
 from __future__ import annotations
@@ -174,17 +174,13 @@ def import_tokens(train: list[str], val: list[str], tokenizer_path: str, out: Pa
 
 
 def _place(file: TokenFile, directory: Path, name: str, ways: set) -> dict:
-    """A token file as a shard of `directory`: hard-linked, else referenced in place, or copied past its header."""
-    if file.offset:
-        with open(file.path, "rb") as src, open(directory / name, "wb") as dst:
-            src.seek(file.offset)
-            shutil.copyfileobj(src, dst, 1 << 24)
-        ways.add("copied (a .npy header)")
-        return {"file": name, "tokens": file.tokens}
+    """A token file as a shard of `directory`: hard-linked, else referenced in place; a .npy file's tokens start
+    past its header (the shard's `offset`)."""
+    shard = {"tokens": file.tokens, **({"offset": file.offset} if file.offset else {})}
     try:
         os.link(file.path, directory / name)
     except OSError:
         ways.add("referenced in place")
-        return {"file": str(file.path.resolve()), "tokens": file.tokens}
+        return {"file": str(file.path.resolve()), **shard}
     ways.add("hard-linked")
-    return {"file": name, "tokens": file.tokens}
+    return {"file": name, **shard}

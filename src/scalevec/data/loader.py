@@ -19,6 +19,18 @@ from ..config import ConfigError
 from .sources import DataError
 
 
+def shard_tokens(directory: Path, shard: dict, dtype: str) -> np.ndarray:
+    """A shard of meta.json as a memory-mapped token array: its file (relative to the data directory, or an
+    absolute path where an import referenced it in place) holds `tokens` ids after `offset` bytes (an imported
+    .npy file's header; 0 otherwise)."""
+    path, offset = Path(directory) / shard["file"], shard.get("offset", 0)
+    expected = offset + shard["tokens"] * np.dtype(dtype).itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise DataError(f"shard {path} is missing or not {expected} bytes as meta.json says; delete {directory} and "
+                        "run `scalevec data prepare` (or `data import`) again")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(shard["tokens"],))
+
+
 class TokenWindows:
     """The windows of one split (`train` or `val`) of a prepared data directory."""
 
@@ -32,12 +44,7 @@ class TokenWindows:
         self.window = seq_len + 1
         self.shards, self.starts, self.offsets, total, offset = [], [], [], 0, 0
         for shard in self.meta[split]["shards"]:
-            path = directory / shard["file"]
-            expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise DataError(f"shard {path} is missing or not {expected} bytes as meta.json says; "
-                                f"delete {directory} and run `scalevec data prepare` again")
-            tokens = np.memmap(path, dtype=self.meta["dtype"], mode="r")
+            tokens = shard_tokens(directory, shard, self.meta["dtype"])
             count = len(tokens) // self.window
             if count:
                 self.shards.append(tokens)
