@@ -88,8 +88,10 @@ void dnp_swiglu_forward(const float *restrict y, const float *restrict gate_scal
     }
 }
 
-/* dh: rows x width. Writes dy (rows x 2 width) and the scales' gradients (width each): each thread sums its rows
-   in its own block of `partial` (threads x 2 width doubles), and the blocks are added in thread order. */
+/* dh: rows x width. Writes dy (rows x 2 width) and the scales' gradients (width each). Each thread takes a
+   contiguous share of the rows and sums the gradients in float over blocks of BLOCK_ROWS rows, then in double into
+   its own block of `partial` (threads x 2 width); the blocks are added in thread order. */
+#define BLOCK_ROWS 64
 void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_scale, const float *restrict up_scale,
                          const float *restrict rstd, const float *restrict dh, float *restrict dy,
                          float *restrict d_gate_scale, float *restrict d_up_scale, double *restrict partial,
@@ -97,39 +99,50 @@ void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_sca
     memset(partial, 0, sizeof(double) * (size_t)threads * 2 * (size_t)width);
     #pragma omp parallel num_threads(threads)
     {
-        int id = 0;
+        int id = 0, count = 1;
         #ifdef _OPENMP
         id = omp_get_thread_num();
+        count = omp_get_num_threads();
         #endif
-        double *acc_gate = partial + (int64_t)id * 2 * width, *acc_up = acc_gate + width;
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < rows; t++) {
-            const float *gate = y + t * 2 * width, *up = gate + width, *grad = dh + t * width;
-            float rg = rstd[2 * t], ru = rstd[2 * t + 1];
-            float *d_gate = dy + t * 2 * width, *d_up = d_gate + width;
-            float dot_gate = 0.0f, dot_up = 0.0f;
-            #pragma omp simd reduction(+:dot_gate, dot_up)
-            for (int64_t j = 0; j < width; j++) {
-                float sg = gate_scale[j], su = up_scale[j];
-                float ng = gate[j] * rg, nu = up[j] * ru;
-                float g = ng * sg, u = nu * su, s = sigmoid(g);
-                float du = grad[j] * g * s;                            /* dh/du = silu(g) */
-                float dg = grad[j] * u * s * (1.0f + g * (1.0f - s));  /* silu'(g) */
-                acc_gate[j] += (double)(dg * ng);
-                acc_up[j] += (double)(du * nu);
-                float dng = dg * sg, dnu = du * su;
-                dot_gate += dng * ng;
-                dot_up += dnu * nu;
-                d_gate[j] = dng;
-                d_up[j] = dnu;
+        double *total_gate = partial + (int64_t)id * 2 * width, *total_up = total_gate + width;
+        float *acc_gate = malloc(sizeof(float) * 2 * (size_t)width), *acc_up = acc_gate + width;
+        int64_t begin = rows * id / count, end = rows * (id + 1) / count;
+        for (int64_t block = begin; block < end; block += BLOCK_ROWS) {
+            memset(acc_gate, 0, sizeof(float) * 2 * (size_t)width);
+            int64_t stop = block + BLOCK_ROWS < end ? block + BLOCK_ROWS : end;
+            for (int64_t t = block; t < stop; t++) {
+                const float *gate = y + t * 2 * width, *up = gate + width, *grad = dh + t * width;
+                float rg = rstd[2 * t], ru = rstd[2 * t + 1];
+                float *d_gate = dy + t * 2 * width, *d_up = d_gate + width;
+                float dot_gate = 0.0f, dot_up = 0.0f;
+                #pragma omp simd reduction(+:dot_gate, dot_up)
+                for (int64_t j = 0; j < width; j++) {
+                    float sg = gate_scale[j], su = up_scale[j];
+                    float ng = gate[j] * rg, nu = up[j] * ru;
+                    float g = ng * sg, u = nu * su, s = sigmoid(g);
+                    float du = grad[j] * g * s;                            /* dh/du = silu(g) */
+                    float dg = grad[j] * u * s * (1.0f + g * (1.0f - s));  /* silu'(g) */
+                    acc_gate[j] += dg * ng;
+                    acc_up[j] += du * nu;
+                    float dng = dg * sg, dnu = du * su;
+                    dot_gate += dng * ng;
+                    dot_up += dnu * nu;
+                    d_gate[j] = dng;
+                    d_up[j] = dnu;
+                }
+                float mg = dot_gate / (float)width, mu = dot_up / (float)width;
+                #pragma omp simd
+                for (int64_t j = 0; j < width; j++) {
+                    d_gate[j] = rg * (d_gate[j] - gate[j] * rg * mg);
+                    d_up[j] = ru * (d_up[j] - up[j] * ru * mu);
+                }
             }
-            float mg = dot_gate / (float)width, mu = dot_up / (float)width;
-            #pragma omp simd
             for (int64_t j = 0; j < width; j++) {
-                d_gate[j] = rg * (d_gate[j] - gate[j] * rg * mg);
-                d_up[j] = ru * (d_up[j] - up[j] * ru * mu);
+                total_gate[j] += acc_gate[j];
+                total_up[j] += acc_up[j];
             }
         }
+        free(acc_gate);
     }
     for (int64_t j = 0; j < width; j++) {
         double sum_gate = 0.0, sum_up = 0.0;
@@ -187,8 +200,9 @@ def library() -> ctypes.CDLL | None:
                                capture_output=True, text=True)
                 os.replace(built, path)  # whole or absent: several processes may build at once
         except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or str(err)
-            return _unavailable(f"{compiler} could not build them ({detail.strip().splitlines()[-1][:200]})")
+            lines = (getattr(err, "stderr", "") or str(err)).strip().splitlines() or ["no output"]
+            detail = next((line for line in lines if "error" in line), lines[-1])
+            return _unavailable(f"{compiler} could not build them ({detail.strip()[:200]})")
     lib = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.dnp_swiglu_forward.argtypes = [pointer] * 5 + [size, size, ctypes.c_float, ctypes.c_int]
