@@ -15,8 +15,8 @@ with its autograd formula, so compiled graphs keep it as one node. Where no comp
 tensors are not fp32 on CPU, the caller keeps the reference path (torch ops), which the tests compare
 against, forward and backward.
 
-The same treatment of q's and k's per-head norms with RoPE was measured and dropped: Inductor's own
-kernels were as fast there (head_dim-wide rows, benchmarks/README.md).
+The same treatment of q's and k's per-head norms with RoPE was built and dropped: faster kernels, but no
+faster step and 5% more memory (benchmarks/README.md).
 """
 
 from __future__ import annotations
