@@ -267,3 +267,37 @@ def test_a_stacked_scale_takes_one_magnitude_per_expert(parameterization):
     gamma = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [2.0], [7.0]]) + 0.1
     scale.set_gamma(gamma)
     torch.testing.assert_close(scale(), gamma, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_padded_dispatch_compiles_a_few_graphs_for_any_routing():
+    """CPU's padded dispatch sizes its buffers by the largest expert's load, which changes with every routing:
+    compiled, that size is rounded up to a power of two (zero rows past each count), so a run compiles one graph
+    per power of two instead of one per load (which hit dynamo's recompile limit and fell back to eager), and the
+    outputs stay those of the exact size."""
+    m = ModelConfig(preset="", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
+                    max_seq_len=64, moe_experts=4, moe_top_k=2, moe_d_expert=16)
+    model = build_model(m, strategy("unified"), seed=0, moe=MoEConfig(dispatch="padded"))
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(model, backend=counting, dynamic=False)
+    ffn, loads = model.blocks[0].ffn, set()
+    exact = ffn.padded_experts
+
+    def recording(rows, expert_of, counts):  # the eager model's largest load
+        loads.add(int(counts.max()))
+        return exact(rows, expert_of, counts)
+
+    for seed in range(12):  # routers drawn anew: the largest load moves with each
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 64, (2, 32), generator=generator)
+        with torch.no_grad():
+            ffn.router.copy_(torch.randn(4, 32, generator=generator) * 3)
+            got = compiled(tokens)
+            ffn.padded_experts = recording
+            assert torch.allclose(got, model(tokens), atol=1e-5)
+            del ffn.padded_experts
+    assert len(loads) >= 6 and len(graphs) <= 8, (sorted(loads), len(graphs))

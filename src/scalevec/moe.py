@@ -147,7 +147,10 @@ class MoEFeedForward(nn.Module):
         return grouped_mm(act, self.down.transpose(1, 2), ends)
 
     def padded_experts(self, rows: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        capacity = int(counts.max())
+        largest = counts.max()
+        if torch.compiler.is_compiling():  # a graph per capacity: rounded up to a power of two, a run compiles a few
+            largest = torch.exp2(torch.ceil(torch.log2(largest.float()))).to(largest.dtype)  # (zero rows past a count)
+        capacity = int(largest)
         starts = counts.cumsum(0) - counts
         slot = expert_of * capacity + torch.arange(len(rows), device=rows.device) - starts[expert_of]
         buffer = rows.new_zeros(self.experts * capacity, rows.shape[-1]).index_copy(0, slot, rows)
