@@ -169,3 +169,17 @@ def test_train_fused_kernels_reaches_every_ffn(small_data, tmp_path, on):
     trainer = Trainer(tiny_config(small_data, f"train.fused_kernels={str(on).lower()}"), tmp_path / "run",
                       progress=False, log=quiet)
     assert [m.fused for m in trainer.model.modules() if isinstance(m, FeedForward)] == [on, on]
+
+
+def test_a_damaged_build_in_the_cache_falls_back_with_its_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCALEVEC_CACHE", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is not None
+        built = next((tmp_path / "kernels").iterdir())
+        built.write_bytes(b"not a shared library")
+        kernels.library.cache_clear()
+        with pytest.warns(UserWarning, match=f"cannot load {built}.*delete it to rebuild"):
+            assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()

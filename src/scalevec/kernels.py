@@ -203,7 +203,10 @@ def library() -> ctypes.CDLL | None:
             lines = (getattr(err, "stderr", "") or str(err)).strip().splitlines() or ["no output"]
             detail = next((line for line in lines if "error" in line), lines[-1])
             return _unavailable(f"{compiler} could not build them ({detail.strip()[:200]})")
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:  # e.g. a library another machine of a shared cache built for itself
+        return _unavailable(f"cannot load {path} ({err}); delete it to rebuild")
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.dnp_swiglu_forward.argtypes = [pointer] * 5 + [size, size, ctypes.c_float, ctypes.c_int]
     lib.dnp_swiglu_backward.argtypes = [pointer] * 9 + [size, size, ctypes.c_int]
