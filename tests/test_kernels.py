@@ -172,14 +172,19 @@ def test_train_fused_kernels_reaches_every_ffn(small_data, tmp_path, on):
 
 
 def test_a_damaged_build_in_the_cache_falls_back_with_its_name(monkeypatch, tmp_path):
-    monkeypatch.setenv("SCALEVEC_CACHE", str(tmp_path))
+    """A cached library that cannot load (damaged, or built by another machine of a shared cache) is named in one
+    warning, and the torch ops run."""
+    monkeypatch.setenv("SCALEVEC_CACHE", str(tmp_path / "good"))
     kernels.library.cache_clear()
     try:
         assert kernels.library() is not None
-        built = next((tmp_path / "kernels").iterdir())
-        built.write_bytes(b"not a shared library")
+        name = next((tmp_path / "good" / "kernels").iterdir()).name
+        damaged = tmp_path / "shared" / "kernels" / name  # another path: dlopen would reuse a loaded one
+        damaged.parent.mkdir(parents=True)
+        damaged.write_bytes(b"not a shared library")
+        monkeypatch.setenv("SCALEVEC_CACHE", str(tmp_path / "shared"))
         kernels.library.cache_clear()
-        with pytest.warns(UserWarning, match=f"cannot load {built}.*delete it to rebuild"):
+        with pytest.warns(UserWarning, match=f"cannot load {damaged}.*delete it to rebuild"):
             assert kernels.library() is None
     finally:
         kernels.library.cache_clear()
