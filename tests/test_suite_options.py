@@ -14,6 +14,7 @@ from scalevec.config import ConfigError, load_config, to_toml
 from scalevec.experiments import sweep
 from scalevec.experiments.report import FIT_DRAWS, compute_fit, write_report
 from scalevec.experiments.sweep import Arm, Suite, load_suite, non_embedding_parameters, overrides, run_sweep
+from scalevec.train.preempt import StopRequests
 
 LADDER = ["cpu-d48", "cpu-0.5m", "cpu-d80", "cpu-1m", "cpu-2m"]
 CONFIG = {"model": {"vocab_size": 512}, "data": {"vocab_size": 512},
@@ -74,7 +75,7 @@ def fake_runs(monkeypatch, tmp_path):
     ran = Runs()
     options = {"multiplier": 1.3, "noise": 0.005}
 
-    def fake_run(spec, suite, out, results, base, threads, ood):
+    def fake_run(spec, suite, out, results, base, threads, ood, stops):
         ran.append(spec)
         config = load_config(suite.config, spec.overrides(out, suite))
         tokens = config.train.steps * config.train.batch_size * config.train.seq_len
@@ -292,7 +293,9 @@ def test_sweep_set_applies_to_every_run_and_refuses_suite_keys(tmp_path, capsys,
     monkeypatch.setattr(subprocess, "run", lambda command, **_: commands.append(command) or
                         subprocess.CompletedProcess(command, 1, "", "stopped here"))
     spec = sweep.RunSpec(arm, 0.004, 1)
-    assert sweep._run(spec, suite, tmp_path / "runs", tmp_path, tmp_path / "base.toml", 1, None)[1] == "stopped here"
+    not_stopped = StopRequests([], 0)
+    assert sweep._run(spec, suite, tmp_path / "runs", tmp_path, tmp_path / "base.toml", 1, None, not_stopped)[1] == \
+        "stopped here"
     (command,) = commands
     assert command[command.index("train.eval_batch_size=3") - 1] == "--set"
     monkeypatch.undo()
