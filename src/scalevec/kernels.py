@@ -280,5 +280,7 @@ def dnp_swiglu(y: torch.Tensor, gate_scale: torch.Tensor | None, up_scale: torch
                ) -> torch.Tensor:
     """silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up)) for y = [gate | up] along the last dimension, fused
     (`computes(y)` and a built `library()`). A None scale is 1 (no scale vector)."""
-    ones = y.new_ones(y.shape[-1] // 2)
-    return _forward(y, ones if gate_scale is None else gate_scale, ones if up_scale is None else up_scale, eps)[0]
+    if gate_scale is None or up_scale is None:  # only then: this runs in every training step
+        ones = y.new_ones(y.shape[-1] // 2)
+        gate_scale, up_scale = (ones if scale is None else scale for scale in (gate_scale, up_scale))
+    return _forward(y, gate_scale, up_scale, eps)[0]
