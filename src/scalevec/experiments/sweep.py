@@ -163,8 +163,9 @@ def round_lr(lr: float) -> float:
 
 def extension(grid: list[float], best: float, up: bool, ratio: float) -> float:
     """The next learning rate above (`up`) or below `best`, the top or bottom of the tried LRs: one more step of
-    the grid's geometric ladder from the grid's edge (edge·ratio^k, so rounding never accumulates: 0.008, 0.01131,
-    0.016 at ratio √2), rounded to LR_DIGITS significant digits."""
+    the grid's geometric ladder from the grid's edge as written (edge·ratio^k, so rounding does not accumulate over
+    extensions: at ratio √2 a grid ending at 0.008 goes on 0.01131, 0.016; one ending at 0.01131 goes on 0.01599),
+    rounded to LR_DIGITS significant digits."""
     edge = max(grid) if up else min(grid)
     steps = round(math.log(best / edge) / math.log(ratio)) + (1 if up else -1)
     return round_lr(edge * ratio ** steps)
