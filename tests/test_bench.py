@@ -151,12 +151,13 @@ def test_gpu_study_script_fits_one_device_call():
     import re
     from pathlib import Path
 
-    from scalevec.experiments.sweep import load_suite
+    from scalevec.experiments.sweep import arms_at, load_suite
 
     script = (Path(__file__).parent.parent / "benchmarks" / "gpu_study.sh").read_text()
     limits = [int(seconds) for seconds in re.findall(r"^step \w+ (\d+) ", script, re.MULTILINE)]
     assert len(limits) == 3 and sum(limits) <= 540
     assert '--sizes "$SIZE" --set train.device=cuda --jobs "$JOBS"' in script
     suite_name = re.search(r"^SUITE=\$\{SUITE:-([\w-]+)\}", script, re.MULTILINE).group(1)
-    suite = load_suite(suite_name, "cpu", sets=["train.device=cuda"], sizes=[load_suite(suite_name, "cpu").sizes[-1]])
-    assert len(suite.sizes) == 1 and all(suite.arm_config(arm).train.device == "cuda" for arm in suite.arms())
+    suite = load_suite(suite_name, "cpu", sets=["train.device=cuda"])
+    arms = arms_at(suite, [suite.sizes[-1]])
+    assert len(arms) == len(suite.strategies) and all(suite.arm_config(arm).train.device == "cuda" for arm in arms)

@@ -156,6 +156,30 @@ def test_per_size_grids_and_seeds(fake_runs, tmp_path):
     assert "| unified | 3 of 4 |" in report and "| unified/cpu-0.5m/adamw-cosine | 0.008 (edge) | 2 |" in report
 
 
+def test_a_sweep_size_by_size_keeps_the_whole_suite(fake_runs, tmp_path):
+    """--sizes runs only those sizes, but suite.json keeps every size: the report of a ladder run size by size
+    pairs each size recorded so far and names the others pending, and the last size's sweep completes it."""
+    options = dict(sizes=["cpu-0.5m", "cpu-1m"], lrs_by_size={"cpu-1m": [0.008, 0.011, 0.016]},
+                   seeds_by_size={"cpu-1m": [0, 1, 2]},
+                   analyses=[{"name": "u", "baseline": "standard", "arms": {"unified": -0.04}}])
+    suite = load_suite(write_suite(tmp_path, **options), "cpu")
+    run_sweep(suite, tmp_path / "runs", log=lambda *_: None, results=tmp_path / "results", sizes=["cpu-1m"])
+    assert {spec.arm.size for spec in fake_runs} == {"cpu-1m"} and len(fake_runs) == 2 * (3 + 3)
+    saved = json.loads((tmp_path / "results" / "suite.json").read_text())
+    assert saved["sizes"] == ["cpu-0.5m", "cpu-1m"] and saved["lrs_by_size"] == options["lrs_by_size"]
+    summary = write_report(tmp_path / "results")
+    assert [a["setting"] for a in summary["analyses"]] == ["cpu-1m/adamw-cosine"]
+    assert summary["arms_pending"] == ["standard/cpu-0.5m/adamw-cosine", "unified/cpu-0.5m/adamw-cosine"]
+    fake_runs.clear()
+    run_sweep(suite, tmp_path / "runs", log=lambda *_: None, results=tmp_path / "results", sizes=["cpu-0.5m"])
+    assert {spec.arm.size for spec in fake_runs} == {"cpu-0.5m"}
+    summary = write_report(tmp_path / "results")
+    assert len(summary["analyses"]) == 2 and not summary["arms_pending"]
+    with pytest.raises(ConfigError, match=r"--sizes cpu-9m: not among suite ladder's sizes"):
+        run_sweep(suite, tmp_path / "elsewhere", results=tmp_path / "elsewhere", sizes=["cpu-9m"])
+    assert not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("option", ["lrs_by_size", "seeds_by_size"])
 def test_per_size_tables_name_known_sizes(tmp_path, option):
     with pytest.raises(ConfigError, match=rf"{option} names cpu-d96, not among its sizes \(cpu-0.5m\); add it to "

@@ -191,10 +191,8 @@ def check_sets(sets: list[str]) -> None:
             raise ConfigError(f"--set {key}: the suite sets it per run; use the suite's {option} instead")
 
 
-def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: list[str] | None = None,
-               sizes: list[str] | None = None) -> Suite:
-    """A suite's scale; `seeds` (a count), `sets` (overrides for every run) and `sizes` (a subset of its sizes)
-    replace the suite's own."""
+def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: list[str] | None = None) -> Suite:
+    """A suite's scale; `seeds` (a count) and `sets` (overrides for every run) replace the suite's own."""
     path = Path(name_or_path)
     if not path.is_file():
         path = SUITE_DIR / f"{name_or_path}.toml"
@@ -216,14 +214,6 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: li
     if sets:
         check_sets(sets)
         suite.sets = list(sets)
-    if sizes:
-        unknown = [size for size in sizes if size not in suite.sizes]
-        if unknown:
-            raise ConfigError(f"--sizes {', '.join(unknown)}: not among suite {suite.name}'s sizes; choose from "
-                              f"{', '.join(suite.sizes)}")
-        suite.sizes = list(sizes)
-        suite.lrs_by_size = {k: v for k, v in suite.lrs_by_size.items() if k in sizes}
-        suite.seeds_by_size = {k: v for k, v in suite.seeds_by_size.items() if k in sizes}
     _check_study_options(suite)
     if suite.baseline not in suite.strategies:
         raise ConfigError(f"suite {suite.name}: baseline {suite.baseline!r} is not among its strategies")
@@ -474,11 +464,26 @@ def _write_record(spec: RunSpec, suite: Suite, out: Path, results: Path, wall_se
     return True
 
 
-def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path | None = None) -> dict:
-    """Run what `results` has no record of yet (results defaults to out), recording each run as it ends."""
+def arms_at(suite: Suite, sizes: list[str] | None) -> list[Arm]:
+    """The suite's arms at `sizes` (every arm when None); a size the suite does not have is refused."""
+    if sizes is None:
+        return suite.arms()
+    unknown = [size for size in sizes if size not in suite.sizes]
+    if unknown:
+        raise ConfigError(f"--sizes {', '.join(unknown)}: not among suite {suite.name}'s sizes; choose from "
+                          f"{', '.join(suite.sizes)}")
+    return [arm for arm in suite.arms() if arm.size in sizes]
+
+
+def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path | None = None,
+              sizes: list[str] | None = None) -> dict:
+    """Run what `results` has no record of yet (results defaults to out) at `sizes` (default: all), recording each
+    run as it ends. `suite.json` keeps the whole suite, so the report of a sweep run size by size (several
+    machines, or the largest size on a GPU) pairs every size recorded and names the ones still pending."""
     from ..data.prepare import prepare
     from ..data.references import reference_losses
 
+    arms = arms_at(suite, sizes)
     results = out if results is None else results
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -505,7 +510,6 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
         ood = suite.ood_source, ood_windows(data_dir / "tokenizer.json", suite.ood_source, suite.ood_tokens,
                                             config.train.seq_len)
     failures: dict[str, str] = {}
-    arms = suite.arms()
     lr_phase = [RunSpec(arm, lr, suite.lr_seed) for arm in arms for lr in suite.lrs_for(arm)]
     total = len(lr_phase) + sum(len([s for s in suite.seeds_for(arm.size) if s != suite.lr_seed])
                                 + len(suite.seeds_for(arm.size)) * len(suite.decay_points(arm)) for arm in arms)
