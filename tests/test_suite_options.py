@@ -180,6 +180,20 @@ def test_a_sweep_size_by_size_keeps_the_whole_suite(fake_runs, tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_smaller_seed_plan_never_drops_recorded_seeds(fake_runs, tmp_path):
+    """--seeds 2 over a results folder that records seed 2 is refused before anything is written: suite.json
+    would take the smaller plan and the report would silently leave seed 2 out."""
+    path = write_suite(tmp_path, seeds=[0, 1, 2])
+    run_sweep(load_suite(path, "cpu"), tmp_path / "runs", log=lambda *_: None, results=tmp_path / "results")
+    saved = (tmp_path / "results" / "suite.json").read_text()
+    with pytest.raises(ConfigError, match=r"records seed 2 of standard/cpu-0.5m/adamw-cosine, which this sweep's "
+                                          r"seeds \(0, 1\) leave out of its report; keep the suite's seeds"):
+        run_sweep(load_suite(path, "cpu", seeds=2), tmp_path / "runs", results=tmp_path / "results")
+    assert (tmp_path / "results" / "suite.json").read_text() == saved
+    run_sweep(load_suite(path, "cpu", seeds=4), tmp_path / "runs", log=lambda *_: None, results=tmp_path / "results")
+    assert json.loads((tmp_path / "results" / "suite.json").read_text())["seeds"] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("option", ["lrs_by_size", "seeds_by_size"])
 def test_per_size_tables_name_known_sizes(tmp_path, option):
     with pytest.raises(ConfigError, match=rf"{option} names cpu-d96, not among its sizes \(cpu-0.5m\); add it to "

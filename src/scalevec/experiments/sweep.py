@@ -475,6 +475,19 @@ def arms_at(suite: Suite, sizes: list[str] | None) -> list[Arm]:
     return [arm for arm in suite.arms() if arm.size in sizes]
 
 
+def _keep_recorded_seeds(suite: Suite, results: Path) -> None:
+    """Refuse a plan that leaves out a test seed `results` already records (e.g. `--seeds 2` over a 3-seed study):
+    suite.json would take the smaller plan and the report would silently drop that seed."""
+    for arm in suite.arms():
+        recorded = {int(path.stem[4:]) for path in (results / "records" / arm.path).glob("lr*/seed*.json")
+                    if path.stem[4:].isdigit()} - {suite.lr_seed}
+        dropped = sorted(recorded - set(suite.seeds_for(arm.size)))
+        if dropped:
+            raise ConfigError(f"{results} records seed {', '.join(map(str, dropped))} of {arm.path}, which this "
+                              f"sweep's seeds ({', '.join(map(str, suite.seeds_for(arm.size)))}) leave out of its "
+                              "report; keep the suite's seeds (drop --seeds) or give another --results")
+
+
 def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path | None = None,
               sizes: list[str] | None = None) -> dict:
     """Run what `results` has no record of yet (results defaults to out) at `sizes` (default: all), recording each
@@ -485,6 +498,7 @@ def run_sweep(suite: Suite, out: Path, jobs: int = 1, log=print, results: Path |
 
     arms = arms_at(suite, sizes)
     results = out if results is None else results
+    _keep_recorded_seeds(suite, results)
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     base = out / "suite.toml"
