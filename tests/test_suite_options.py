@@ -8,6 +8,7 @@ import statistics
 import tomllib
 from dataclasses import astuple
 
+import numpy as np
 import pytest
 
 from scalevec.config import ConfigError, load_config, to_toml
@@ -221,7 +222,7 @@ def test_a_size_carries_its_training_length(tmp_path):
 
 
 def test_tokens_ladder_reports_each_length(fake_runs, tmp_path):
-    sweep_fake(tmp_path, sizes=["cpu-0.5m@20", "cpu-0.5m@40", "cpu-0.5m@80"], lrs=[0.006],
+    suite, _ = sweep_fake(tmp_path, sizes=["cpu-0.5m@20", "cpu-0.5m@40", "cpu-0.5m@80"], lrs=[0.006],
                analyses=[{"name": "u", "baseline": "standard", "arms": {"unified": -0.04}}], seeds=[0, 1, 2],
                ood_source="python_docs")
     summary = write_report(tmp_path / "results")
@@ -234,7 +235,22 @@ def test_tokens_ladder_reports_each_length(fake_runs, tmp_path):
     assert all(d < 0 for d in deltas.values())  # unified is 1.3x the compute in the law
     ratios = summary["tokens_per_non_embedding_parameter"]
     assert [round(ratios[f"cpu-0.5m@{n}"]) for n in (20, 40, 80)] == [20, 40, 80]
-    assert "## u (cpu-0.5m@40/adamw-cosine, baseline `standard`" in (tmp_path / "results" / "report.md").read_text()
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "## u (cpu-0.5m@40/adamw-cosine, baseline `standard`" in report
+    assert "scaling" not in summary and "Scaling fit" not in report  # lengths of one size: no fit across sizes
+    # does the gap grow with training length? the slope of every paired seed's Δ against log10 FLOPs
+    x, y = [], []
+    for n in (20, 40, 80):
+        arms = {name: Arm(name, f"cpu-0.5m@{n}", "adamw", "cosine") for name in ("standard", "unified")}
+        for seed in range(3):
+            x.append(math.log10(flops(suite, arms["unified"])))
+            y.append(law(suite, arms["unified"], 0.006, seed, **fake_runs.options)
+                     - law(suite, arms["standard"], 0.006, seed, **fake_runs.options))
+    (trend,) = summary["trends"]
+    assert trend["settings"] == 3 and trend["n"] == 9 and trend["arm"] == "unified"
+    assert trend["slope_per_decade"] == pytest.approx(np.polyfit(x, y, 1)[0], abs=1e-9)
+    assert trend["ci95"][0] < trend["slope_per_decade"] < trend["ci95"][1]
+    assert "## Does the gap grow with compute?" in report
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss")  # noise 0: every paired difference is equal
@@ -259,7 +275,7 @@ def test_compute_fit_recovers_the_multiplier_of_the_law(fake_runs, tmp_path):
     assert result["fits"]["unified"]["alpha"] == pytest.approx(0.3, rel=1e-3)
     report = (tmp_path / "results" / "report.md").read_text()
     assert "## Compute fit: unified over standard" in report and "The paper: 1.22-1.25x." in report
-    assert "**unified over standard: 1.30x [1.30, 1.30] at cpu-2m" in report
+    assert "**unified over standard: 1.30x [1.30, 1.30] at cpu-2m (contradicts)" in report
     assert (tmp_path / "results" / "compute.png").stat().st_size > 5000
 
     arms = _rows(suite, multiplier=1.3, noise=0.01)
@@ -306,6 +322,23 @@ def test_a_degenerate_compute_fit_gives_its_reason(tmp_path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(ConfigError, match="compute_fit .* needs exactly a baseline and an arm among the strategies"):
         load_suite(write_suite(tmp_path / "bad", compute_fit={"baseline": "standard", "arm": "hg"}), "cpu")
+
+
+def test_the_compute_fit_verdict_against_the_papers_range():
+    from scalevec.experiments.report import fit_verdict
+
+    assert [fit_verdict(ci) for ci in ([1.1, 1.21], [1.1, 1.22], [1.23, 1.24], [1.25, 2.0], [1.26, 2.0], None)] == [
+        "contradicts", "consistent", "consistent", "consistent", "contradicts", "inconclusive"]
+
+
+def test_an_erratic_seed_is_flagged():
+    from scalevec.experiments.report import erratic_seeds
+
+    rows = {"a": {"arm": "standard/cpu-d56/adamw-cosine", "seeds": {"0": 3.80, "1": 3.85, "2": 3.83}},
+            "b": {"arm": "unified/cpu-d56/adamw-cosine", "seeds": {"0": 3.80, "1": 3.81, "2": 3.98}}}
+    (flagged,) = erratic_seeds(rows)  # seed 2 is 0.175 above the others; they are 0.095 and 0.08 below theirs
+    assert flagged["arm"].startswith("unified/") and flagged["seed"] == 2
+    assert flagged["gap"] == pytest.approx(3.98 - 3.805)
 
 
 def test_a_fit_law_with_a_bad_exponent_is_named():

@@ -18,7 +18,7 @@ from ..config import load_config
 from ..data.references import bits_per_byte
 from ..outputs import write_atomic, write_text_atomic
 from .stats import VERDICT_RULE, holm, paired, verdict
-from .sweep import CONTROL, Arm, Suite, non_embedding_parameters, overrides, read_record, tried_lrs
+from .sweep import CONTROL, Arm, Suite, non_embedding_parameters, overrides, read_record, split_size, tried_lrs
 
 MIN_SIZES_FOR_FIT = 5
 BOOTSTRAP = 200  # seed resamples for the multiplier's interval
@@ -26,6 +26,7 @@ MIN_EXPONENT, MAX_EXPONENT = 0.01, 2.0  # outside: the fit is degenerate (e.g. a
 TARGET_EFFECT = 0.02  # nats: the difference the seed count is planned to detect (power is reported for it)
 FIT_DRAWS = 1000  # bootstrap draws of the compute fit's interval
 PAPER_MULTIPLIER = (1.22, 1.25)  # the paper's compute multiplier of unified over the standard model
+ERRATIC_NATS = 0.1  # a seed this far from the mean of its arm's other seeds is flagged (the ladders' replacement rule)
 
 
 @dataclass
@@ -110,10 +111,53 @@ def analyse(results: Path) -> dict:
                if suite.seeds_by_size else {}),
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **({"ood_source": suite.ood_source, "ood_tokens": suite.ood_tokens} if suite.ood_source else {}),
-            **study_facts(results, suite, arms), "analyses": analyses(suite, arms),
+            **study_facts(results, suite, arms), "erratic_seeds": erratic_seeds(arms),
+            "analyses": (found := analyses(suite, arms)), "trends": trends(suite, arms, found),
             "arms": [{k: v for k, v in row.items() if k not in ("curves", "devices")} for row in arms.values()],
             **({"compute_fit": compute_fit(suite, arms)} if suite.compute_fit else
-               {"scaling": scaling_fit(suite, arms)})}
+               {} if any(split_size(size)[1] for size in suite.sizes) else {"scaling": scaling_fit(suite, arms)})}
+
+
+def erratic_seeds(arms: dict) -> list[dict]:
+    """Seeds more than ERRATIC_NATS from the mean of their arm's other seeds (a ladder replaces a size whose
+    baseline has one before reading its verdicts)."""
+    flagged = []
+    for row in arms.values():
+        for seed, loss in row["seeds"].items():
+            others = [other for s, other in row["seeds"].items() if s != seed]
+            if others and abs(loss - statistics.mean(others)) > ERRATIC_NATS:
+                flagged.append({"arm": row["arm"], "seed": int(seed), "gap": loss - statistics.mean(others)})
+    return flagged
+
+
+def trends(suite: Suite, arms: dict, found: list[dict]) -> list[dict]:
+    """Whether a gap grows: per family and arm over 3 or more settings of one optimizer-schedule (a size ladder or
+    a tokens ladder), the least-squares slope of each paired seed's Δ against log10 of its training FLOPs, with
+    its 95% t-interval (scipy's linregress; the seeds of different settings are different runs). Descriptive:
+    no verdict rides on it."""
+    from scipy import stats
+
+    points: dict[tuple, list[tuple[float, float]]] = {}
+    for analysis in found:
+        size, schedule = analysis["setting"].split("/")
+        for row in analysis["arms"]:
+            arm, base = (arms[Arm(name, size, *schedule.split("-", 1))] for name in (row["arm"], analysis["baseline"]))
+            flops = _training_flops(suite, Arm(row["arm"], size, *schedule.split("-", 1)), arm["tokens"])
+            points.setdefault((analysis["name"], row["arm"], analysis["baseline"], schedule), []).extend(
+                (np.log10(flops), arm["seeds"][s] - base["seeds"][s]) for s in sorted(_paired(arm, base), key=int))
+    out = []
+    for (name, arm, baseline, schedule), xy in points.items():
+        x, y = np.array([p[0] for p in xy]), np.array([p[1] for p in xy])
+        if len(set(x)) < 3 or len(xy) < 4:
+            continue
+        fit = stats.linregress(x, y)
+        half = stats.t.ppf(0.975, len(xy) - 2) * fit.stderr
+        low, high = fit.slope - half, fit.slope + half
+        out.append({"name": name, "arm": arm, "baseline": baseline, "setting": schedule, "settings": len(set(x)),
+                    "n": len(xy), "slope_per_decade": float(fit.slope), "ci95": [float(low), float(high)],
+                    "p": float(fit.pvalue), "reading": "the gap grows (Δ falls with compute)" if high < 0 else
+                    "the gap shrinks (Δ rises with compute)" if low > 0 else "no trend detected"})
+    return out
 
 
 def _all_records(results: Path) -> list[dict]:
@@ -387,8 +431,19 @@ def _compute_fit_setting(suite: Suite, arms: dict, names: tuple[str, str], optim
     interval = {key: [float(q) for q in np.percentile([d[key] for d in draws], [2.5, 97.5])] if draws else None
                 for key in ("largest", "geomean")}
     return {**result, "estimable": True, "fits": estimate["fits"], "defined": len(draws),
-            "largest": {"size": sizes[-1], "value": estimate["largest"], "ci95": interval["largest"]},
-            "geomean": {"value": estimate["geomean"], "ci95": interval["geomean"]}}
+            "largest": {"size": sizes[-1], "value": estimate["largest"], "ci95": interval["largest"],
+                        "verdict": fit_verdict(interval["largest"])},
+            "geomean": {"value": estimate["geomean"], "ci95": interval["geomean"],
+                        "verdict": fit_verdict(interval["geomean"])}}
+
+
+def fit_verdict(ci95: list[float] | None) -> str:
+    """The ladder's rule for a multiplier's 95% interval against the paper's 1.22-1.25x: `consistent` if they
+    overlap, `contradicts` if the interval lies wholly below or wholly above, `inconclusive` without one."""
+    if ci95 is None:
+        return "inconclusive"
+    low, high = PAPER_MULTIPLIER
+    return "contradicts" if ci95[1] < low or ci95[0] > high else "consistent"
 
 
 def _fit_multipliers(points: dict[str, list[tuple[float, float, str]]], names: tuple[str, str]) -> dict | str:
@@ -459,9 +514,12 @@ def write_report(out: Path) -> dict:
         lines += [f"| {arm} | {p['decay_from']} | {p['stable']:.4f} | {p.get('stable_gap', 0):+.4f} | "
                   f"{p['decayed']:.4f} | {p.get('decayed_gap', 0):+.4f} |" for arm, p in wsd_rows]
         lines.append("")
+    lines += _trend_lines(summary["trends"])
     scaling = summary.get("scaling")
-    if scaling is None:
+    if "compute_fit" in summary:
         lines += _compute_fit_lines(summary["compute_fit"])
+    elif scaling is None:
+        pass  # a tokens ladder: one size at several lengths, nothing to fit across sizes
     elif scaling["estimable"]:
         ratios = scaling["tokens_per_parameter"]
         lines += ["Compute-efficiency multipliers: the baseline's compute to reach the strategy's final loss at its "
@@ -479,6 +537,21 @@ def write_report(out: Path) -> dict:
         lines += [f"Scaling fit: not estimable here ({scaling['reason']})."]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary
+
+
+def _trend_lines(found: list[dict]) -> list[str]:
+    if not found:
+        return []
+    lines = ["## Does the gap grow with compute?", "",
+             "Per family and arm, the slope of each paired seed's Δ against log10 of its training FLOPs (over "
+             "sizes in a size ladder, over training lengths in a tokens ladder), with its 95% t-interval. Negative: "
+             "the arm's advantage grows with compute. Descriptive; no verdict rides on it.", "",
+             "| family | arm − baseline | setting | settings | seeds | slope per 10x compute | 95% interval | p | "
+             "reading |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['arm']} − {t['baseline']} | {t['setting']} | {t['settings']} | {t['n']} | "
+              f"{t['slope_per_decade']:+.4f} | {_interval(t['ci95'])} | {t['p']:.3g} | {t['reading']} |"
+              for t in found]
+    return [*lines, ""]
 
 
 def _compute_fit_lines(fit: dict) -> list[str]:
@@ -508,10 +581,12 @@ def _compute_fit_lines(fit: dict) -> list[str]:
             largest, geomean = result["largest"], result["geomean"]
             laws = "; ".join(f"{name}: E = {f['E']:.4f}, A = {f['A']:.4f}, α = {f['alpha']:.3f}"
                              for name, f in result["fits"].items())
-            lines += [f"**{arm} over {base}: {times(largest['value'], largest['ci95'])} at {largest['size']}, "
-                      f"{times(geomean['value'], geomean['ci95'])} as the geometric mean over sizes** "
+            lines += [f"**{arm} over {base}: {times(largest['value'], largest['ci95'])} at {largest['size']} "
+                      f"({largest['verdict']}), {times(geomean['value'], geomean['ci95'])} as the geometric mean "
+                      f"over sizes ({geomean['verdict']})** "
                       f"({result['defined']} of {fit['draws']} draws gave a fit); the paper: {paper}x. Fits: "
-                      f"{laws}.", ""]
+                      f"{laws}. Verdicts: `consistent` if the 95% interval overlaps the paper's range, "
+                      "`contradicts` if it lies wholly outside it.", ""]
         else:
             lines += [f"No compute multiplier: {result['reason']}.", ""]
     return [*lines, "![loss against compute](compute.png)", ""]
@@ -527,9 +602,14 @@ def _facts_lines(summary: dict) -> list[str]:
         lines.append(f"Count-based references on the same validation windows ({', '.join(summary['val_sources'])}): "
                      f"unigram {summary['unigram_val_loss']:.4f}, bigram {summary['bigram_val_loss']:.4f} nats per "
                      "token (tables of the training split).")
-        above = [row["arm"] for row in summary["arms"] if row["mean"] >= summary["bigram_val_loss"]]
-        lines.append("Every arm is below the bigram reference." if not above else
+        above = [f"{row['arm']} seed {seed}" for row in summary["arms"] for seed, loss in row["seeds"].items()
+                 if loss >= summary["bigram_val_loss"]]
+        lines.append("Every run is below the bigram reference." if not above else
                      f"Not below the bigram reference: {', '.join(above)}; differences there say little.")
+    erratic = summary.get("erratic_seeds", [])
+    if erratic:
+        lines.append(f"Erratic seeds (more than {ERRATIC_NATS} nats from the mean of their arm's other seeds): "
+                     + ", ".join(f"{e['arm']} seed {e['seed']} ({e['gap']:+.3f})" for e in erratic) + ".")
     sums = summary["lr_wd_sum"]
     if sums:
         scales = [v["scales"] for v in sums.values()]
@@ -662,10 +742,18 @@ def _plots(out: Path, summary: dict) -> None:
          ylabel="final validation loss (one seed)")
     if "compute_fit" in summary:
         _compute_plot(out, summary["compute_fit"], colour, plt)
-    families = [a for a in summary["analyses"] if any(row["delta_curve"] for row in a["arms"])]
+    families: dict[str, list[dict]] = {}  # one row of panels per family, one panel per setting
+    for analysis in summary["analyses"]:
+        if any(row["delta_curve"] for row in analysis["arms"]):
+            families.setdefault(analysis["name"], []).append(analysis)
     if families:
-        fig, grid = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
-        for ax, analysis in zip(grid.flat, families):
+        columns = max(len(settings) for settings in families.values())
+        fig, grid = plt.subplots(len(families), columns, figsize=(4.2 * columns, 3.4 * len(families)), squeeze=False)
+        for ax in grid.flat:
+            ax.set_visible(False)
+        for ax, analysis in ((grid[i, j], analysis) for i, settings in enumerate(families.values())
+                             for j, analysis in enumerate(settings)):
+            ax.set_visible(True)
             for row in analysis["arms"]:
                 points = row["delta_curve"][1:]  # step 0 is identical in a pair only if the init is
                 if not points:
