@@ -42,6 +42,24 @@ def test_an_arm_with_fused_kernels_is_timed_beside_its_torch_ops_form(monkeypatc
     assert list(report["results"]) == ["unified"]
 
 
+def test_every_compiled_arm_stays_compiled(monkeypatch):
+    """Each arm's compiled objective is one more graph of one code object to dynamo: while the bench steps them,
+    dynamo's recompile limit covers every arm (past the default 8 the later arms would silently run eager), and
+    the limit is restored after."""
+    limits = []
+
+    def compile(objective, **_):
+        return lambda *args: (limits.append(torch._dynamo.config.recompile_limit), objective(*args))[1]
+
+    monkeypatch.setattr(torch, "compile", compile)
+    before = torch._dynamo.config.recompile_limit
+    strategies = ["standard", "hg", "or", "dnp", "dnp-ffn", "unified", "none", "qknorm"]
+    report = run_bench(load_config(TINY), strategies, repeats=1, warmup=0, compile=True)
+    arms = len(report["results"])
+    assert arms == len(strategies) + 3 > before  # dnp, dnp-ffn and unified beside their torch-ops forms
+    assert limits and min(limits) >= arms and torch._dynamo.config.recompile_limit == before
+
+
 def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:
     """Matmul FLOPs of one forward and backward, counted by torch's FlopCounterMode (independent of summary.py)."""
     from torch.utils.flop_counter import FlopCounterMode
