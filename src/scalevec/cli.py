@@ -385,13 +385,12 @@ def cmd_eval(args) -> None:
 
 def cmd_sweep(args) -> None:
     from .experiments.report import write_report
-    from .experiments.sweep import arms_at, load_suite, run_sweep
+    from .experiments.sweep import load_suite, run_sweep
 
     _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     sizes = [size.strip() for size in args.sizes.split(",")] if args.sizes else None
     suite = load_suite(args.suite, args.scale, args.seeds, args.set)
-    arms_at(suite, sizes)  # a size the suite lacks is refused before anything is written
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
     results = Path(args.results) if args.results else out
     for path, flag in {out: "--out", results: "--results"}.items():

@@ -103,6 +103,7 @@ def analyse(results: Path) -> dict:
                                                    [base["seeds"][s] for s in common]).pvalue)
     records = _all_records(results)
     cpu_seconds = [r["wall_seconds"] * r["config"]["train"]["threads"] for r in records if r.get("wall_seconds")]
+    found = analyses(suite, arms)
     return {"suite": suite.name, "description": suite.description, "baseline": suite.baseline, "scale": suite.scale,
             "cpu_hours": suite.cpu_hours, "steps": {arm.size: suite.steps(arm) for arm in suite.arms()},
             "runs_recorded": len(records),
@@ -112,7 +113,7 @@ def analyse(results: Path) -> dict:
             "cpu_hours_measured": sum(cpu_seconds) / 3600 if cpu_seconds else None,
             **({"ood_source": suite.ood_source, "ood_tokens": suite.ood_tokens} if suite.ood_source else {}),
             **study_facts(results, suite, arms), "erratic_seeds": erratic_seeds(arms),
-            "analyses": (found := analyses(suite, arms)), "trends": trends(suite, arms, found),
+            "analyses": found, "trends": trends(suite, arms, found),
             "arms": [{k: v for k, v in row.items() if k not in ("curves", "devices")} for row in arms.values()],
             **({"compute_fit": compute_fit(suite, arms)} if suite.compute_fit else
                {} if any(split_size(size)[1] for size in suite.sizes) else {"scaling": scaling_fit(suite, arms)})}
@@ -140,9 +141,11 @@ def trends(suite: Suite, arms: dict, found: list[dict]) -> list[dict]:
     points: dict[tuple, list[tuple[float, float]]] = {}
     for analysis in found:
         size, schedule = analysis["setting"].split("/")
+        optimizer_schedule = schedule.split("-", 1)
+        base = arms[Arm(analysis["baseline"], size, *optimizer_schedule)]
         for row in analysis["arms"]:
-            arm, base = (arms[Arm(name, size, *schedule.split("-", 1))] for name in (row["arm"], analysis["baseline"]))
-            flops = _training_flops(suite, Arm(row["arm"], size, *schedule.split("-", 1)), arm["tokens"])
+            key = Arm(row["arm"], size, *optimizer_schedule)
+            arm, flops = arms[key], _training_flops(suite, key, arms[key]["tokens"])
             points.setdefault((analysis["name"], row["arm"], analysis["baseline"], schedule), []).extend(
                 (np.log10(flops), arm["seeds"][s] - base["seeds"][s]) for s in sorted(_paired(arm, base), key=int))
     out = []
