@@ -204,6 +204,29 @@ def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
     assert result["seq_len"] == 8 and result["stride"] == 8 and result["overall"]["tokens"] > 0
 
 
+def test_a_hand_edited_meta_json_is_one_line_for_eval_and_training(eval_run, small_data, tmp_path, capsys):
+    from scalevec.data.loader import TokenWindows
+    from scalevec.data.sources import DataError
+
+    meta = json.loads((small_data / "meta.json").read_text())
+    shard = {**meta["val"]["shards"][0]}
+    cases = {"garbage": b"\x89PNG\x00\xff", "list": b"[]", "dtype": {**meta, "dtype": "float7"},
+             "vocab": {**meta, "vocab_size": "big"}, "sha": {k: v for k, v in meta.items() if k != "tokenizer_sha256"},
+             "split": {**meta, "val": 3}, "shard": {**meta, "val": {**meta["val"], "shards": [5]}},
+             "tokens": {**meta, "val": {**meta["val"], "shards": [{**shard, "tokens": "many"}]}},
+             "negative": {**meta, "train": {**meta["train"], "shards": [{**shard, "tokens": -1}]}}}
+    for name, content in cases.items():
+        data = tmp_path / name
+        data.mkdir()
+        (data / "meta.json").write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+        assert main(["eval", str(eval_run), "--data", str(data)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a valid scalevec data record" in err[0] and "data prepare" in err[0], err
+        with pytest.raises(DataError, match="not a valid scalevec data record"):
+            TokenWindows(data, "train", 8)
+        assert sorted(p.name for p in data.iterdir()) == ["meta.json"]
+
+
 def _toy_model():
     from scalevec import ModelConfig, build_model, strategy
     return build_model(ModelConfig(preset="", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -12,7 +12,6 @@ loss in bits by the UTF-8 bytes of the documents, so they compare across tokeniz
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_run_model, run_tokenizer
-from .data.loader import shard_tokens
+from .data.loader import read_meta, shard_tokens
 from .data.prepare import END_OF_TEXT, load_tokenizer
 from .data.sources import USER_SUFFIXES, DataError, SourceFile, read_documents
 from .model import Decoder
@@ -99,10 +98,9 @@ def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: st
                ) -> tuple[np.ndarray, int, int]:
     """(token stream, documents, UTF-8 bytes) of one input."""
     if path.is_dir():
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
+        if not (path / "meta.json").is_file():
             raise DataError(f"{path} is a directory without meta.json; give a prepared data directory or files")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(path)
         if meta["tokenizer_sha256"] != file_sha256(tokenizer_path):
             raise DataError(f"{path} was prepared with another tokenizer than the model's ({tokenizer_path}); "
                             "evaluate its text files instead, which are encoded with the model's tokenizer")

@@ -16,7 +16,54 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..outputs import first_line
 from .sources import DataError
+
+
+def read_meta(directory: Path) -> dict:
+    """A prepared data directory's meta.json, its fields checked: a hand-edited or truncated one is one DataError."""
+    meta_path = Path(directory) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{directory} holds no prepared data (no meta.json); run `scalevec data prepare "
+                        f"--out {directory}`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        problem = _meta_problem(meta)
+    except (OSError, ValueError) as err:
+        problem = f"unreadable: {first_line(err)}"
+    if problem:
+        raise DataError(f"{meta_path} is not a valid scalevec data record ({problem}); delete {directory} and run "
+                        "`scalevec data prepare` (or `data import`) again")
+    return meta
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the fields of meta.json that readers use, or None."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return "dtype is not uint16 or uint32"
+    if not count(meta.get("vocab_size")) or not meta["vocab_size"]:
+        return "vocab_size is not a positive integer"
+    if not isinstance(meta.get("tokenizer_sha256"), str):
+        return "tokenizer_sha256 is missing"
+    for split in ("train", "val"):
+        part = meta.get(split)
+        if not isinstance(part, dict) or not isinstance(part.get("shards"), list) \
+                or not all(count(part.get(key)) for key in ("tokens", "documents", "bytes")):
+            return f"{split} is not a split summary (shards, tokens, documents, bytes)"
+        if not all(isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("tokens"))
+                   and count(s.get("offset", 0)) for s in part["shards"]):
+            return f"a {split} shard is not a record of file and tokens"
+        if not isinstance(part.get("sources", []), list) or not all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and count(s.get("tokens"))
+                for s in part.get("sources", [])):
+            return f"a {split} source is not a record of name and tokens"
+    return None
 
 
 def shard_tokens(directory: Path, shard: dict, dtype: str) -> np.ndarray:
@@ -36,11 +83,7 @@ class TokenWindows:
 
     def __init__(self, directory: str | Path, split: str, seq_len: int):
         self.directory = directory = Path(directory)
-        meta_path = directory / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{directory} holds no prepared data (no meta.json); run `scalevec data prepare "
-                            f"--out {directory}`")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(directory)
         self.window = seq_len + 1
         self.shards, self.starts, self.offsets, total, offset = [], [], [], 0, 0
         for shard in self.meta[split]["shards"]:
