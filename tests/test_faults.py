@@ -463,7 +463,7 @@ BAD_SETS = [
     "data.sources=nosuch", "data.inputs=/nonexistent/file.txt", "moe.router=relu", "moe.balance=magic",
     "moe.aux_loss=-1", "moe.bias_rate=-0.1", "moe.dispatch=fast", "seed=-1", "train.batch_size=100000",
     "model.vocab_size=1000000000", "model.max_seq_len=1000000000", "model.n_layers=100000000", "=1", "train",
-    "train.steps=1.5", "data.val_tokens=nan",
+    "train.steps=1.5", "data.val_tokens=nan", "seed=4294967296", "seed=99999999999999999999",
 ]
 
 
@@ -481,6 +481,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["generate", run, "--prompt", "hi", "--top-k", "-3"],
         ["generate", run, "--prompt", "hi", "--max-new-tokens", "-5"],
         ["generate", run, "--prompt", "hi", "--max-new-tokens", "0"],
+        ["generate", run, "--prompt", "hi", "--seed", "99999999999999999999999"],
         ["generate", run, "--prompt", ""],
         ["generate", str(sandbox / "mine"), "--prompt", "hi"],
         ["generate", run],

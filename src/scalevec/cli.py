@@ -348,7 +348,7 @@ def cmd_generate(args) -> None:
     _require(0 < args.top_p <= 1, f"--top-p {args.top_p} must be in (0, 1] (1 = off)")
     _require(args.top_k >= 0, f"--top-k {args.top_k} must be >= 0 (0 = off)")
     _require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    _require(args.seed >= 0, f"--seed {args.seed} must be >= 0")
+    _require(0 <= args.seed < 2**64, f"--seed {args.seed} must be in 0..{2**64 - 1}")
     model, tokenizer_path = load_model(args.source)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     ids = tokenizer.encode(args.prompt).ids

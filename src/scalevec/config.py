@@ -469,7 +469,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
-    """Seed of initialization (and, in a run, of data order)."""
+    """Seed of initialization (and, in a run, of data order): 0 to 2**32 - 1."""
     format: int = CONFIG_FORMAT
     """What the config's values mean: every resolved config (a run's config.toml, a study record) carries it. One
     without it was written before scalevec 0.2 and is read with that release's meaning (see `_migrate`)."""
@@ -682,7 +682,7 @@ def validate(config: Config) -> None:
            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     _check(0 <= sch.decay_start < t.steps,
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
-    _check(config.seed >= 0, f"seed={config.seed} must be >= 0")
+    _check(0 <= config.seed < 2**32, f"seed={config.seed} must be in 0..{2**32 - 1}")
     _check(config.format == CONFIG_FORMAT, f"format={config.format} is not a config format this scalevec reads; "
            f"omit it (format {CONFIG_FORMAT}) or give 1 for a config written before scalevec 0.2")
 
