@@ -46,6 +46,9 @@ def test_resolved_toml_round_trips(tmp_path):
     (["strategy.dual_placement=q", "strategy.dnp=q"], "'q' is in both dual_placement and dnp"),
     (["strategy.scale=exp"], "strategy.scale='exp'"),
     (["model.d_model"], "expected section.field=value"),
+    (["train.grad_accum=1180591620717411303424"], "train.grad_accum=1180591620717411303424 does not fit in 64 bits"),
+    (["model.sliding_window=-9223372036854775809"], "does not fit in 64 bits"),
+    (["train.threads=4611686018427387904"], "train.threads=4611686018427387904 must be in 0..4096"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -398,7 +398,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """CPU threads for torch, at most 4096 (0 = torch's default)."""
     init_from: str = ""
     """Safetensors weights to start from instead of a random init (e.g. written by `scalevec import`)."""
     branch_from: str = ""
@@ -437,7 +437,7 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
         _check(self.grad_clip >= 0 and self.z_loss >= 0, "train.grad_clip and train.z_loss must be >= 0")
-        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0 = torch's default)")
+        _check(0 <= self.threads <= 4096, f"train.threads={self.threads} must be in 0..4096 (0 = torch's default)")
 
 
 @dataclass
@@ -527,6 +527,8 @@ def _coerce(key: str, value, hint):
             return value.lower() == "true"
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # torch and numpy take 64-bit integers
+                raise ConfigError(f"{key}={value} does not fit in 64 bits; give a smaller integer")
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
