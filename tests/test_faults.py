@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -303,10 +304,14 @@ def test_no_valid_checkpoint_refuses_and_changes_nothing(finished_run, tmp_path,
     for checkpoint in list_checkpoints(run / "checkpoints"):
         _flip(checkpoint / "model.safetensors")
     before = snapshot(tmp_path)
-    assert main(["train", "--out", str(run), "--resume"]) == 2
-    message = one_line_error(capsys)
-    assert "no usable checkpoint" in message and "step_00000010" in message and "step_00000020" in message
-    assert snapshot(tmp_path) == before
+    for argv in (["train", "--out", str(run), "--resume"], ["export", str(run), "--to", str(tmp_path / "hf")]):
+        with warnings.catch_warnings(record=True) as caught:  # the one error line names every checkpoint: no more
+            warnings.simplefilter("always")
+            assert main(argv) == 2
+        message = one_line_error(capsys)
+        assert "no usable checkpoint" in message and "step_00000010" in message and "step_00000020" in message
+        assert not [w for w in caught if "skipping unusable checkpoint" in str(w.message)], argv
+        assert snapshot(tmp_path) == before
 
 
 def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tmp_path):

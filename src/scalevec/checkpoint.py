@@ -145,15 +145,18 @@ def _verified(path: str, inode: int, mtime_ns: int) -> bool:
 
 def newest_usable(root: Path, read: Callable[[Path, dict], T]) -> tuple[Path, T] | None:
     """(path, read(path, state)) of the newest checkpoint that verifies and reads, warning one line for each one
-    skipped; None when there is no checkpoint at all; CheckpointError naming every failure when none is usable.
-    `read` raises CheckpointError for content it cannot use."""
+    skipped; None when there is no checkpoint at all; CheckpointError naming every failure when none is usable
+    (then the one line says it all: no warnings). `read` raises CheckpointError for content it cannot use."""
     reasons = []
     for path in reversed(list_checkpoints(root)):
         try:
-            return path, read(path, verify_checkpoint(path))
+            found = path, read(path, verify_checkpoint(path))
         except CheckpointError as err:
-            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=2)
             reasons.append(str(err))
+            continue
+        for reason in reasons:
+            warnings.warn(f"skipping unusable checkpoint: {reason}", stacklevel=2)
+        return found
     if reasons:
         raise CheckpointError(f"no usable checkpoint in {root} ({'; '.join(reasons)})")
     return None
