@@ -511,6 +511,10 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["import", str(sandbox / "int_hf"), "--out", str(sandbox / "imp")],
         ["import", str(sandbox / "nan_hf"), "--out", str(sandbox / "imp")],
         ["import", str(sandbox / "nan_hf"), "--out", file],
+        *[["import", str(sandbox / name), "--out", str(sandbox / "imp")]
+          for name in ("list_hf", "float_hf", "zero_hf", "window_hf", "index_hf")],
+        ["generate", str(sandbox / "float_hf"), "--prompt", "hi"],
+        ["eval", str(sandbox / "list_hf"), "--data", file],
         ["data", "prepare", "--input", str(sandbox / "bad.jsonl"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--input", str(sandbox / "latin1.txt"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--input", str(sandbox / "missing.txt"), "--out", str(sandbox / "d")],
@@ -562,6 +566,12 @@ def sandbox(finished_run, tmp_path_factory):
         save_file({k: transform(torch.randn(s)) for k, s in shapes.items()}, root / name / "model.safetensors")
     (root / "bad_hf").mkdir()
     (root / "bad_hf" / "config.json").write_text("{not json")
+    for name, config in (("list_hf", []), ("float_hf", {**hf, "num_hidden_layers": 1.0}),  # config.json mistyped
+                         ("zero_hf", {**hf, "num_attention_heads": 0}), ("window_hf", {**hf, "sliding_window": "x"}),
+                         ("index_hf", hf)):
+        shutil.copytree(root / "nan_hf", root / name)
+        (root / name / "config.json").write_text(json.dumps(config))
+    (root / "index_hf" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
     return root
 
 

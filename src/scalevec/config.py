@@ -660,6 +660,14 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_section(section, prefix: str) -> None:
+    """A section built in code from values read elsewhere (a transformers config.json): every field of its type,
+    then the section's own rules."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        _coerce(f"{prefix}.{name}", getattr(section, name), hint)
+    section.validate()
+
+
 def check_choices(section, prefix: str) -> None:
     """Every Literal field of a section (a dataclass built in code, not parsed) holds one of its choices."""
     for name, hint in typing.get_type_hints(type(section)).items():

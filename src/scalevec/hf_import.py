@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError, ModelConfig, MoEConfig, load_config, to_dict, to_toml
+from .config import Config, ConfigError, ModelConfig, MoEConfig, check_section, load_config, to_dict, to_toml
 from .convert import convert_decoder
 from .errors import BadInput
 from .hf_keys import (
@@ -37,7 +37,7 @@ from .hf_keys import (
     write_part,
 )
 from .model import Decoder
-from .outputs import check_output_path, remove_tree, write_text_atomic, writing
+from .outputs import check_output_path, first_line, remove_tree, write_text_atomic, writing
 from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
 
@@ -64,9 +64,18 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         hf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HFImportError(f"{config_path} is not valid JSON ({err}); give the checkpoint's own config.json") from None
+    if not isinstance(hf, dict):
+        raise HFImportError(f"{config_path} is not a JSON object; give the checkpoint's own config.json")
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: not JSON, or not UTF-8
+            raise HFImportError(f"{index} is not a safetensors index (a weight_map of tensor names to files: "
+                                f"{type(err).__name__}); give the checkpoint's own index") from None
+        if not all(isinstance(name, str) for name in files):
+            raise HFImportError(f"{index}: its weight_map names a file that is not a string; give the checkpoint's "
+                                "own index")
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -276,8 +285,18 @@ def hf_model(hf: dict, state: dict) -> tuple[Decoder, str]:
                                 f"{err}); export it again with this version of scalevec") from None
         check_hf_state(state, remote_shapes(m, source))
         return _source_model(m, source, state, lambda i: remote_layer_keys(i, m, source), 0.0, moe), "remote"
-    model_config, architecture = model_config_from_hf(hf)
-    moe = moe_config_from_hf(hf) if architecture in MOE_FAMILIES else None
+    try:
+        model_config, architecture = model_config_from_hf(hf)
+        moe = moe_config_from_hf(hf) if architecture in MOE_FAMILIES else None
+        check_section(model_config, "model")
+    except ConfigError as err:
+        raise HFImportError(f"config.json describes a model scalevec cannot build ({err}); give the checkpoint's "
+                            "own config.json") from None
+    except HFImportError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:  # a field missing or mistyped
+        raise HFImportError(f"config.json is not a transformers config scalevec reads ({type(err).__name__}: "
+                            f"{first_line(err)}); give the checkpoint's own config.json") from None
     check_hf_state(state, hf_shapes(model_config, architecture))
     keys = functools.partial(layer_keys, architecture=architecture, m=model_config)
     return _source_model(model_config, source_strategy(architecture), state, keys,
