@@ -531,7 +531,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["compare", "--config", cfg, "--out", file], ["compare", "--config", cfg, "--out", str(sandbox / "mine")],
         ["sweep", "removal", "--out", str(sandbox / "mine")], ["sweep", "removal", "--out", run],
         ["schedule", "--steps", "0"], ["schedule", "--out", str(sandbox / "mine")],
-        ["schedule", "--out", f"{file}/x.png"],
+        ["schedule", "--out", f"{file}/x.png"], ["schedule", "--out", file],
         ["theory", "fold", "--out", file], ["theory", "nosuch"],
         ["info", "nosuch"], ["info", "cpu-1m", "--set", "model.d_model=7"],
         [], ["nosuch"], ["train", "--bogus-flag"], ["generate", run, "--prompt", "x", "--top-k", "three"],

@@ -342,6 +342,23 @@ def test_schedule_values():
     assert [lr_factor(const, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
 
 
+def test_schedule_command_replaces_only_a_plot(tmp_path, capsys):
+    import time
+
+    from scalevec.cli import main
+
+    notes, plot = tmp_path / "notes.txt", tmp_path / "lr.png"
+    notes.write_text("a user's file\n")
+    assert main(["schedule", "--out", str(notes)]) == 2  # a plot at that path would lose the user's file
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a PNG image" in err and notes.read_text() == "a user's file\n"
+    assert main(["schedule", "--out", "/dev/null"]) == 2 and "not a regular file" in capsys.readouterr().err
+    started = time.perf_counter()
+    assert main(["schedule", "--out", str(plot), "--steps", str(10**12)]) == 0  # plotted from a sample of steps
+    assert time.perf_counter() - started < 20 and plot.read_bytes().startswith(b"\x89PNG")
+    assert main(["schedule", "--out", str(plot), "--steps", "10"]) == 0  # an earlier plot is replaced
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_optimizer_state_round_trips_exactly(optimizer):
     def run(model, opt, steps, start):

@@ -49,8 +49,14 @@ def _is_comparison(out: Path) -> bool:
 
 
 def _file_output(path: str, flag: str) -> None:
-    """A file to write: not a directory, and its directory creatable and writable."""
+    """A PNG to write: not a directory, not a file of another kind (a plot replaces only a plot), and its directory
+    creatable and writable."""
     _require(not Path(path).is_dir(), f"{flag} {path} is a directory; give a file path")
+    if Path(path).exists():
+        _require(Path(path).is_file(), f"{flag} {path} exists and is not a regular file; give a new file path")
+        with open(path, "rb") as fh:
+            _require(fh.read(8) == b"\x89PNG\r\n\x1a\n", f"{flag} {path} exists and is not a PNG image, so scalevec "
+                     "did not write it; choose another path or move the file away")
     check_output_path(Path(path).parent, flag)
 
 

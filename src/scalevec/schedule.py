@@ -39,7 +39,7 @@ def plot_schedule(schedule: ScheduleConfig, total_steps: int, path: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = range(total_steps + 1)
+    steps = sorted({*range(0, total_steps, max(1, total_steps // 4000)), total_steps})  # a long run: a sample
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(steps, [lr_factor(schedule, s, total_steps) for s in steps])
     ax.set(xlabel="step", ylabel="lr factor", title=f"{schedule.name} schedule", ylim=(0, 1.05))
