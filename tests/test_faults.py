@@ -530,6 +530,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],
         ["compare", "--config", cfg, "--out", file], ["compare", "--config", cfg, "--out", str(sandbox / "mine")],
         ["sweep", "removal", "--out", str(sandbox / "mine")], ["sweep", "removal", "--out", run],
+        *[["sweep", str(sandbox / f"{name}_suite.toml"), "--out", str(sandbox / "sw")]
+          for name in ("binary", "syntax", "partial")],
+        *[["report", str(sandbox / f"{name}_sweep")] for name in ("garbled", "list", "partial")],
         ["schedule", "--steps", "0"], ["schedule", "--out", str(sandbox / "mine")],
         ["schedule", "--out", f"{file}/x.png"], ["schedule", "--out", file],
         ["theory", "fold", "--out", file], ["theory", "nosuch"],
@@ -572,6 +575,12 @@ def sandbox(finished_run, tmp_path_factory):
         shutil.copytree(root / "nan_hf", root / name)
         (root / name / "config.json").write_text(json.dumps(config))
     (root / "index_hf" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+    (root / "binary_suite.toml").write_bytes(b"\xff\xfe[cpu]\n")
+    (root / "syntax_suite.toml").write_text("[cpu\n")
+    (root / "partial_suite.toml").write_text('[cpu]\nsizes = ["cpu-0.5m"]\n')  # no baseline, no grid
+    for name, record in (("garbled_sweep", "{not json"), ("list_sweep", "[]"), ("partial_sweep", '{"name": "x"}')):
+        (root / name).mkdir()
+        (root / name / "suite.json").write_text(record)
     return root
 
 

@@ -396,10 +396,17 @@ def cmd_sweep(args) -> None:
     _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     sizes = [size.strip() for size in args.sizes.split(",")] if args.sizes else None
-    suite = load_suite(args.suite, args.scale, args.seeds, args.set)
+    try:
+        suite = load_suite(args.suite, args.scale, args.seeds, args.set)
+    except BadInput:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: not TOML, or not UTF-8
+        raise ConfigError(f"suite {args.suite} is not a suite file scalevec reads ({type(err).__name__}: "
+                          f"{first_line(err)}); fix it after the shipped suites (src/scalevec/experiments/suites)"
+                          ) from None
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
     results = Path(args.results) if args.results else out
-    for path, flag in {out: "--out", results: "--results"}.items():
+    for path, flag in [(out, "--out"), *([(results, "--results")] if results != out else [])]:
         _reusable_output(path, lambda p: (p / "suite.json").is_file(), "a sweep directory (no suite.json)", flag)
     result = run_sweep(suite, out, args.jobs, results=results, sizes=sizes)
     write_report(results)
@@ -411,11 +418,17 @@ def cmd_sweep(args) -> None:
 
 def cmd_report(args) -> None:
     from .experiments.report import write_report
+    from .experiments.sweep import Suite
 
     out = Path(args.dir)
     if not (out / "suite.json").is_file():
         raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --results (or --out) of "
                          "`scalevec sweep`")
+    try:
+        Suite(**json.loads((out / "suite.json").read_text()))
+    except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
+        raise UsageError(f"{out}/suite.json is not the record of a sweep ({type(err).__name__}: {first_line(err)}); "
+                         "restore it, or run `scalevec sweep` with this --results again to rewrite it") from None
     summary = write_report(out)
     print((out / "report.md").read_text())
     if not summary["arms"]:
