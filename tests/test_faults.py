@@ -533,6 +533,8 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         *[["sweep", str(sandbox / f"{name}_suite.toml"), "--out", str(sandbox / "sw")]
           for name in ("binary", "syntax", "partial")],
         *[["report", str(sandbox / f"{name}_sweep")] for name in ("garbled", "list", "partial")],
+        *[["compare", "--config", cfg, "--reference", str(sandbox / f"{name}_sweep"), "--out", str(sandbox / "cmp")]
+          for name in ("garbled", "list")],
         ["schedule", "--steps", "0"], ["schedule", "--out", str(sandbox / "mine")],
         ["schedule", "--out", f"{file}/x.png"], ["schedule", "--out", file],
         ["theory", "fold", "--out", file], ["theory", "nosuch"],

@@ -417,18 +417,14 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from .experiments.compare import read_suite
     from .experiments.report import write_report
-    from .experiments.sweep import Suite
 
     out = Path(args.dir)
     if not (out / "suite.json").is_file():
         raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --results (or --out) of "
                          "`scalevec sweep`")
-    try:
-        Suite(**json.loads((out / "suite.json").read_text()))
-    except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
-        raise UsageError(f"{out}/suite.json is not the record of a sweep ({type(err).__name__}: {first_line(err)}); "
-                         "restore it, or run `scalevec sweep` with this --results again to rewrite it") from None
+    read_suite(out, "report")  # a scrambled record is refused before the report is written
     summary = write_report(out)
     print((out / "report.md").read_text())
     if not summary["arms"]:

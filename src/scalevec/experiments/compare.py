@@ -24,7 +24,7 @@ from pathlib import Path
 from ..checkpoint import list_checkpoints
 from ..config import ConfigError, load_config, to_dict, to_toml
 from ..data.prepare import prepare
-from ..outputs import write_atomic, write_text_atomic
+from ..outputs import first_line, write_atomic, write_text_atomic
 from ..rundir import TrainError, final_eval, first_difference, read_metrics
 from ..train.preempt import EXIT_STOPPED, StoppedEarly, StopRequests
 from ..train.trainer import Trainer
@@ -97,14 +97,30 @@ def _train_process(source: Path, name: str, config, out: Path, resume: bool, log
     log(f"{name}: finished in {run_dir}")
 
 
+def read_suite(folder: Path, flag: str) -> Suite:
+    """The suite a sweep recorded in `folder`/suite.json; a scrambled record is one ConfigError naming `flag`."""
+    try:
+        return Suite(**json.loads((folder / "suite.json").read_text()))
+    except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"{flag} {folder}: its suite.json is not the record of a sweep ({type(err).__name__}: "
+                          f"{first_line(err)}); restore it, or run `scalevec sweep` with this --results again"
+                          ) from None
+
+
 def _study(reference: Path, source: Path, strategies: list[str], overrides: list[str]) -> dict:
     """The reference study's suite, summary and, per strategy, its best learning rate and the arm it ran as."""
     if not (reference / "suite.json").is_file():
         raise ConfigError(f"--reference {reference} is not a study's results (no suite.json); give a folder under "
                           "results/ such as results/study-iwd-cpu")
-    suite = Suite(**json.loads((reference / "suite.json").read_text()))
+    suite = read_suite(reference, "--reference")
     summary_path = reference / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"analyses": []}
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"analyses": []}
+        if not isinstance(summary.get("analyses"), list):
+            raise TypeError("no list of analyses")
+    except (ValueError, TypeError, AttributeError) as err:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"--reference {reference}: its summary.json is not a study's summary ({first_line(err)}); "
+                          f"regenerate it with `scalevec report {reference}`") from None
     config = load_config(source, overrides)
     arms, lrs = {}, {}
     for name in strategies:
