@@ -31,6 +31,7 @@ from .model import build_model
 from .optim import Optimizers
 from .strategy import strategy as make_strategy
 from .summary import flops_per_token
+from .train.preflight import check_memory, resolve_device
 from .train.trainer import lm_objective
 from .train.utilization import mfu, peak_tflops
 
@@ -129,7 +130,8 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
               profile_steps: int = 0) -> dict:
     """`peak`: the device's bf16 TFLOP/s for MFU (default: looked up by GPU name; none on CPU); `profile_steps`:
     also profile that many steps per arm, after the timed ones (profiling slows them, so it never times)."""
-    device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
+    device = resolve_device(config.train.device)  # train.device=cuda without a GPU is refused, not timed on CPU
+    check_memory(config, device)  # an absurd size answers at once, before any model is built
     bf16 = device.type == "cuda"
 
     def autocast():
