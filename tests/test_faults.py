@@ -494,6 +494,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["bench", "--peak-tflops", "-5"], ["bench", "--strategies", ","], ["bench", "--mode", "turbo"],
         ["bench", "--config", "nosuch-preset"], ["bench", "--set", "model.vocab_size=4611686018427387904"],
         *([["bench", "--set", "train.device=cuda"]] if not torch.cuda.is_available() else []),
+        *([["eval", run, "--data", file, "--device", "cuda"]] if not torch.cuda.is_available() else []),
         ["train", cfg, "--set", "strategy.dual_placement=q,k", "--set", "strategy.dnp=k",
          "--out", str(sandbox / "new")],
         ["train", cfg, "--set", "train.init_from=run.toml", "--out", str(sandbox / "new")],

@@ -375,6 +375,10 @@ def cmd_eval(args) -> None:
     _require(args.seq_len is None or args.seq_len >= 1, f"--seq-len {args.seq_len} must be at least 1")
     _require(args.stride is None or args.stride >= 1, f"--stride {args.stride} must be at least 1")
     _require(args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1")
+    if args.device == "cuda":
+        import torch
+
+        _require(torch.cuda.is_available(), "--device cuda but no CUDA device is available; use --device cpu or auto")
     result = evaluate(args.source, args.data, args.seq_len, args.stride, args.batch_size, args.field, args.column,
                       args.device)
     if args.json:
