@@ -523,6 +523,10 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["data", "prepare", "--input", str(sandbox / "mine"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--sources", "nosuch", "--out", str(sandbox / "d")],
         ["data", "prepare", "--vocab", "10", "--out", str(sandbox / "d")],
+        ["data", "prepare", "--input", file, "--vocab", "99999999999", "--out", str(sandbox / "d")],
+        *[["data", "import", "--train", str(sandbox / train), "--val", str(sandbox / val), "--tokenizer",
+           str(sandbox / "tokenizer.json"), "--out", str(sandbox / "d")]
+          for train, val in (("empty.bin", "tokens.bin"), ("tokens.bin", "empty.bin"))],
         ["data", "prepare", "--sources", "milton", "--out", file],
         ["data", "prepare", "--sources", "milton", "--out", str(sandbox / "mine")],
         ["data", "prepare", "--tokenizer", str(sandbox / "missing.json"), "--out", str(sandbox / "d")],
@@ -548,7 +552,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(finished_run, tmp_path_factory):
+def sandbox(finished_run, small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sandbox")
     shutil.copytree(finished_run / "run", root / "run")
     shutil.copy(finished_run / "run.toml", root / "run.toml")
@@ -579,6 +583,9 @@ def sandbox(finished_run, tmp_path_factory):
         shutil.copytree(root / "nan_hf", root / name)
         (root / name / "config.json").write_text(json.dumps(config))
     (root / "index_hf" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+    (root / "empty.bin").write_bytes(b"")
+    (root / "tokens.bin").write_bytes(bytes(64))  # 32 uint16 ids, all 0
+    shutil.copy(small_data / "tokenizer.json", root / "tokenizer.json")
     (root / "binary_suite.toml").write_bytes(b"\xff\xfe[cpu]\n")
     (root / "syntax_suite.toml").write_text("[cpu\n")
     (root / "partial_suite.toml").write_text('[cpu]\nsizes = ["cpu-0.5m"]\n')  # no baseline, no grid

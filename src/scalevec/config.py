@@ -244,7 +244,7 @@ class DataConfig:
     tokenizer: str = ""
     """A tokenizer.json to use instead of training a byte-level BPE; a run checks its shards match it."""
     vocab_size: int = 8192
-    """Vocabulary of the trained tokenizer."""
+    """Vocabulary of the trained tokenizer (257 to 2**24)."""
     val_fraction: float = 0.02
     """Share of the text (whole documents) held out for validation."""
     split_seed: int = 0
@@ -267,6 +267,8 @@ class DataConfig:
                "positive")
         _check(self.shard_tokens > 0 and self.val_tokens >= 0 and self.vocab_size > 256,
                "data.shard_tokens must be positive, data.val_tokens non-negative, data.vocab_size above 256")
+        _check(self.vocab_size <= 2**24, f"data.vocab_size={self.vocab_size} is above 2**24; the BPE trainer allocates "
+               "memory for every entry up front: choose a smaller vocabulary")
         _check(self.split_seed >= 0, f"data.split_seed={self.split_seed} must be >= 0")
         _check(bool(self.dir.strip()), "data.dir is empty; give a directory for the prepared shards")
         check_choices(self, "data")

@@ -41,6 +41,8 @@ class TokenFile:
         return (self.path.stat().st_size - self.offset) // self.dtype.itemsize
 
     def array(self) -> np.ndarray:
+        if not self.tokens:  # numpy cannot map an empty file
+            return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.tokens,))
 
 
@@ -153,6 +155,10 @@ def import_tokens(train: list[str], val: list[str], tokenizer_path: str, out: Pa
         with Progress("checking", total, progress, log) as bar:
             summaries = {split: _check(group, vocab, eos_id, lengths, tokenizer_path, bar)
                          for split, group in files.items()}
+        for split, summary in summaries.items():
+            if not summary["tokens"]:
+                raise DataError(f"--{split} holds no tokens (its files are empty); give the {split} split's token "
+                                "files")
         with new_directory(out, f"the data directory {out}") as tmp:
             ways = set()
             for split, group in files.items():
