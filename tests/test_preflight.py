@@ -37,6 +37,8 @@ def sandbox(small_data, tmp_path):
     next((tmp_path / "corrupt" / "checkpoints").iterdir()).joinpath("model.safetensors").write_bytes(b"torn")
     shutil.copytree(run, tmp_path / "scribbled")  # a line of metrics.jsonl that is no record
     (tmp_path / "scribbled" / "metrics.jsonl").write_text("not json\n" + (run / "metrics.jsonl").read_text())
+    shutil.copytree(run, tmp_path / "listed")  # a line that is JSON but no record of a step
+    (tmp_path / "listed" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "[1, 2]\n")
     return tmp_path, config, small_data
 
 
@@ -76,6 +78,7 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
         (["--resume", "--out", str(tmp / "existing")], "not a run directory"),
         (["--resume", "--out", str(tmp / "corrupt")], "no usable checkpoint"),
         (["--resume", "--out", str(tmp / "scribbled")], "is not a JSON record"),
+        (["--resume", "--out", str(tmp / "listed")], "is not a metrics record"),
         ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.inputs=[\"/nonexistent.txt\"]"],
          "matches no file"),
     ]

@@ -129,12 +129,17 @@ def _records(path: Path) -> tuple[list[tuple[str, dict]], bool]:
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append((line, json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise RunDirError(f"{path}:{number} is not a JSON record; restore the file or start a new --out"
                                   ) from None
             return records, True
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunDirError(f"{path}:{number} is not a metrics record (an object with an integer step); restore "
+                              "the file or start a new --out")
+        records.append((line, record))
     return records, False
 
 
