@@ -39,6 +39,9 @@ def sandbox(small_data, tmp_path):
     (tmp_path / "scribbled" / "metrics.jsonl").write_text("not json\n" + (run / "metrics.jsonl").read_text())
     shutil.copytree(run, tmp_path / "listed")  # a line that is JSON but no record of a step
     (tmp_path / "listed" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "[1, 2]\n")
+    shutil.copytree(run, tmp_path / "blocked")  # a file where the checkpoints go
+    shutil.rmtree(tmp_path / "blocked" / "checkpoints")
+    (tmp_path / "blocked" / "checkpoints").write_text("a user's file")
     return tmp_path, config, small_data
 
 
@@ -79,6 +82,7 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
         (["--resume", "--out", str(tmp / "corrupt")], "no usable checkpoint"),
         (["--resume", "--out", str(tmp / "scribbled")], "is not a JSON record"),
         (["--resume", "--out", str(tmp / "listed")], "is not a metrics record"),
+        (["--resume", "--out", str(tmp / "blocked")], "checkpoints is not a directory"),
         ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.inputs=[\"/nonexistent.txt\"]"],
          "matches no file"),
     ]

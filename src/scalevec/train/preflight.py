@@ -150,6 +150,9 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
                         "choose another data.dir")
     resume_from = None
     if resume and has_content(run_dir):  # what a resume reads before it changes anything
+        if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
+            raise RunDirError(f"{run_dir / 'checkpoints'} is not a directory, so no checkpoint can be saved there; "
+                              "move it away, or start a new --out")
         try:
             with warnings.catch_warnings():  # the start's restore says which ones it skips
                 warnings.simplefilter("ignore")
