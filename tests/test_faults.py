@@ -516,6 +516,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         *[["import", str(sandbox / name), "--out", str(sandbox / "imp")]
           for name in ("list_hf", "float_hf", "zero_hf", "window_hf", "index_hf")],
         ["generate", str(sandbox / "float_hf"), "--prompt", "hi"],
+        ["generate", str(sandbox / "tokenizer_hf"), "--prompt", "hi"],
+        ["generate", str(sandbox / "tokenizer_run"), "--prompt", "hi"],
+        ["export", str(sandbox / "tokenizer_run"), "--to", str(sandbox / "hf3")],
         ["eval", str(sandbox / "list_hf"), "--data", file],
         ["data", "prepare", "--input", str(sandbox / "bad.jsonl"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--input", str(sandbox / "latin1.txt"), "--out", str(sandbox / "d")],
@@ -571,7 +574,8 @@ def sandbox(finished_run, small_data, tmp_path_factory):
               "model.layers.0.mlp.gate_proj.weight": (32, 16), "model.layers.0.mlp.up_proj.weight": (32, 16),
               "model.layers.0.mlp.down_proj.weight": (16, 32)}
     for name, transform in (("int_hf", lambda t: t.to(torch.int64)),
-                            ("nan_hf", lambda t: t.clone().fill_(float("nan")) if t.dim() == 2 else t)):
+                            ("nan_hf", lambda t: t.clone().fill_(float("nan")) if t.dim() == 2 else t),
+                            ("tokenizer_hf", lambda t: t)):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(hf))
         save_file({k: transform(torch.randn(s)) for k, s in shapes.items()}, root / name / "model.safetensors")
@@ -583,6 +587,12 @@ def sandbox(finished_run, small_data, tmp_path_factory):
         shutil.copytree(root / "nan_hf", root / name)
         (root / name / "config.json").write_text(json.dumps(config))
     (root / "index_hf" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+    (root / "tokenizer_hf" / "tokenizer.json").write_text("{not json")  # a malformed tokenizer beside good weights
+    shutil.copytree(root / "run", root / "tokenizer_run")
+    config = (root / "run" / "config.toml").read_text()
+    assert 'tokenizer = ""' in config
+    (root / "tokenizer_run" / "config.toml").write_text(
+        config.replace('tokenizer = ""', f'tokenizer = "{root / "tokenizer_hf" / "tokenizer.json"}"'))
     (root / "empty.bin").write_bytes(b"")
     (root / "tokens.bin").write_bytes(bytes(64))  # 32 uint16 ids, all 0
     shutil.copy(small_data / "tokenizer.json", root / "tokenizer.json")

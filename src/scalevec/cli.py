@@ -344,8 +344,8 @@ def cmd_import(args) -> None:
 
 def cmd_generate(args) -> None:
     import torch
-    from tokenizers import Tokenizer
 
+    from .data.prepare import load_tokenizer
     from .evaluate import load_model
     from .generate import generate
 
@@ -356,7 +356,7 @@ def cmd_generate(args) -> None:
     _require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     _require(0 <= args.seed < 2**64, f"--seed {args.seed} must be in 0..{2**64 - 1}")
     model, tokenizer_path = load_model(args.source)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise UsageError("--prompt is empty; give some text to continue")

@@ -304,9 +304,9 @@ def _export_files(config: Config, model: Decoder, architecture: str, tokenizer: 
     """File name -> a function writing it to the path it is given."""
     eos_id = None
     if tokenizer is not None:
-        from tokenizers import Tokenizer
+        from ..data.prepare import load_tokenizer  # a malformed tokenizer.json is one line
 
-        eos_id = Tokenizer.from_file(str(tokenizer)).token_to_id("<|endoftext|>")
+        eos_id = load_tokenizer(tokenizer).token_to_id("<|endoftext|>")
 
     def text(payload: dict):
         return lambda path: path.write_text(json.dumps(payload, indent=1) + "\n")
