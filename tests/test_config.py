@@ -49,6 +49,7 @@ def test_resolved_toml_round_trips(tmp_path):
     (["train.grad_accum=1180591620717411303424"], "train.grad_accum=1180591620717411303424 does not fit in 64 bits"),
     (["model.sliding_window=-9223372036854775809"], "does not fit in 64 bits"),
     (["train.threads=4611686018427387904"], "train.threads=4611686018427387904 must be in 0..4096"),
+    (["model.vocab_size=4611686018427387904"], "is beyond what a tensor can hold"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -84,6 +85,16 @@ def test_cli_entry_point_exit_code():
     assert keys.startswith("preset, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, qkv_bias, d_ff")
     expected = f"scalevec: error: unknown key model.bogus; valid keys of model: {keys}"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback():
+    # 400 blocks' JSON (about 250 kB) outgrows the pipe's buffer, so writes after the reader left fail
+    argv = [sys.executable, "-m", "scalevec", "info", "cpu-0.5m", "--json", "--set", "model.n_layers=400"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout.read(10).startswith(b"{")
+        process.stdout.close()
+        error = process.stderr.read().decode()
+    assert process.returncode == 1 and error == "", error
 
 
 def test_info_reports_counts(capsys):

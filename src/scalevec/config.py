@@ -197,6 +197,11 @@ class ModelConfig:
             _check(self.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows 16-byte aligned in bf16
                    f"model.d_model={self.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; "
                    "round them")
+        rows = max(self.vocab_size, 2 * self.d_ff, 2 * (self.moe_d_expert or self.d_ff) * max(self.moe_experts, 1),
+                   (self.n_heads + 2 * self.n_kv_heads) * self.head_size, self.max_seq_len)
+        _check(rows * max(self.d_model, self.head_size) < 2**61,  # bytes of one fp32 tensor within 64 bits
+               f"model: a weight of {rows:,} x {max(self.d_model, self.head_size):,} entries is beyond what a tensor "
+               "can hold; lower model.vocab_size, model.max_seq_len or the widths")
 
 
 @dataclass
