@@ -658,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             print(f"scalevec: {'' if isinstance(err, StoppedEarly) else 'error: '}{_one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # the reader left (`scalevec info | head`): nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail too
+        return 1
     except Exception as err:  # a write site without its own message: still one line when the disk is full
         if not speaks:
             return 1
