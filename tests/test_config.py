@@ -50,6 +50,7 @@ def test_resolved_toml_round_trips(tmp_path):
     (["model.sliding_window=-9223372036854775809"], "does not fit in 64 bits"),
     (["train.threads=4611686018427387904"], "train.threads=4611686018427387904 must be in 0..4096"),
     (["model.vocab_size=4611686018427387904"], "is beyond what a tensor can hold"),
+    (["model.d_model=64\nmodel.n_layers=2"], "model.d_model: expected int, got '64"),  # not two keys
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

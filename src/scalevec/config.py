@@ -582,7 +582,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not all(path):
         raise ConfigError(f"--set {text!r}: empty key part; write section.field=value")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")
+        value = parsed["v"] if len(parsed) == 1 else raw  # a newline in the value would set other keys too
     except tomllib.TOMLDecodeError:
         value = raw
     return path, value
