@@ -338,6 +338,14 @@ class OptimConfig:
         for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
             _check(getattr(self, name) > 0, f"optim.{name}={getattr(self, name)} must be positive")
         _check(self.muon_ns_steps >= 1, f"optim.muon_ns_steps={self.muon_ns_steps} must be at least 1")
+        matrix_lr = self.muon_lr if self.name == "muon" else self.lr
+        for name, lr in (("weight_decay", matrix_lr), ("scale_weight_decay", self.lr * self.scale_lr_mult),
+                         ("embedding_weight_decay", self.lr * self.embedding_lr_mult),
+                         ("head_weight_decay", self.lr * self.head_lr_mult), ("router_weight_decay", self.lr)):
+            decay = getattr(self, name)  # decoupled decay multiplies the weights by 1 - lr·decay every step
+            _check(lr * decay < 1, f"optim.{name}={decay} at learning rate {lr:g} multiplies the weights by "
+                   f"1 - lr·decay = {1 - lr * decay:g} every step, so they vanish or flip sign; lower the decay or "
+                   "the learning rate")
 
 
 @dataclass
