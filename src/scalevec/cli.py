@@ -60,6 +60,13 @@ def _file_output(path: str, flag: str) -> None:
     check_output_path(Path(path).parent, flag)
 
 
+def _path(text: str) -> str:
+    """A path argument; an empty one is refused (it would silently mean the current directory or the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty; give a file or directory")
+    return text
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -448,16 +455,17 @@ def _add_set(parser: argparse.ArgumentParser, help: str | None = None) -> None:
 
 def _info_parser(sub) -> None:
     info = _command(sub, "info", cmd_info, help="parameter counts by role and kind, scale fraction, FLOPs")
-    info.add_argument("config", help="a .toml config file or a model preset name (e.g. cpu-3m)")
+    info.add_argument("config", type=_path, help="a .toml config file or a model preset name (e.g. cpu-3m)")
     _add_set(info, "override a config field (repeatable)")
     info.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _train_parser(sub) -> None:
     train = _command(sub, "train", cmd_train, help="train one model; one run = one directory")
-    train.add_argument("config", nargs="?", help="a .toml config or a model preset name (omit with --resume)")
+    train.add_argument("config", type=_path, nargs="?",
+                       help="a .toml config or a model preset name (omit with --resume)")
     _add_set(train)
-    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--out", type=_path, help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -474,12 +482,14 @@ def _compare_parser(sub) -> None:
     compare = _command(sub, "compare", cmd_compare,
                        help="the main job: baseline vs unified, same seed/data/budget, report")
     compare.add_argument("--preset", default="demo", help="a shipped comparison config (default demo)")
-    compare.add_argument("--config", help="a .toml config instead of the preset")
+    compare.add_argument("--config", type=_path, help="a .toml config instead of the preset")
     compare.add_argument("--strategies", default="standard,unified", help="comma-separated; the first is the baseline")
-    compare.add_argument("--out", default="runs/demo", help="output directory (one run directory per strategy)")
+    compare.add_argument("--out", type=_path, default="runs/demo",
+                         help="output directory (one run directory per strategy)")
     compare.add_argument("--jobs", type=int, default=1, help="strategies trained side by side, each its own process")
-    compare.add_argument("--reference", help="a study's results (e.g. results/study-iwd-cpu): train at its best "
-                                             "learning rates, check the run records of this seed, show its Δ")
+    compare.add_argument("--reference", type=_path,
+                         help="a study's results (e.g. results/study-iwd-cpu): train at its best learning "
+                              "rates, check the run records of this seed, show its Δ")
     _add_set(compare)
 
 
@@ -487,13 +497,14 @@ def _theory_parser(sub) -> None:
     theory = _command(sub, "theory", cmd_theory,
                       help="check the paper's theorems numerically (plain GD), each against a control")
     theory.add_argument("name", choices=["fold", "preconditioning", "weight-decay", "dual-placement", "reparam", "all"])
-    theory.add_argument("--out", default="runs/theory", help="directory for the PNG and JSON summary")
+    theory.add_argument("--out", type=_path, default="runs/theory", help="directory for the PNG and JSON summary")
     theory.add_argument("--fast", action="store_true", help="smaller sizes and fewer steps (what the tests run)")
 
 
 def _bench_parser(sub) -> None:
     bench = _command(sub, "bench", cmd_bench, help="training tokens/s and memory per strategy, side by side (ABAB)")
-    bench.add_argument("--config", default="cpu-7m", help="a .toml config or a model preset (default cpu-7m)")
+    bench.add_argument("--config", type=_path, default="cpu-7m",
+                       help="a .toml config or a model preset (default cpu-7m)")
     bench.add_argument("--strategies", default="standard,unified", help="comma-separated; ratios are to the first")
     bench.add_argument("--mode", choices=["eager", "compiled", "both"], default="eager")
     bench.add_argument("--hf", action="store_true", help="also time transformers' LlamaForCausalLM at the same shape")
@@ -511,8 +522,9 @@ def _bench_parser(sub) -> None:
 def _export_parser(sub) -> None:
     export = _command(sub, "export", cmd_export, help="fold scales and write a transformers checkpoint (Llama ... "
                       "OLMo 2, Qwen3-MoE ... Mixtral, or remote code for models no family computes)")
-    export.add_argument("run_dir", help="a run directory (its newest valid checkpoint is exported)")
-    export.add_argument("--to", required=True, help="output directory (an earlier export there is replaced)")
+    export.add_argument("run_dir", type=_path, help="a run directory (its newest valid checkpoint is exported)")
+    export.add_argument("--to", type=_path, required=True,
+                        help="output directory (an earlier export there is replaced)")
     export.add_argument("--overwrite", action="store_true", help="replace --to even if scalevec did not write it")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the stored weights (the scales are folded in float32 first)")
@@ -524,17 +536,18 @@ def _export_parser(sub) -> None:
 def _import_parser(sub) -> None:
     imp = _command(sub, "import", cmd_import,
                    help="convert a transformers safetensors checkpoint to a strategy (a run directory)")
-    imp.add_argument("hf_dir", help="a Hugging Face model directory (config.json, model.safetensors)")
+    imp.add_argument("hf_dir", type=_path, help="a Hugging Face model directory (config.json, model.safetensors)")
     imp.add_argument("--strategy", default="standard", help="target strategy preset (e.g. hg+or)")
-    imp.add_argument("--out", required=True, help="new run directory; `scalevec train --resume --out` continues it")
+    imp.add_argument("--out", type=_path, required=True,
+                     help="new run directory; `scalevec train --resume --out` continues it")
     imp.add_argument("--warm-start", action="store_true", help="allow strategies that change the function (DNP...)")
-    imp.add_argument("--tokenizer", help="the checkpoint's tokenizer.json (default: the one in HF_DIR)")
+    imp.add_argument("--tokenizer", type=_path, help="the checkpoint's tokenizer.json (default: the one in HF_DIR)")
     _add_set(imp, "the run's options, e.g. data.inputs=..., train.steps=... (repeatable)")
 
 
 def _generate_parser(sub) -> None:
     gen = _command(sub, "generate", cmd_generate, help="sample text from a run directory or an export")
-    gen.add_argument("source", help="run directory or exported model directory")
+    gen.add_argument("source", type=_path, help="run directory or exported model directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -545,8 +558,8 @@ def _generate_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     ev = _command(sub, "eval", cmd_eval, help="loss, perplexity and bits per byte of a run or an export on your text")
-    ev.add_argument("source", help="run directory or exported model directory")
-    ev.add_argument("--data", action="append", required=True,
+    ev.add_argument("source", type=_path, help="run directory or exported model directory")
+    ev.add_argument("--data", type=_path, action="append", required=True,
                     help=".txt, .jsonl or .parquet file, or a prepared data directory (repeatable)")
     ev.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
     ev.add_argument("--stride", type=int, help="tokens between window starts (default: the window length; "
@@ -560,13 +573,14 @@ def _eval_parser(sub) -> None:
 
 def _sweep_parser(sub) -> None:
     sweep = _command(sub, "sweep", cmd_sweep, help="run a paper suite's grid (resumable), then write its report")
-    sweep.add_argument("suite", help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
+    sweep.add_argument("suite", type=_path, help="removal, weight-decay, improvements, scaling, moe, or a suite .toml")
     sweep.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     sweep.add_argument("--seeds", type=int, help="number of seeds, at every size (default: the suite's)")
-    sweep.add_argument("--out", help="sweep directory (default runs/sweeps/<suite>-<scale>)")
+    sweep.add_argument("--out", type=_path, help="sweep directory (default runs/sweeps/<suite>-<scale>)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU threads are split among them)")
-    sweep.add_argument("--results", help="where run records, suite.json and the report go (default: --out); "
-                                         "a sweep skips every run recorded there, e.g. in a results/ folder")
+    sweep.add_argument("--results", type=_path,
+                       help="where run records, suite.json and the report go (default: --out); a sweep skips "
+                            "every run recorded there, e.g. in a results/ folder")
     sweep.add_argument("--sizes", help="only these of the suite's sizes, comma-separated (default: all)")
     _add_set(sweep, "applied to every run, e.g. train.device=cuda (never a key the suite sets per run: the size, "
                     "optim.lr, seed, train.steps...); recorded in each run's config")
@@ -574,14 +588,15 @@ def _sweep_parser(sub) -> None:
 
 def _report_parser(sub) -> None:
     report = _command(sub, "report", cmd_report, help="tables and plots of a sweep directory")
-    report.add_argument("dir", help="the --results (default --out) of `scalevec sweep`: its records and suite.json")
+    report.add_argument("dir", type=_path,
+                        help="the --results (default --out) of `scalevec sweep`: its records and suite.json")
 
 
 def _schedule_parser(sub) -> None:
     sched = _command(sub, "schedule", cmd_schedule, help="plot a learning-rate schedule")
-    sched.add_argument("--config", help="a .toml config (its [schedule] section)")
+    sched.add_argument("--config", type=_path, help="a .toml config (its [schedule] section)")
     sched.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
-    sched.add_argument("--out", default="schedule.png", help="PNG to write")
+    sched.add_argument("--out", type=_path, default="schedule.png", help="PNG to write")
     _add_set(sched)
 
 
@@ -595,16 +610,17 @@ def _data_parser(sub) -> None:
 def _data_prepare_parser(data) -> None:
     prep = _command(data, "prepare", cmd_data_prepare,
                     help="train or load a tokenizer and write token shards (no-op when up to date)")
-    prep.add_argument("--config", help="a .toml config whose [data] section to start from")
+    prep.add_argument("--config", type=_path, help="a .toml config whose [data] section to start from")
     prep.add_argument("--sources", type=_csv, help=f"bundled sources, comma-separated (default: the prose ones; "
                       f"also {', '.join(s for s in BUNDLED_SOURCES if s not in PROSE_SOURCES)})")
-    prep.add_argument("--input", action="append", help="user file, directory or glob of .txt/.jsonl/.parquet "
-                      "(repeatable; replaces the bundled sources unless --sources is given)")
+    prep.add_argument("--input", type=_path, action="append",
+                      help="user file, directory or glob of .txt/.jsonl/.parquet (repeatable; replaces the "
+                           "bundled sources unless --sources is given)")
     prep.add_argument("--field", help="text field of .jsonl records (default text)")
     prep.add_argument("--column", help="text column of .parquet files (default text)")
-    prep.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    prep.add_argument("--tokenizer", type=_path, help="use this tokenizer.json instead of training one")
     prep.add_argument("--vocab", type=int, help="vocabulary size of the trained tokenizer (default 8192)")
-    prep.add_argument("--out", help="output directory (default data/bundled)")
+    prep.add_argument("--out", type=_path, help="output directory (default data/bundled)")
     prep.add_argument("--overwrite", action="store_true", help="replace --out even if scalevec did not write it")
     prep.add_argument("--workers", type=int, help="tokenizer processes (default: the cores available)")
     prep.add_argument("--part", metavar="I/N", help="prepare only part I of N (0-based; a SLURM array task, a node); "
@@ -615,11 +631,13 @@ def _data_prepare_parser(data) -> None:
 def _data_import_parser(data) -> None:
     imp = _command(data, "import", cmd_data_import, help="use token arrays made elsewhere (nanoGPT train.bin/val.bin, "
                    ".npy) with their tokenizer.json, without copying them")
-    imp.add_argument("--train", action="append", required=True, help="training token file or glob (.bin, .npy; "
-                     "repeatable, in order)")
-    imp.add_argument("--val", action="append", required=True, help="validation token file or glob (repeatable)")
-    imp.add_argument("--tokenizer", required=True, help="the tokenizer.json the tokens were made with")
-    imp.add_argument("--out", required=True, help="data directory to write (then train with --set data.dir=OUT)")
+    imp.add_argument("--train", type=_path, action="append", required=True,
+                     help="training token file or glob (.bin, .npy; repeatable, in order)")
+    imp.add_argument("--val", type=_path, action="append", required=True,
+                     help="validation token file or glob (repeatable)")
+    imp.add_argument("--tokenizer", type=_path, required=True, help="the tokenizer.json the tokens were made with")
+    imp.add_argument("--out", type=_path, required=True,
+                     help="data directory to write (then train with --set data.dir=OUT)")
     imp.add_argument("--dtype", choices=("uint16", "uint32"), help="dtype of headerless files (default: uint16 if "
                      "the vocabulary fits, else uint32)")
     imp.add_argument("--eos-id", type=int, help="document separator id (default: the tokenizer's <|endoftext|>)")
