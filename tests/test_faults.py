@@ -526,6 +526,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["data", "prepare", "--input", str(sandbox / "mine"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--sources", "nosuch", "--out", str(sandbox / "d")],
         ["data", "prepare", "--vocab", "10", "--out", str(sandbox / "d")],
+        ["data", "prepare", "--sources", "milton", "--workers", "100000", "--out", str(sandbox / "d")],
         ["data", "prepare", "--input", file, "--vocab", "99999999999", "--out", str(sandbox / "d")],
         *[["data", "import", "--train", str(sandbox / train), "--val", str(sandbox / val), "--tokenizer",
            str(sandbox / "tokenizer.json"), "--out", str(sandbox / "d")]

@@ -134,7 +134,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from .data.prepare import parse_part, prepare
+    from .data.prepare import default_workers, parse_part, prepare
 
     config = _config_from(args.config, args.set) if args.config else load_config(None, args.set)
     data = config.data
@@ -146,8 +146,9 @@ def cmd_data_prepare(args) -> None:
     if args.input is not None and args.sources is None:
         data.sources = []  # user data alone unless bundled sources are named too
     validate(config)
-    if args.workers is not None and args.workers < 1:
-        raise DataError(f"--workers {args.workers} must be at least 1")
+    if args.workers is not None and not 1 <= args.workers <= 4 * default_workers():
+        raise DataError(f"--workers {args.workers} must be in 1..{4 * default_workers()} (each is a process; this "
+                        f"machine gives scalevec {default_workers()} cores)")
     part = parse_part(args.part) if args.part else (0, 1)
     prepare(data, overwrite=args.overwrite, flag="--out" if args.out else "data.dir", workers=args.workers, part=part)
 
