@@ -535,6 +535,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["data", "prepare", "--sources", "milton", "--out", str(sandbox / "mine")],
         ["data", "prepare", "--tokenizer", str(sandbox / "missing.json"), "--out", str(sandbox / "d")],
         ["sweep", "nosuch"], ["sweep", "removal", "--jobs", "0"], ["sweep", "removal", "--seeds", "0"],
+        ["sweep", "removal", "--jobs", "100000"], ["compare", "--config", cfg, "--jobs", "100000"],
         ["sweep", "removal", "--out", file],
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],

@@ -60,6 +60,14 @@ def _file_output(path: str, flag: str) -> None:
     check_output_path(Path(path).parent, flag)
 
 
+def _check_jobs(jobs: int) -> None:
+    """--jobs: processes side by side, each a training run with at least one thread."""
+    from .data.prepare import default_workers
+
+    _require(1 <= jobs <= 4 * default_workers(), f"--jobs {jobs} must be in 1..{4 * default_workers()} (each job is "
+             f"a training process; this machine gives scalevec {default_workers()} cores)")
+
+
 def _path(text: str) -> str:
     """A path argument; an empty one is refused (it would silently mean the current directory or the default)."""
     if not text.strip():
@@ -294,7 +302,7 @@ def cmd_compare(args) -> None:
     strategies = _csv(args.strategies)
     _require(len(strategies) >= 2, f"--strategies {args.strategies!r}: name at least two, e.g. standard,unified")
     _require(len(set(strategies)) == len(strategies), f"--strategies {args.strategies!r} names one twice")
-    _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
+    _check_jobs(args.jobs)
     _reusable_output(Path(args.out), _is_comparison, "a comparison of scalevec compare")
     origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
@@ -405,7 +413,7 @@ def cmd_sweep(args) -> None:
     from .experiments.report import write_report
     from .experiments.sweep import load_suite, run_sweep
 
-    _require(args.jobs >= 1, f"--jobs {args.jobs} must be at least 1")
+    _check_jobs(args.jobs)
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     sizes = [size.strip() for size in args.sizes.split(",")] if args.sizes else None
     try:
