@@ -26,7 +26,7 @@ from test_train import comparable, final_weights, quiet, records, tiny_config
 from scalevec import checkpoint as checkpoint_module
 from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
-from scalevec.config import to_toml
+from scalevec.config import load_config, to_toml
 from scalevec.outputs import DirectoryLock, append_line, file_sha256
 from scalevec.train.trainer import Trainer
 
@@ -519,6 +519,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["generate", str(sandbox / "tokenizer_hf"), "--prompt", "hi"],
         ["generate", str(sandbox / "tokenizer_run"), "--prompt", "hi"],
         ["export", str(sandbox / "tokenizer_run"), "--to", str(sandbox / "hf3")],
+        ["export", str(sandbox / "reshaped_run"), "--to", str(sandbox / "hf3")],
+        ["generate", str(sandbox / "reshaped_run"), "--prompt", "hi"],
+        ["eval", str(sandbox / "reshaped_run"), "--data", file],
         ["eval", str(sandbox / "list_hf"), "--data", file],
         ["data", "prepare", "--input", str(sandbox / "bad.jsonl"), "--out", str(sandbox / "d")],
         ["data", "prepare", "--input", str(sandbox / "latin1.txt"), "--out", str(sandbox / "d")],
@@ -598,6 +601,10 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     assert 'tokenizer = ""' in config
     (root / "tokenizer_run" / "config.toml").write_text(
         config.replace('tokenizer = ""', f'tokenizer = "{root / "tokenizer_hf" / "tokenizer.json"}"'))
+    shutil.copytree(root / "run", root / "reshaped_run")  # config.toml edited after training: d_model doubled
+    d_model = load_config(root / "run" / "config.toml").model.d_model
+    (root / "reshaped_run" / "config.toml").write_text(
+        config.replace(f"d_model = {d_model}\n", f"d_model = {2 * d_model}\n"))
     (root / "empty.bin").write_bytes(b"")
     (root / "tokens.bin").write_bytes(bytes(64))  # 32 uint16 ids, all 0
     shutil.copy(small_data / "tokenizer.json", root / "tokenizer.json")

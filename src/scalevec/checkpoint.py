@@ -219,5 +219,12 @@ def load_run_model(run_dir: Path) -> tuple[Config, Decoder]:
         raise RunDirError(f"{run_dir}: its weights do not fit this scalevec's model (tensor {extra}); a MoE run with "
                           "a shared expert written before 0.2 gave the shared expert a γ of its own, which 0.2 "
                           "removed (docs/paper-notes.md section 8): read it with scalevec 0.1")
+    expected = model.state_dict()
+    reshaped = sorted(name for name in weights if weights[name].shape != expected[name].shape)
+    if reshaped:  # a hand-edited config.toml
+        name = reshaped[0]
+        raise RunDirError(f"{run_dir}: its checkpoint's tensor {name} has shape {tuple(weights[name].shape)}, but "
+                          f"its config.toml describes {tuple(expected[name].shape)}; restore the config.toml the run "
+                          "was trained with")
     model.load_state_dict(weights)
     return config, model
