@@ -51,7 +51,9 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
     tok = f"data.tokenizer={data / 'tokenizer.json'}"
     checkpoint = next((tmp / "done" / "checkpoints").iterdir())
     return [
-        ([c, "--out", str(tmp / "existing")], "exists; pass --resume"),
+        ([c, "--out", str(tmp / "existing")], "holds no scalevec run"),  # the user's notes.txt alone
+        ([c, "--out", str(tmp / "existing"), "--resume"], "so there is nothing to resume"),
+        ([c, "--out", str(tmp / "done")], "exists; pass --resume"),
         ([c, "--out", out, "--resume", "--overwrite"], "contradict each other"),
         ([c, "--out", str(tmp / "a_file")], "a_file"),
         ([c, "--out", str(tmp / "a_file" / "run")], "a_file"),

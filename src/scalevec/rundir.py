@@ -64,6 +64,11 @@ def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) 
         raise RunDirError(str(err)) from None
     if not has_content(run_dir):
         return
+    if not any((run_dir / name).exists() for name in RUN_ENTRIES):  # only files of the user's
+        raise RunDirError(f"--out {run_dir} is a non-empty directory that holds no scalevec run (no config.toml, "
+                          "checkpoints or metrics.jsonl)" + (", so there is nothing to resume; choose another --out"
+                          if resume else "; choose another --out, or pass --overwrite to start a run in it (its "
+                          "files are kept)"))
     if resume:
         saved = run_dir / CONFIG_NAME
         if saved.is_file():
