@@ -552,6 +552,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["schedule", "--steps", "0"], ["schedule", "--out", str(sandbox / "mine")],
         ["schedule", "--out", f"{file}/x.png"], ["schedule", "--out", file],
         ["theory", "fold", "--out", file], ["theory", "nosuch"],
+        ["theory", "fold", "--fast", "--out", str(sandbox / "theory_mine")],  # a fold.json of the user's
         ["info", "nosuch"], ["info", "cpu-1m", "--set", "model.d_model=7"],
         [], ["nosuch"], ["train", "--bogus-flag"], ["generate", run, "--prompt", "x", "--top-k", "three"],
         ["data"], ["data", "nosuch"],
@@ -605,6 +606,8 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     d_model = load_config(root / "run" / "config.toml").model.d_model
     (root / "reshaped_run" / "config.toml").write_text(
         config.replace(f"d_model = {d_model}\n", f"d_model = {2 * d_model}\n"))
+    (root / "theory_mine").mkdir()
+    (root / "theory_mine" / "fold.json").write_text('{"mine": true}\n')
     (root / "empty.bin").write_bytes(b"")
     (root / "tokens.bin").write_bytes(bytes(64))  # 32 uint16 ids, all 0
     shutil.copy(small_data / "tokenizer.json", root / "tokenizer.json")

@@ -320,6 +320,16 @@ def cmd_theory(args) -> None:
 
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     check_output_path(Path(args.out), "--out")
+    for name in names:  # each writes NAME.png and NAME.json: replace only an earlier check's
+        _file_output(str(Path(args.out) / f"{name}.png"), "--out")
+        summary = Path(args.out) / f"{name}.json"
+        if summary.exists():
+            try:
+                earlier = json.loads(summary.read_text()) if summary.is_file() else None
+            except (OSError, ValueError):
+                earlier = None
+            _require(isinstance(earlier, dict) and "claim" in earlier, f"--out {args.out} holds {summary.name}, "
+                     "which is no summary scalevec theory wrote; choose another --out or move the file away")
     for name in names:
         summary = EXPERIMENTS[name](Path(args.out), fast=args.fast)
         print(f"{name}: " + "\n".join(describe(summary)) + f"\nwrote {args.out}/{name}.png and {name}.json")
