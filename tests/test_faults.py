@@ -543,6 +543,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],
         ["compare", "--config", cfg, "--out", file], ["compare", "--config", cfg, "--out", str(sandbox / "mine")],
+        ["compare", "--config", cfg, "--jobs", "2", "--out", str(sandbox / "compare_mine")],
         ["sweep", "removal", "--out", str(sandbox / "mine")], ["sweep", "removal", "--out", run],
         *[["sweep", str(sandbox / f"{name}_suite.toml"), "--out", str(sandbox / "sw")]
           for name in ("binary", "syntax", "partial")],
@@ -606,6 +607,8 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     d_model = load_config(root / "run" / "config.toml").model.d_model
     (root / "reshaped_run" / "config.toml").write_text(
         config.replace(f"d_model = {d_model}\n", f"d_model = {2 * d_model}\n"))
+    (root / "compare_mine").mkdir()  # a hand-written config beside the comparison it would be replaced by
+    (root / "compare_mine" / "standard.toml").write_text("seed = 0\n")
     (root / "theory_mine").mkdir()
     (root / "theory_mine" / "fold.json").write_text('{"mine": true}\n')
     (root / "empty.bin").write_bytes(b"")

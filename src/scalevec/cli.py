@@ -43,9 +43,21 @@ def _reusable_output(out: Path, is_own, what: str, flag: str = "--out") -> None:
 
 
 def _is_comparison(out: Path) -> bool:
-    return all(p.name in ("summary.json", "report.md", "loss.png", "gap.png") or p.suffix in (".log", ".toml")
-               or (p / "config.toml").is_file()
-               for p in out.iterdir())
+    """Whether everything in `out` is what compare writes: its report files, run directories, each strategy's
+    resolved config (NAME.toml, written by scalevec: it carries `format`) and its log."""
+    import tomllib
+
+    def written(path: Path) -> bool:
+        if path.name in ("summary.json", "report.md", "loss.png", "gap.png") or (path / "config.toml").is_file():
+            return True
+        if path.suffix == ".log":
+            return (out / f"{path.stem}.toml").is_file() or (out / path.stem).is_dir()
+        try:
+            return path.suffix == ".toml" and "format" in tomllib.loads(path.read_text())
+        except (OSError, ValueError):  # not TOML, not UTF-8, or a directory
+            return False
+
+    return all(written(p) for p in out.iterdir())
 
 
 def _file_output(path: str, flag: str) -> None:
