@@ -557,6 +557,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["info", "nosuch"], ["info", "cpu-1m", "--set", "model.d_model=7"],
         [], ["nosuch"], ["train", "--bogus-flag"], ["generate", run, "--prompt", "x", "--top-k", "three"],
         ["data"], ["data", "nosuch"],
+        # /proc takes no new files, though root passes every permission check: refused when creating fails
+        *([["train", cfg, "--out", "/proc/scalevec-run"], ["schedule", "--out", "/proc/scalevec.png"],
+           ["theory", "fold", "--fast", "--out", "/proc/scalevec-theory"]] if Path("/proc/self").is_dir() else []),
         # an empty path would silently mean the current directory or the default (train and sweep ran there)
         ["train", cfg, "--out", "", "--dry-run"], ["sweep", "removal", "--out", ""], ["theory", "fold", "--out", ""],
         ["export", run, "--to", " "], ["eval", run, "--data", ""], ["info", ""], ["report", ""],

@@ -16,7 +16,16 @@ from pathlib import Path
 
 from .config import Config, load_config, to_dict, to_toml
 from .errors import BadInput, RunStopped
-from .outputs import LOCK_NAME, DirectoryLock, OutputError, check_output_path, remove_tree, write_text_atomic
+from .outputs import (
+    LOCK_NAME,
+    DirectoryLock,
+    OutputError,
+    check_output_path,
+    first_line,
+    is_disk_full,
+    remove_tree,
+    write_text_atomic,
+)
 
 CONFIG_NAME = "config.toml"
 METRICS_NAME = "metrics.jsonl"
@@ -101,7 +110,13 @@ class RunDir:
     def __init__(self, run_dir: Path, config: Config, resume: bool, overwrite: bool):
         check_run_dir(run_dir, config, resume, overwrite)
         self.path, self.created = run_dir, not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a path no one can create (under /proc), which permission checks cannot tell as root
+            if is_disk_full(err):
+                raise
+            raise RunDirError(f"--out {run_dir} cannot be created ({first_line(err)}); choose a path you can write "
+                              "to") from None
         try:
             self.lock = DirectoryLock(run_dir, "run directory")
         except OutputError as err:
