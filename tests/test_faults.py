@@ -6,6 +6,7 @@ output paths, and a table of malformed inputs. Every case checks the exit code, 
 and that nothing on disk changed that should not have.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -27,6 +28,7 @@ from scalevec import checkpoint as checkpoint_module
 from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import load_config, to_toml
+from scalevec.experiments.sweep import load_suite
 from scalevec.outputs import DirectoryLock, append_line, file_sha256
 from scalevec.train.trainer import Trainer
 
@@ -539,6 +541,10 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["data", "prepare", "--tokenizer", str(sandbox / "missing.json"), "--out", str(sandbox / "d")],
         ["sweep", "nosuch"], ["sweep", "removal", "--jobs", "0"], ["sweep", "removal", "--seeds", "0"],
         ["sweep", "removal", "--jobs", "100000"], ["compare", "--config", cfg, "--jobs", "100000"],
+        # a results folder of another suite, or one whose suite.json is scrambled, would have it rewritten
+        ["sweep", "removal", "--out", str(sandbox / "sw"), "--results", str(sandbox / "partial_sweep")],
+        ["sweep", "removal", "--out", str(sandbox / "sw"), "--results", str(sandbox / "garbled_sweep")],
+        ["sweep", "removal", "--out", str(sandbox / "other_sweep")],
         ["sweep", "removal", "--out", file],
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],
@@ -623,6 +629,9 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     for name, record in (("garbled_sweep", "{not json"), ("list_sweep", "[]"), ("partial_sweep", '{"name": "x"}')):
         (root / name).mkdir()
         (root / name / "suite.json").write_text(record)
+    (root / "other_sweep").mkdir()  # the record of another suite's sweep
+    suite = load_suite("weight-decay", "cpu")
+    (root / "other_sweep" / "suite.json").write_text(json.dumps(dataclasses.asdict(suite)))
     return root
 
 

@@ -434,6 +434,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from .experiments.compare import read_suite
     from .experiments.report import write_report
     from .experiments.sweep import load_suite, run_sweep
 
@@ -452,6 +453,11 @@ def cmd_sweep(args) -> None:
     results = Path(args.results) if args.results else out
     for path, flag in [(out, "--out"), *([(results, "--results")] if results != out else [])]:
         _reusable_output(path, lambda p: (p / "suite.json").is_file(), "a sweep directory (no suite.json)", flag)
+        if (path / "suite.json").is_file():  # the sweep rewrites it: only another sweep of this suite may
+            recorded = read_suite(path, flag)
+            _require((recorded.name, recorded.scale) == (suite.name, suite.scale),
+                     f"{flag} {path} holds the sweep of suite {recorded.name} ({recorded.scale}), not {suite.name} "
+                     f"({suite.scale}); choose another {flag}")
     result = run_sweep(suite, out, args.jobs, results=results, sizes=sizes)
     write_report(results)
     failed = result["failed"]

@@ -103,7 +103,7 @@ def read_suite(folder: Path, flag: str) -> Suite:
         return Suite(**json.loads((folder / "suite.json").read_text()))
     except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{flag} {folder}: its suite.json is not the record of a sweep ({type(err).__name__}: "
-                          f"{first_line(err)}); restore it, or run `scalevec sweep` with this --results again"
+                          f"{first_line(err)}); restore it from the sweep that wrote it, or choose another folder"
                           ) from None
 
 
