@@ -518,6 +518,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         *[["import", str(sandbox / name), "--out", str(sandbox / "imp")]
           for name in ("list_hf", "float_hf", "zero_hf", "window_hf", "index_hf")],
         ["generate", str(sandbox / "float_hf"), "--prompt", "hi"],
+        *[["import", str(sandbox / "good_hf"), "--out", str(sandbox / "imp"), "--set", setting]
+          for setting in ("train.init_from=x.safetensors", "data.inputs=/nonexistent.txt",
+                          "data.tokenizer=/nonexistent.json", "data.sources=nosuch")],  # a run that could not start
         ["generate", str(sandbox / "tokenizer_hf"), "--prompt", "hi"],
         ["generate", str(sandbox / "tokenizer_run"), "--prompt", "hi"],
         ["export", str(sandbox / "tokenizer_run"), "--to", str(sandbox / "hf3")],
@@ -594,7 +597,7 @@ def sandbox(finished_run, small_data, tmp_path_factory):
               "model.layers.0.mlp.down_proj.weight": (16, 32)}
     for name, transform in (("int_hf", lambda t: t.to(torch.int64)),
                             ("nan_hf", lambda t: t.clone().fill_(float("nan")) if t.dim() == 2 else t),
-                            ("tokenizer_hf", lambda t: t)):
+                            ("tokenizer_hf", lambda t: t), ("good_hf", lambda t: t)):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(hf))
         save_file({k: transform(torch.randn(s)) for k, s in shapes.items()}, root / name / "model.safetensors")

@@ -17,8 +17,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError, ModelConfig, MoEConfig, check_section, load_config, to_dict, to_toml
+from .config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    check_section,
+    load_config,
+    parse_override,
+    to_dict,
+    to_toml,
+)
 from .convert import convert_decoder
+from .data.sources import resolve_sources
 from .errors import BadInput
 from .hf_keys import (
     GLOBAL_PARTS,
@@ -377,9 +388,16 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
     base = to_dict(config)
     base["train"]["init_from"] = str(out / "init" / "model.safetensors")
     base["data"] |= {"tokenizer": str(out / "tokenizer.json") if tokenizer else "", "dir": str(out / "data")}
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    clash = sorted(keys & {"train.init_from", "train.branch_from"})
+    if clash:  # the run starts from the imported weights, which the import writes into it
+        raise HFImportError(f"--set {clash[0]}: the import starts the run from the checkpoint's weights; leave it out")
     try:
         config = load_config(base, overrides)
-    except ConfigError as err:
+        resolve_sources(config.data.sources, config.data.inputs)  # a run that could never prepare its data
+        if "data.tokenizer" in keys and not Path(config.data.tokenizer).is_file():
+            raise ConfigError(f"data.tokenizer {config.data.tokenizer} not found; give the checkpoint's tokenizer.json")
+    except BadInput as err:
         raise HFImportError(f"--set: {err}") from None
     if Path(config.data.dir) != out / "data":
         config.data.dir = str(Path(config.data.dir).resolve())
