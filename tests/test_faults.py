@@ -548,6 +548,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["sweep", "removal", "--out", str(sandbox / "sw"), "--results", str(sandbox / "partial_sweep")],
         ["sweep", "removal", "--out", str(sandbox / "sw"), "--results", str(sandbox / "garbled_sweep")],
         ["sweep", "removal", "--out", str(sandbox / "other_sweep")],
+        ["sweep", "removal", "--out", str(sandbox / "sw"), "--set", "data.inputs=/nonexistent.txt"],
         ["sweep", "removal", "--out", file],
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],

@@ -29,7 +29,6 @@ from .config import (
     to_toml,
 )
 from .convert import convert_decoder
-from .data.sources import resolve_sources
 from .errors import BadInput
 from .hf_keys import (
     GLOBAL_PARTS,
@@ -51,6 +50,7 @@ from .model import Decoder
 from .outputs import check_output_path, first_line, remove_tree, write_text_atomic, writing
 from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
+from .train.preflight import check_data_inputs
 
 
 class HFImportError(BadInput):
@@ -394,9 +394,8 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
         raise HFImportError(f"--set {clash[0]}: the import starts the run from the checkpoint's weights; leave it out")
     try:
         config = load_config(base, overrides)
-        resolve_sources(config.data.sources, config.data.inputs)  # a run that could never prepare its data
-        if "data.tokenizer" in keys and not Path(config.data.tokenizer).is_file():
-            raise ConfigError(f"data.tokenizer {config.data.tokenizer} not found; give the checkpoint's tokenizer.json")
+        # a run that could never prepare its data (the import's own tokenizer.json is written below)
+        check_data_inputs(replace(config.data, tokenizer=config.data.tokenizer if "data.tokenizer" in keys else ""))
     except BadInput as err:
         raise HFImportError(f"--set: {err}") from None
     if Path(config.data.dir) != out / "data":

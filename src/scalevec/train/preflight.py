@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, verify_checkpoint
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, DataConfig
 from ..data.loader import TokenWindows, check_compatible
 from ..data.prepare import require_prepared
 from ..data.sources import DataError, resolve_sources
@@ -134,6 +134,14 @@ def _branch(config: Config) -> tuple[Path, dict] | None:
     return path, loaded
 
 
+def check_data_inputs(data: DataConfig) -> None:
+    """What preparing `data` reads exists: its bundled sources, user files and tokenizer."""
+    resolve_sources(data.sources, data.inputs)
+    if data.tokenizer and not Path(data.tokenizer).is_file():
+        raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it "
+                        "empty")
+
+
 def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> Plan:
     """Every check of a start, in the order a start meets them; the first that fails raises its one line."""
     t, run_dir = config.train, Path(run_dir)
@@ -166,10 +174,7 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
     try:
         data_dir = require_prepared(config.data)
     except DataError:  # `scalevec train` prepares it after this (the Trainer itself needs it): its inputs must exist
-        resolve_sources(config.data.sources, config.data.inputs)
-        if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
-            raise DataError(f"data.tokenizer {config.data.tokenizer} not found; give an existing tokenizer.json or "
-                            "leave it empty") from None
+        check_data_inputs(config.data)
     if data_dir is not None:
         windows, val_windows = TokenWindows(data_dir, "train", t.seq_len), TokenWindows(data_dir, "val", t.seq_len)
         if len(val_windows) == 0:
