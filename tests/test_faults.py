@@ -549,6 +549,9 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["sweep", "removal", "--out", str(sandbox / "sw"), "--results", str(sandbox / "garbled_sweep")],
         ["sweep", "removal", "--out", str(sandbox / "other_sweep")],
         ["sweep", "removal", "--out", str(sandbox / "sw"), "--set", "data.inputs=/nonexistent.txt"],
+        ["sweep", "removal", "--out", str(sandbox / "sw"), "--set", f"data.dir={sandbox / 'mine'}"],
+        *([["sweep", "removal", "--out", str(sandbox / "sw"), "--set", "train.device=cuda"]]
+          if not torch.cuda.is_available() else []),  # every run would fail alike: refused before the first
         ["sweep", "removal", "--out", file],
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],

@@ -53,6 +53,7 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
     return [
         ([c, "--out", str(tmp / "existing")], "holds no scalevec run"),  # the user's notes.txt alone
         ([c, "--out", str(tmp / "existing"), "--resume"], "so there is nothing to resume"),
+        ([c, "--out", out, "--set", f"data.dir={tmp / 'existing'}"], "is a non-empty directory scalevec did not write"),
         ([c, "--out", str(tmp / "done")], "exists; pass --resume"),
         ([c, "--out", out, "--resume", "--overwrite"], "contradict each other"),
         ([c, "--out", str(tmp / "a_file")], "a_file"),

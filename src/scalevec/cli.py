@@ -437,7 +437,7 @@ def cmd_sweep(args) -> None:
     from .experiments.compare import read_suite
     from .experiments.report import write_report
     from .experiments.sweep import load_suite, run_sweep
-    from .train.preflight import check_data_inputs
+    from .train.preflight import check_data_inputs, resolve_device
 
     _check_jobs(args.jobs)
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
@@ -459,7 +459,9 @@ def cmd_sweep(args) -> None:
             _require((recorded.name, recorded.scale) == (suite.name, suite.scale),
                      f"{flag} {path} holds the sweep of suite {recorded.name} ({recorded.scale}), not {suite.name} "
                      f"({suite.scale}); choose another {flag}")
-    check_data_inputs(suite.base_config().data)  # before the sweep writes its suite.json
+    base = suite.base_config()  # what every run shares is checked before the sweep writes its suite.json
+    check_data_inputs(base.data)
+    resolve_device(base.train.device)
     result = run_sweep(suite, out, args.jobs, results=results, sizes=sizes)
     write_report(results)
     failed = result["failed"]

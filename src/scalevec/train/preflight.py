@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, verify_checkpoint
 from ..config import Config, ConfigError, DataConfig
 from ..data.loader import TokenWindows, check_compatible
-from ..data.prepare import require_prepared
+from ..data.prepare import own_files, require_prepared
 from ..data.sources import DataError, resolve_sources
 from ..model import Decoder
-from ..outputs import DirectoryLock, OutputError, contains
+from ..outputs import DirectoryLock, OutputError, claim_directory, contains
 from ..rundir import RunDirError, check_run_dir, has_content, read_metrics
 from .checkpointing import read_checkpoint, unusable
 from .loggers import check_loggers
@@ -135,11 +135,17 @@ def _branch(config: Config) -> tuple[Path, dict] | None:
 
 
 def check_data_inputs(data: DataConfig) -> None:
-    """What preparing `data` reads exists: its bundled sources, user files and tokenizer."""
+    """What preparing `data` reads exists (its bundled sources, user files and tokenizer), and data.dir is free for
+    it: absent, empty, or written by scalevec."""
     resolve_sources(data.sources, data.inputs)
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it "
                         "empty")
+    try:
+        claim_directory(Path(data.dir), own_files(Path(data.dir)), False, "data.dir", f"choose another data.dir, or "
+                        f"replace it with `scalevec data prepare --out {data.dir} --overwrite`")
+    except OutputError as err:
+        raise DataError(str(err)) from None
 
 
 def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> Plan:
