@@ -552,6 +552,8 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["sweep", "removal", "--out", str(sandbox / "sw"), "--set", f"data.dir={sandbox / 'mine'}"],
         *([["sweep", "removal", "--out", str(sandbox / "sw"), "--set", "train.device=cuda"]]
           if not torch.cuda.is_available() else []),  # every run would fail alike: refused before the first
+        *([["compare", "--config", cfg, "--jobs", "2", "--out", str(sandbox / "cmp"), "--set", "train.device=cuda"]]
+          if not torch.cuda.is_available() else []),
         ["sweep", "removal", "--out", file],
         ["report", str(sandbox / "mine")], ["compare", "--strategies", "standard"],
         ["compare", "--preset", "nosuch"], ["compare", "--config", cfg, "--strategies", "standard,standard"],

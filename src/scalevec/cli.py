@@ -310,6 +310,7 @@ def cmd_train(args) -> None:
 
 def cmd_compare(args) -> None:
     from .experiments.compare import preset_path, run_comparison, table
+    from .train.preflight import check_data, resolve_device
 
     source = Path(args.config) if args.config else preset_path(args.preset)
     strategies = _csv(args.strategies)
@@ -317,6 +318,9 @@ def cmd_compare(args) -> None:
     _require(len(set(strategies)) == len(strategies), f"--strategies {args.strategies!r} names one twice")
     _check_jobs(args.jobs)
     _reusable_output(Path(args.out), _is_comparison, "a comparison of scalevec compare")
+    shared = load_config(source, args.set)  # what every strategy's run shares, checked before any is written
+    check_data(shared.data)
+    resolve_device(shared.train.device)
     origin = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     command = " ".join(["scalevec compare", origin, f"--strategies {','.join(strategies)}", f"--out {args.out}",
                         *([f"--reference {args.reference}"] if args.reference else []),
@@ -437,7 +441,7 @@ def cmd_sweep(args) -> None:
     from .experiments.compare import read_suite
     from .experiments.report import write_report
     from .experiments.sweep import load_suite, run_sweep
-    from .train.preflight import check_data_inputs, resolve_device
+    from .train.preflight import check_data, resolve_device
 
     _check_jobs(args.jobs)
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
@@ -460,7 +464,7 @@ def cmd_sweep(args) -> None:
                      f"{flag} {path} holds the sweep of suite {recorded.name} ({recorded.scale}), not {suite.name} "
                      f"({suite.scale}); choose another {flag}")
     base = suite.base_config()  # what every run shares is checked before the sweep writes its suite.json
-    check_data_inputs(base.data)
+    check_data(base.data)
     resolve_device(base.train.device)
     result = run_sweep(suite, out, args.jobs, results=results, sizes=sizes)
     write_report(results)

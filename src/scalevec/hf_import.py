@@ -50,7 +50,7 @@ from .model import Decoder
 from .outputs import check_output_path, first_line, remove_tree, write_text_atomic, writing
 from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
-from .train.preflight import check_data_inputs
+from .train.preflight import check_data
 
 
 class HFImportError(BadInput):
@@ -395,7 +395,7 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
     try:
         config = load_config(base, overrides)
         # a run that could never prepare its data (the import's own tokenizer.json is written below)
-        check_data_inputs(replace(config.data, tokenizer=config.data.tokenizer if "data.tokenizer" in keys else ""))
+        check_data(replace(config.data, tokenizer=config.data.tokenizer if "data.tokenizer" in keys else ""))
     except BadInput as err:
         raise HFImportError(f"--set: {err}") from None
     if Path(config.data.dir) != out / "data":

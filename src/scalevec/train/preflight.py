@@ -134,9 +134,14 @@ def _branch(config: Config) -> tuple[Path, dict] | None:
     return path, loaded
 
 
-def check_data_inputs(data: DataConfig) -> None:
-    """What preparing `data` reads exists (its bundled sources, user files and tokenizer), and data.dir is free for
-    it: absent, empty, or written by scalevec."""
+def check_data(data: DataConfig) -> Path | None:
+    """data.dir when it holds the shards of this [data] (or imported tokens); else None, once what preparing it
+    reads exists (its bundled sources, user files and tokenizer) and data.dir is free for it: absent, empty, or
+    written by scalevec."""
+    try:
+        return require_prepared(data)
+    except DataError:
+        pass
     resolve_sources(data.sources, data.inputs)
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it "
@@ -146,6 +151,7 @@ def check_data_inputs(data: DataConfig) -> None:
                         f"replace it with `scalevec data prepare --out {data.dir} --overwrite`")
     except OutputError as err:
         raise DataError(str(err)) from None
+    return None
 
 
 def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> Plan:
@@ -176,11 +182,8 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
         resume_from = found[0] if found else None
         read_metrics(run_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data_dir = windows = val_windows = None
-    try:
-        data_dir = require_prepared(config.data)
-    except DataError:  # `scalevec train` prepares it after this (the Trainer itself needs it): its inputs must exist
-        check_data_inputs(config.data)
+    windows = val_windows = None
+    data_dir = check_data(config.data)  # None: `scalevec train` prepares it after this (the Trainer needs it)
     if data_dir is not None:
         windows, val_windows = TokenWindows(data_dir, "train", t.seq_len), TokenWindows(data_dir, "val", t.seq_len)
         if len(val_windows) == 0:
