@@ -51,9 +51,12 @@ def test_resolved_toml_round_trips(tmp_path):
     (["train.threads=4611686018427387904"], "train.threads=4611686018427387904 must be in 0..4096"),
     (["model.vocab_size=4611686018427387904"], "is beyond what a tensor can hold"),
     (["model.d_model=64\nmodel.n_layers=2"], "model.d_model: expected int, got '64"),  # not two keys
+    (["train.loggers=csv,csv"], "train.loggers names 'csv' twice"),
+    (["data.sources=milton,austen,milton"], "data.sources names 'milton' twice"),
     (["optim.weight_decay=1000"], "optim.weight_decay=1000.0 at learning rate 0.003 multiplies the weights by"),
     (["optim.name=muon", "optim.weight_decay=50"], "optim.weight_decay=50.0 at learning rate 0.02"),
-    (["optim.scale_lr_mult=10", "optim.scale_weight_decay=40"], "optim.scale_weight_decay=40.0 at learning rate 0.03"),
+    (["strategy.preset=unified", "optim.scale_lr_mult=10", "optim.scale_weight_decay=40"],
+     "optim.scale_weight_decay=40.0 at learning rate 0.03"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -167,7 +167,10 @@ def _tokens_per_byte(data_dir):
 
 def test_failed_run_is_recorded_and_others_finish(small_data, tmp_path):
     out = tmp_path / "sweep"
-    suite = load_suite(str(write_suite(tmp_path, small_data, lrs="[0.003, 1e6]")), "cpu")
+    path = write_suite(tmp_path, small_data, lrs="[0.003, 1e6]")
+    # undecayed, so lr 1e6 is a valid config that diverges (decay at that rate is refused before the run starts)
+    path.write_text(path.read_text().replace("[cpu.config]\n", "[cpu.config]\noptim = { weight_decay = 0.0 }\n"))
+    suite = load_suite(str(path), "cpu")
     result = run_sweep(suite, out, log=lambda *_: None)
     assert len(result["failed"]) == 2  # lr 1e6 diverges in both arms
     for path, error in result["failed"].items():

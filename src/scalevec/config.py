@@ -338,14 +338,6 @@ class OptimConfig:
         for name in ("eps", "scale_lr_mult", "embedding_lr_mult", "head_lr_mult"):
             _check(getattr(self, name) > 0, f"optim.{name}={getattr(self, name)} must be positive")
         _check(self.muon_ns_steps >= 1, f"optim.muon_ns_steps={self.muon_ns_steps} must be at least 1")
-        matrix_lr = self.muon_lr if self.name == "muon" else self.lr
-        for name, lr in (("weight_decay", matrix_lr), ("scale_weight_decay", self.lr * self.scale_lr_mult),
-                         ("embedding_weight_decay", self.lr * self.embedding_lr_mult),
-                         ("head_weight_decay", self.lr * self.head_lr_mult), ("router_weight_decay", self.lr)):
-            decay = getattr(self, name)  # decoupled decay multiplies the weights by 1 - lr·decay every step
-            _check(lr * decay < 1, f"optim.{name}={decay} at learning rate {lr:g} multiplies the weights by "
-                   f"1 - lr·decay = {1 - lr * decay:g} every step, so they vanish or flip sign; lower the decay or "
-                   "the learning rate")
 
 
 @dataclass
@@ -528,6 +520,8 @@ def _coerce(key: str, value, hint):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings like \"q,k\" or [\"q\", \"k\"], got {value!r}")
+        repeated = [v for i, v in enumerate(value) if v in value[:i]]  # two csv loggers, a source read twice
+        _check(not repeated, f"{key} names {repeated[0] if repeated else ''!r} twice; give each once")
         _check_choice(key, value, hint)
         return value
     if origin is Literal:
@@ -709,8 +703,28 @@ def validate(config: Config) -> None:
     _check(0 <= sch.decay_start < t.steps,
            f"schedule.decay_start={sch.decay_start} must be in [0, train.steps={t.steps})")
     _check(0 <= config.seed < 2**32, f"seed={config.seed} must be in 0..{2**32 - 1}")
+    _check_decay_rates(config)
     _check(config.format == CONFIG_FORMAT, f"format={config.format} is not a config format this scalevec reads; "
            f"omit it (format {CONFIG_FORMAT}) or give 1 for a config written before scalevec 0.2")
+
+
+def _check_decay_rates(config: Config) -> None:
+    """Decoupled decay multiplies a tensor by 1 - lr·decay every step: at 1 or more the weights it applies to
+    vanish or flip sign."""
+    o, m = config.optim, config.model
+    rates = {"weight_decay": o.muon_lr if o.name == "muon" else o.lr,
+             "embedding_weight_decay": o.lr * o.embedding_lr_mult}
+    if not m.tie_embeddings:
+        rates["head_weight_decay"] = o.lr * o.head_lr_mult
+    if m.moe_experts:
+        rates["router_weight_decay"] = o.lr
+    if config.strategy.scale_decay != "none":
+        rates["scale_weight_decay"] = o.lr * o.scale_lr_mult
+    for name, lr in rates.items():
+        decay = getattr(o, name)
+        _check(lr * decay < 1, f"optim.{name}={decay} at learning rate {lr:g} multiplies the weights by "
+               f"1 - lr·decay = {1 - lr * decay:g} every step, so they vanish or flip sign; lower the decay or the "
+               "learning rate")
 
 
 def _validate_strategy(s: Strategy) -> None:
