@@ -70,6 +70,8 @@ def test_bad_toml_file_is_a_config_error(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a directory; pass a .toml file"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -647,6 +647,9 @@ def load_config(source: str | Path | dict | None = None, overrides: typing.Itera
         raw = dict(source)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a .toml file (a run's is RUN/config.toml) or "
+                              "a model preset name")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing .toml file or a model preset name")
         try:
