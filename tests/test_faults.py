@@ -29,7 +29,7 @@ from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import load_config, to_toml
 from scalevec.experiments.sweep import load_suite
-from scalevec.outputs import DirectoryLock, append_line, file_sha256
+from scalevec.outputs import DirectoryLock, WriteFailed, append_line, file_sha256, writing
 from scalevec.train.trainer import Trainer
 
 
@@ -206,6 +206,30 @@ def test_simulated_full_disk_at_each_trainer_write_site(small_data, tmp_path, mo
         assert main(["train", str(path), "--out", str(tmp_path / "fresh")]) == 1
     assert "No space left" in one_line_error(capsys)
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("error, reason, remedy", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device", "free space"),
+    (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "quota", "free space"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1370"), "the disk is full",
+     "free space"),
+    (OSError(errno.EACCES, os.strerror(errno.EACCES)), "Permission denied", "make the path writable"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), "Read-only file system", "make the path writable"),
+    (OSError(errno.ENOENT, os.strerror(errno.ENOENT)), "No such file", "make the path writable"),
+])
+def test_a_failed_write_names_its_reason_and_the_remedy_for_it(error, reason, remedy):
+    """Free space only for a full disk or quota; anything else (/proc, a read-only mount) asks for a writable path."""
+    with pytest.raises(WriteFailed) as caught, writing("the export out", "run it again", kept="nothing was changed"):
+        raise error
+    message = str(caught.value)
+    assert message.startswith("writing the export out failed (") and reason in message, message
+    assert f"); nothing was changed; {remedy}" in message and message.endswith(" and run it again"), message
+    assert ("free space" in message) == (remedy == "free space"), message
+
+
+def test_writing_lets_other_errors_through():
+    with pytest.raises(ValueError), writing("x"):
+        raise ValueError("a bug, not a write")
 
 
 def test_append_line_rolls_back_a_short_write(tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ def cmd_schedule(args) -> None:
     config = load_config(args.config, args.set) if args.config else load_config(None, args.set)
     _require(args.steps > 0, f"--steps {args.steps} must be positive")
     _file_output(args.out, "--out")
-    with writing(f"--out {args.out}", "choose a path you can write to", error=OutputError):
+    with writing(f"--out {args.out}", "run it again", error=OutputError):
         plot_schedule(config.schedule, args.steps, args.out)
     marks = sorted({0, config.schedule.warmup_steps, args.steps // 2, args.steps - 1})
     print(", ".join(f"step {m}: {lr_factor(config.schedule, m, args.steps):.4f}" for m in marks if m < args.steps))
@@ -348,7 +348,7 @@ def cmd_theory(args) -> None:
             _require(isinstance(earlier, dict) and "claim" in earlier, f"--out {args.out} holds {summary.name}, "
                      "which is no summary scalevec theory wrote; choose another --out or move the file away")
     for name in names:
-        with writing(f"the outputs in --out {args.out}", "choose a path you can write to", error=OutputError):
+        with writing(f"the outputs in --out {args.out}", "run it again", error=OutputError):
             summary = EXPERIMENTS[name](Path(args.out), fast=args.fast)
         print(f"{name}: " + "\n".join(describe(summary)) + f"\nwrote {args.out}/{name}.png and {name}.json")
 

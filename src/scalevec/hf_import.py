@@ -414,7 +414,7 @@ def import_hf(hf_dir: Path, strategy_name: str, out: Path, warm_start: bool, log
                                 f"{config.model.vocab_size}; give the checkpoint's own tokenizer")
     created = not out.exists()
     try:
-        with writing(f"the import {out}", "nothing was kept; free space and import again"):
+        with writing(f"the import {out}", "import again", kept="nothing was kept"):
             out.mkdir(parents=True, exist_ok=True)
             (out / "init").mkdir()
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "init" / "model.safetensors")

@@ -47,20 +47,23 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing(what: str, after: str = "free space and run the command again",
+def writing(what: str, then: str = "run the command again", kept: str = "",
             error: type[Exception] = WriteFailed) -> Iterator[None]:
     """Turn a failed write inside the block (an OSError, or a serializer's disk-full error) into one line,
-    `writing <what> failed (<reason>); <after>`, raised as `error`."""
+    `writing <what> failed (<reason>); [<kept>; ]<remedy> and <then>`, raised as `error`. The remedy follows the
+    reason: free space for a full disk or quota, a writable path for anything else (permissions, a read-only or
+    special file system)."""
     try:
         yield
     except (WriteFailed, OutputError):
         raise
     except Exception as err:
-        if isinstance(err, OSError):
-            raise error(f"writing {what} failed ({first_line(err)}); {after}") from None
-        if is_disk_full(err):
-            raise error(f"writing {what} failed (the disk is full or over quota: {first_line(err)}); {after}") from None
-        raise
+        if not isinstance(err, OSError) and not is_disk_full(err):
+            raise
+        remedy = "free space" if is_disk_full(err) else "make the path writable (or choose another)"
+        reason = first_line(err) if isinstance(err, OSError) else f"the disk is full or over quota: {first_line(err)}"
+        kept = f"{kept}; " if kept else ""
+        raise error(f"writing {what} failed ({reason}); {kept}{remedy} and {then}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -135,7 +138,7 @@ def new_directory(out: Path, what: str) -> Iterator[Path]:
     removed and `out` stays as it was. A failed write is one line naming `what`."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        with writing(what, "nothing was changed; free space and run it again"):
+        with writing(what, "run it again", kept="nothing was changed"):
             tmp.mkdir(parents=True)
             yield tmp
             replace_directory(tmp, out)

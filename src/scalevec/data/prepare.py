@@ -281,11 +281,11 @@ class Preparation:
         index, count = part
         part_dir = self.work / f"part-{index:05d}-of-{count:05d}"
         what = f"the data directory {self.out}"
-        with writing(what, "free space and run it again"):
+        with writing(what, "run it again"):
             part_dir.mkdir(parents=True, exist_ok=True)
         with DirectoryLock(part_dir, "the data preparation part"):  # refused before anything could be removed
             try:
-                with writing(what, "free space and run it again"):
+                with writing(what, "run it again"):
                     self._shared()
                     self._part(encoder, part_dir, index, count)
                     encoder.close()  # the workers' memory is not needed by the join

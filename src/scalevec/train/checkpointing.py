@@ -136,8 +136,8 @@ class CheckpointManager:
                               tmp / "model.safetensors")
                 torch.save(trainer_state, tmp / "trainer.pt")
 
-        with writing(f"the checkpoint of step {step}", "earlier checkpoints are intact; free space and "
-                     "resume with --resume", TrainError):
+        with writing(f"the checkpoint of step {step}", "resume with --resume",
+                     kept="earlier checkpoints are intact", error=TrainError):
             save_checkpoint(self.root, step, write_files, state, self.config.train.keep_checkpoints, self.world)
 
     def restore(self) -> Path | None:

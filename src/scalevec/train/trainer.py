@@ -176,7 +176,7 @@ class Trainer:
         if found is None:
             self.log("no checkpoint yet; starting from step 0")
         if self.world.main:
-            with writing(f"{self.metrics_path}", "free space and resume with --resume", TrainError):
+            with writing(f"{self.metrics_path}", "resume with --resume", error=TrainError):
                 truncate_metrics(self.run_dir, self.step if found else -1, self.log)
         barrier(self.world)
         if found is not None:
@@ -263,8 +263,8 @@ class Trainer:
     def _write(self, record: dict) -> None:
         if not self.world.main:
             return
-        with writing(f"{self.metrics_path}", "the last checkpoint is intact; free space and resume with --resume",
-                     TrainError):
+        with writing(f"{self.metrics_path}", "resume with --resume", kept="the last checkpoint is intact",
+                     error=TrainError):
             append_line(self.metrics_path, json.dumps(record))
         for logger in self.loggers:
             logger.log(record)
