@@ -30,6 +30,7 @@ from scalevec.cli import main
 from scalevec.config import load_config, to_toml
 from scalevec.experiments.sweep import load_suite
 from scalevec.outputs import DirectoryLock, WriteFailed, append_line, file_sha256, writing
+from scalevec.rundir import has_content
 from scalevec.train.trainer import Trainer
 
 
@@ -76,6 +77,20 @@ def test_a_second_writer_is_refused_while_a_trainer_holds_the_run(finished_run, 
             assert f"in use by another scalevec process (pid {os.getpid()})" in message, message
             assert snapshot(tmp_path) == before
     assert not (run / ".lock").exists()  # released and removed
+
+
+def test_a_run_starting_in_a_directory_is_not_taken_for_the_users_files(tmp_path):
+    """What a racing start sees of the winner in its first instant (its lock, its config.toml on the way in) is no
+    directory of the user's: the loser goes on to the lock and is refused as `in use`, not told to --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("123\n")
+    (run / ".config.toml.tmp-123").write_text("[model]\n")
+    assert not has_content(run)
+    for users in (".lockfile", ".config.toml.bak", "notes.txt"):
+        (run / users).write_text("mine")
+        assert has_content(run), users
+        (run / users).unlink()
 
 
 def _spawn_train(config_path: Path, out: Path, *extra: str) -> subprocess.Popen:

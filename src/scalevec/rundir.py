@@ -60,7 +60,11 @@ def first_difference(a: dict, b: dict, path: str = "") -> str | None:
 
 
 def has_content(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    """Whether the directory holds anything but what a run starting there writes first (its lock, its config.toml
+    on the way in): another process's run in its first instant is no directory of the user's files."""
+    temporaries = tuple(f".{name}.tmp-" for name in RUN_ENTRIES)
+    return run_dir.is_dir() and any(p.name != LOCK_NAME and not p.name.startswith(temporaries)
+                                    for p in run_dir.iterdir())
 
 
 def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
