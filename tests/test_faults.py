@@ -28,7 +28,7 @@ from scalevec import checkpoint as checkpoint_module
 from scalevec.checkpoint import list_checkpoints, verify_checkpoint
 from scalevec.cli import main
 from scalevec.config import load_config, to_toml
-from scalevec.experiments.sweep import load_suite
+from scalevec.experiments.sweep import SUITE_DIR, load_suite
 from scalevec.outputs import DirectoryLock, WriteFailed, append_line, file_sha256, writing
 from scalevec.rundir import has_content
 from scalevec.train.trainer import Trainer
@@ -600,10 +600,10 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["compare", "--config", cfg, "--jobs", "2", "--out", str(sandbox / "compare_mine")],
         ["sweep", "removal", "--out", str(sandbox / "mine")], ["sweep", "removal", "--out", run],
         *[["sweep", str(sandbox / f"{name}_suite.toml"), "--out", str(sandbox / "sw")]
-          for name in ("binary", "syntax", "partial")],
-        *[["report", str(sandbox / f"{name}_sweep")] for name in ("garbled", "list", "partial")],
+          for name in ("binary", "syntax", "partial", "mistyped")],
+        *[["report", str(sandbox / f"{name}_sweep")] for name in ("garbled", "list", "partial", "mistyped")],
         *[["compare", "--config", cfg, "--reference", str(sandbox / f"{name}_sweep"), "--out", str(sandbox / "cmp")]
-          for name in ("garbled", "list")],
+          for name in ("garbled", "list", "mistyped")],
         ["schedule", "--steps", "0"], ["schedule", "--out", str(sandbox / "mine")],
         ["schedule", "--out", f"{file}/x.png"], ["schedule", "--out", file],
         ["theory", "fold", "--out", file], ["theory", "nosuch"],
@@ -680,6 +680,10 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     (root / "other_sweep").mkdir()  # the record of another suite's sweep
     suite = load_suite("weight-decay", "cpu")
     (root / "other_sweep" / "suite.json").write_text(json.dumps(dataclasses.asdict(suite)))
+    (root / "mistyped_sweep").mkdir()  # every field present, one of the wrong type
+    (root / "mistyped_sweep" / "suite.json").write_text(json.dumps({**dataclasses.asdict(suite), "seeds": "0,1"}))
+    (root / "mistyped_suite.toml").write_text(
+        (SUITE_DIR / "removal.toml").read_text().replace("lr_seed = ", "lr_seed = 1.5 #"))
     return root
 
 

@@ -438,9 +438,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .experiments.compare import read_suite
     from .experiments.report import write_report
-    from .experiments.sweep import load_suite, run_sweep
+    from .experiments.sweep import load_suite, read_suite, run_sweep
     from .train.preflight import check_data, resolve_device
 
     _check_jobs(args.jobs)
@@ -475,15 +474,13 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .experiments.compare import read_suite
     from .experiments.report import write_report
 
     out = Path(args.dir)
     if not (out / "suite.json").is_file():
         raise UsageError(f"{out} is not a sweep directory (no suite.json); give the --results (or --out) of "
                          "`scalevec sweep`")
-    read_suite(out, "report")  # a scrambled record is refused before the report is written
-    summary = write_report(out)
+    summary = write_report(out)  # a scrambled suite.json is refused before the report is written
     print((out / "report.md").read_text())
     if not summary["arms"]:
         print("no finished runs yet")

@@ -28,7 +28,7 @@ from ..outputs import first_line, write_atomic, write_text_atomic
 from ..rundir import TrainError, final_eval, first_difference, read_metrics
 from ..train.preempt import EXIT_STOPPED, StoppedEarly, StopRequests
 from ..train.trainer import Trainer
-from .sweep import Suite, best_lr, read_record
+from .sweep import best_lr, read_record, read_suite
 
 RECORD_TOLERANCE = 2e-3  # nats: a rerun on another CPU (see above); on the record's own machine Δ is 0
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -95,16 +95,6 @@ def _train_process(source: Path, name: str, config, out: Path, resume: bool, log
         last = (out / f"{name}.log").read_text().strip().splitlines()[-1:] or [f"exit {result.returncode}"]
         raise TrainError(f"{name} stopped: {last[0]} (its log: {out / name}.log)")
     log(f"{name}: finished in {run_dir}")
-
-
-def read_suite(folder: Path, flag: str) -> Suite:
-    """The suite a sweep recorded in `folder`/suite.json; a scrambled record is one ConfigError naming `flag`."""
-    try:
-        return Suite(**json.loads((folder / "suite.json").read_text()))
-    except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
-        raise ConfigError(f"{flag} {folder}: its suite.json is not the record of a sweep ({type(err).__name__}: "
-                          f"{first_line(err)}); restore it from the sweep that wrote it, or choose another folder"
-                          ) from None
 
 
 def _study(reference: Path, source: Path, strategies: list[str], overrides: list[str]) -> dict:

@@ -18,7 +18,17 @@ from ..config import load_config
 from ..data.references import bits_per_byte
 from ..outputs import write_atomic, write_text_atomic
 from .stats import VERDICT_RULE, holm, paired, verdict
-from .sweep import CONTROL, Arm, Suite, non_embedding_parameters, overrides, read_record, split_size, tried_lrs
+from .sweep import (
+    CONTROL,
+    Arm,
+    Suite,
+    non_embedding_parameters,
+    overrides,
+    read_record,
+    read_suite,
+    split_size,
+    tried_lrs,
+)
 
 MIN_SIZES_FOR_FIT = 5
 BOOTSTRAP = 200  # seed resamples for the multiplier's interval
@@ -59,7 +69,7 @@ def analyse(results: Path) -> dict:
     """Everything the report shows, from `suite.json` and the run records under `results`."""
     from scipy import stats
 
-    suite = Suite(**json.loads((results / "suite.json").read_text()))
+    suite = read_suite(results, "report")
     arms = {}
     for arm in suite.arms():
         finished = tried_lrs(results, suite, arm)

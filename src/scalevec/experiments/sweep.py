@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import BUNDLED_SOURCES, ConfigError, load_config, to_toml
-from ..outputs import write_text_atomic
+from ..outputs import first_line, write_text_atomic
 from ..rundir import final_eval, read_metrics
 from ..train.preempt import EXIT_STOPPED, StoppedEarly, StopRequests
 
@@ -191,6 +192,40 @@ def check_sets(sets: list[str]) -> None:
             raise ConfigError(f"--set {key}: the suite sets it per run; use the suite's {option} instead")
 
 
+def _holds(value, hint) -> bool:
+    """Whether a value read from TOML or JSON is of a suite field's annotated type (an int passes for a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_holds(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _holds(v, args[1]) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+def check_suite_fields(suite: Suite, where: str, fix: str) -> None:
+    """Every field of a suite read from a file holds its type, so nothing downstream meets a string for a list."""
+    for name, hint in typing.get_type_hints(Suite).items():
+        if not _holds(getattr(suite, name), hint):
+            expected = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ConfigError(f"{where}: {name} = {getattr(suite, name)!r} is not of type {expected}; {fix}")
+
+
+def read_suite(folder: Path, flag: str) -> Suite:
+    """The suite a sweep recorded in `folder`/suite.json; a scrambled record is one ConfigError naming `flag`."""
+    where, fix = f"{flag} {folder}: its suite.json", "restore it from the sweep that wrote it, or choose another folder"
+    try:
+        suite = Suite(**json.loads((folder / "suite.json").read_text()))
+    except (ValueError, TypeError) as err:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"{where} is not the record of a sweep ({type(err).__name__}: {first_line(err)}); {fix}"
+                          ) from None
+    check_suite_fields(suite, where, fix)
+    return suite
+
+
 def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: list[str] | None = None) -> Suite:
     """A suite's scale; `seeds` (a count) and `sets` (overrides for every run) replace the suite's own."""
     path = Path(name_or_path)
@@ -209,6 +244,7 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: li
                       config=grid.pop("config", {}), **grid)
     except TypeError as err:
         raise ConfigError(f"suite {path}: {err}; see the shipped suites for the fields") from None
+    check_suite_fields(suite, f"suite {path}", "see the shipped suites for the fields")
     if seeds is not None:
         suite.seeds, suite.seeds_by_size = list(range(seeds)), {}
     if sets:
