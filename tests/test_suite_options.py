@@ -200,7 +200,10 @@ def test_per_size_tables_name_known_sizes(tmp_path, option):
     with pytest.raises(ConfigError, match=rf"{option} names cpu-d96, not among its sizes \(cpu-0.5m\); add it to "
                                           rf"sizes or remove it from {option}"):
         load_suite(write_suite(tmp_path, **{option: {"cpu-d96": [1]}}), "cpu")
-    with pytest.raises(ConfigError, match=rf"{option} 'cpu-0.5m' = \['x'\]; give a non-empty list of"):
+    for values in ([], [-1]):
+        with pytest.raises(ConfigError, match=rf"{option} 'cpu-0.5m' = \{values}; give a non-empty list of"):
+            load_suite(write_suite(tmp_path, **{option: {"cpu-0.5m": values}}), "cpu")
+    with pytest.raises(ConfigError, match=rf"{option} = {{'cpu-0.5m': \['x'\]}} is not of type dict\[str, list"):
         load_suite(write_suite(tmp_path, **{option: {"cpu-0.5m": ["x"]}}), "cpu")
 
 

@@ -282,14 +282,13 @@ def _check_study_options(suite: Suite) -> None:
             split_size(size)
         except ConfigError as err:
             raise ConfigError(f"suite {suite.name}: {err}") from None
-    for option, kind in (("lrs_by_size", (int, float)), ("seeds_by_size", int)):
+    for option in ("lrs_by_size", "seeds_by_size"):  # their types are checked with every field's
         unknown = [size for size in getattr(suite, option) if size not in suite.sizes]
         if unknown:
             raise ConfigError(f"suite {suite.name}: {option} names {', '.join(unknown)}, not among its sizes "
                               f"({', '.join(suite.sizes)}); add it to sizes or remove it from {option}")
         for size, values in getattr(suite, option).items():
-            if not (isinstance(values, list) and values and all(isinstance(v, kind) and not isinstance(v, bool)
-                                                                and v >= 0 for v in values)):
+            if not values or min(values) < 0:
                 raise ConfigError(f"suite {suite.name}: {option} {size!r} = {values!r}; give a non-empty list of "
                                   + ("learning rates" if option == "lrs_by_size" else "integer seeds"))
     if not suite.lr_ratio > 1:
