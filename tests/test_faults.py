@@ -600,7 +600,7 @@ def _malformed_cases(sandbox: Path) -> list[list[str]]:
         ["compare", "--config", cfg, "--jobs", "2", "--out", str(sandbox / "compare_mine")],
         ["sweep", "removal", "--out", str(sandbox / "mine")], ["sweep", "removal", "--out", run],
         *[["sweep", str(sandbox / f"{name}_suite.toml"), "--out", str(sandbox / "sw")]
-          for name in ("binary", "syntax", "partial", "mistyped")],
+          for name in ("binary", "syntax", "partial", "mistyped", "armless")],
         *[["report", str(sandbox / f"{name}_sweep")] for name in ("garbled", "list", "partial", "mistyped")],
         *[["compare", "--config", cfg, "--reference", str(sandbox / f"{name}_sweep"), "--out", str(sandbox / "cmp")]
           for name in ("garbled", "list", "mistyped")],
@@ -682,6 +682,8 @@ def sandbox(finished_run, small_data, tmp_path_factory):
     (root / "other_sweep" / "suite.json").write_text(json.dumps(dataclasses.asdict(suite)))
     (root / "mistyped_sweep").mkdir()  # every field present, one of the wrong type
     (root / "mistyped_sweep" / "suite.json").write_text(json.dumps({**dataclasses.asdict(suite), "seeds": "0,1"}))
+    (root / "armless_suite.toml").write_text(  # an analysis whose arms are a list, not a table of effects
+        (SUITE_DIR / "study-scale.toml").read_text().replace("arms = { unified = -0.04 }", 'arms = ["unified"]'))
     (root / "mistyped_suite.toml").write_text(
         (SUITE_DIR / "removal.toml").read_text().replace("lr_seed = ", "lr_seed = 1.5 #"))
     return root

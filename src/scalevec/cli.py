@@ -445,14 +445,7 @@ def cmd_sweep(args) -> None:
     _check_jobs(args.jobs)
     _require(args.seeds is None or args.seeds >= 1, f"--seeds {args.seeds} must be at least 1")
     sizes = [size.strip() for size in args.sizes.split(",")] if args.sizes else None
-    try:
-        suite = load_suite(args.suite, args.scale, args.seeds, args.set)
-    except BadInput:
-        raise
-    except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: not TOML, or not UTF-8
-        raise ConfigError(f"suite {args.suite} is not a suite file scalevec reads ({type(err).__name__}: "
-                          f"{first_line(err)}); fix it after the shipped suites (src/scalevec/experiments/suites)"
-                          ) from None
+    suite = load_suite(args.suite, args.scale, args.seeds, args.set)
     out = Path(args.out or f"runs/sweeps/{suite.name}-{args.scale}")
     results = Path(args.results) if args.results else out
     for path, flag in [(out, "--out"), *([(results, "--results")] if results != out else [])]:

@@ -234,17 +234,21 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: li
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.toml")))
         raise ConfigError(f"unknown suite {name_or_path!r}; choose from {known} or give a suite .toml file")
-    raw = tomllib.loads(path.read_text())
-    if scale not in raw:
+    fix = "see the shipped suites for the fields (src/scalevec/experiments/suites)"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"suite {path} is not a TOML file ({first_line(err)}); {fix}") from None
+    if not isinstance(raw.get(scale), dict):
         raise ConfigError(f"suite {path.stem} has no [{scale}] scale; choose one of "
                           f"{', '.join(k for k in raw if isinstance(raw[k], dict))}")
     grid = dict(raw[scale])
     try:
-        suite = Suite(name=path.stem, description=raw.get("description", ""), baseline=raw["baseline"], scale=scale,
-                      config=grid.pop("config", {}), **grid)
+        suite = Suite(name=path.stem, description=raw.get("description", ""), baseline=raw.get("baseline"),
+                      scale=scale, config=grid.pop("config", {}), **grid)
     except TypeError as err:
-        raise ConfigError(f"suite {path}: {err}; see the shipped suites for the fields") from None
-    check_suite_fields(suite, f"suite {path}", "see the shipped suites for the fields")
+        raise ConfigError(f"suite {path}: {err}; {fix}") from None
+    check_suite_fields(suite, f"suite {path}", fix)
     if seeds is not None:
         suite.seeds, suite.seeds_by_size = list(range(seeds)), {}
     if sets:
@@ -254,7 +258,10 @@ def load_suite(name_or_path: str, scale: str, seeds: int | None = None, sets: li
     if suite.baseline not in suite.strategies:
         raise ConfigError(f"suite {suite.name}: baseline {suite.baseline!r} is not among its strategies")
     for analysis in suite.analyses:
-        names = [analysis.get("baseline"), *analysis.get("arms", {})]
+        if not isinstance(analysis.get("arms"), dict) or not analysis["arms"]:
+            raise ConfigError(f"suite {suite.name}: analysis {analysis.get('name')!r}: give its arms as a table of "
+                              "strategy = the paper's effect")
+        names = [analysis.get("baseline"), *analysis["arms"]]
         missing = [n for n in names if n not in suite.strategies]
         if missing or not analysis.get("name"):
             raise ConfigError(f"suite {suite.name}: analysis {analysis.get('name')!r} needs a name, and its baseline "
