@@ -10,11 +10,32 @@ from scalevec.experiments.report import write_report
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STUDIES = sorted(p.name for p in RESULTS.glob("study-*-cpu"))
 COMPLETE = {"study-pilot-cpu", "study-improvements-cpu", "study-weight-decay-cpu", "study-optimizers-cpu",
-            "study-ladder-cpu"}  # the others are still running: their committed reports say so (Interim)
+            "study-ladder-cpu", "study-iwd-cpu", "study-tokens-cpu"}  # the others still run: their reports say so
 
 
 def test_the_study_is_committed():
-    assert COMPLETE | {"study-iwd-cpu"} <= set(STUDIES)
+    assert COMPLETE | {"study-scale-cpu"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("name", ["study-scale-cpu", "study-tokens-cpu"])
+def test_the_next_rung_gives_every_size_and_length_its_verdict_in_and_out_of_domain(name):
+    """Issue 28: per size (study-scale) or training length (study-tokens), every analysed arm has its Δ, 95%
+    interval, Holm-adjusted p, verdict and out-of-domain Δ; the size ladder also has its compute fit, or the
+    reason there is none."""
+    import json
+
+    summary = json.loads((RESULTS / name / "summary.json").read_text())
+    settings = {analysis["setting"].split("/")[0] for analysis in summary["analyses"]}
+    assert len(settings) >= 3 and summary["ood_source"]
+    for analysis in summary["analyses"]:
+        for row in analysis["arms"]:
+            assert isinstance(row["delta"], float) and row["ci95"][0] < row["delta"] < row["ci95"][1], row
+            assert 0 <= row["p_holm"] <= 1 and row["p_holm"] >= row["p"], row
+            assert row["verdict"] in ("consistent", "contradicts", "inconclusive", "control"), row
+            assert isinstance(row["ood_delta"], float) and row["ood_n"] == row["n"], row
+    if name == "study-scale-cpu":
+        for fit in summary["compute_fit"]["settings"].values():
+            assert fit["estimable"] or fit["reason"], fit
 
 
 @pytest.mark.parametrize("name", STUDIES)
