@@ -166,6 +166,37 @@ def test_a_run_trained_here_exports_as_the_architecture_of_its_model(small_data,
         torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_gemma3_never_soft_caps_attention_so_neither_way_carries_a_cap(small_data, tmp_path, capsys):
+    """Gemma 3 keeps attn_logit_softcapping in its config, but its attention never applies it (transformers 5.24):
+    a checkpoint that sets it imports without a cap, and a model here whose attention is capped leaves as remote
+    code (a Gemma 3 checkpoint would compute other logits)."""
+    from scalevec.hf_import import hf_model as read_model
+    from scalevec.hf_import import read_hf_dir
+
+    config = transformers.Gemma3TextConfig(**COMMON, sliding_window=5, attn_logit_softcapping=2.0,
+                                           layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    imported, _ = read_model(*read_hf_dir(tmp_path / "hf"))
+    assert imported.config.attn_softcap == 0
+    torch.testing.assert_close(logits(imported), logits(hf), atol=1e-4, rtol=1e-4)
+
+    model = make_run(tmp_path / "run", small_data, strategy("gemma"),
+                     model=dict(embedding_scale=True, attn_softcap=2.0))
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "g3"), "--family", "gemma3"]) == 2
+    assert "model.attn_softcap has no Gemma3ForCausalLM form" in capsys.readouterr().err
+    assert not (tmp_path / "g3").exists()
+    assert export_run(tmp_path / "run", tmp_path / "out", log=lambda *_: None) == "remote"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    tokens = TOKENS % 512
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("features, reason", [
     (dict(embedding_scale=True), "model.embedding_scale has no LlamaForCausalLM form"),
     (dict(sliding_window=6, full_attention_every=2), "model.sliding_window has no LlamaForCausalLM form"),

@@ -189,8 +189,9 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     if gemma:
         scalar = hf.get("query_pre_attn_scalar", 256)
         fields |= dict(embedding_scale=True, query_pre_attn_scalar=0 if scalar == head_dim else int(scalar),
-                       attn_softcap=float(hf.get("attn_logit_softcapping", 50.0 if architecture == "gemma2" else None)
-                                          or 0.0),
+                       # Gemma 3's attention ignores its config's attn_logit_softcapping (transformers 5.24)
+                       attn_softcap=float(hf.get("attn_logit_softcapping", 50.0) or 0.0) if architecture == "gemma2"
+                       else 0.0,
                        final_softcap=float(hf.get("final_logit_softcapping",
                                                   30.0 if architecture == "gemma2" else None) or 0.0))
     return ModelConfig(preset="", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],

@@ -135,8 +135,9 @@ def hf_architecture(config: Config) -> str:
                 "model.qkv_bias": m.qkv_bias}
     allowed = {"gemma2": {"model.embedding_scale", "model.attn_softcap", "model.final_softcap",
                           "model.query_pre_attn_scalar", "model.sliding_window"},
-               "gemma3": {"model.embedding_scale", "model.attn_softcap", "model.final_softcap",
-                          "model.query_pre_attn_scalar", "model.sliding_window", "model.rope_local_theta"},
+               # Gemma 3 keeps attn_logit_softcapping in its config but never applies it (transformers 5.24)
+               "gemma3": {"model.embedding_scale", "model.final_softcap", "model.query_pre_attn_scalar",
+                          "model.sliding_window", "model.rope_local_theta"},
                "qwen2": {"model.qkv_bias"}, "qwen2_moe": {"model.qkv_bias"},
                "mistral": {"model.sliding_window"}}.get(architecture, set())
     for feature, used in features.items():
