@@ -197,6 +197,28 @@ def test_gemma3_never_soft_caps_attention_so_neither_way_carries_a_cap(small_dat
         torch.testing.assert_close(exported(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_gemma3_sliding_layers_keep_their_rope_when_the_window_spans_the_context(tmp_path):
+    """A window as long as the context masks nothing, but Gemma 3's sliding layers still rotate with their local
+    base: the import keeps them apart (it used to drop the window and the local base with it), and the run exports
+    back as the same Gemma 3."""
+    config = transformers.Gemma3TextConfig(**COMMON, sliding_window=4096, layer_types=["sliding_attention",
+                                                                                       "full_attention"] * 2,
+                                           rope_parameters={"full_attention": {"rope_type": "default",
+                                                                               "rope_theta": 1e6},
+                                                            "sliding_attention": {"rope_type": "default",
+                                                                                  "rope_theta": 100.0}})
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", "standard", tmp_path / "run", warm_start=False, log=lambda *_: None)
+    _, model = load_run_model(tmp_path / "run")
+    assert model.config.rope_local_theta == 100.0
+    torch.testing.assert_close(logits(model), logits(hf), atol=1e-4, rtol=1e-4)
+    assert export_run(tmp_path / "run", tmp_path / "out", log=lambda *_: None) == "gemma3"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(back), logits(hf), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("features, reason", [
     (dict(embedding_scale=True), "model.embedding_scale has no LlamaForCausalLM form"),
     (dict(sliding_window=6, full_attention_every=2), "model.sliding_window has no LlamaForCausalLM form"),

@@ -115,8 +115,10 @@ def _rope_fields(rope: dict, where: str) -> dict:
     return fields
 
 
-def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
-    """Which blocks attend through the sliding window, from layer_types or each architecture's older rule."""
+def _windowed_layers(hf: dict, architecture: str, own_rope: bool = False) -> list[bool]:
+    """Which blocks attend through the sliding window, from layer_types or each architecture's older rule;
+    `own_rope`: those blocks rotate with a RoPE of their own (Gemma 3), so they differ even where the window
+    spans the whole context."""
     n, types = hf["num_hidden_layers"], hf.get("layer_types")
     if types is None:
         if architecture == "gemma2":
@@ -132,7 +134,7 @@ def _windowed_layers(hf: dict, architecture: str) -> list[bool]:
         else:
             types = ["full_attention"] * n
     window = hf.get("sliding_window")
-    if not window or window >= hf["max_position_embeddings"]:  # a window as long as the context is no window
+    if not window or window >= hf["max_position_embeddings"] and not own_rope:  # as long as the context: no window
         return [False] * n
     return [t == "sliding_attention" for t in types]
 
@@ -178,14 +180,14 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
         local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
     rope = {"rope_theta": hf.get("rope_theta", 1_000_000.0 if architecture == "gemma3" else 10000.0), **rope}
     fields = _rope_fields(rope, "")
-    windowed = _windowed_layers(hf, architecture)
+    local_fields = None if local is None else _rope_fields(local, "sliding-window layers' ")
+    own_rope = local_fields is not None and local_fields != fields
+    windowed = _windowed_layers(hf, architecture, own_rope)
     fields |= _window_fields(windowed, hf.get("sliding_window"))
-    if local is not None and any(windowed):
-        local_fields = _rope_fields(local, "sliding-window layers' ")
+    if own_rope and any(windowed):
         if set(local_fields) != {"rope_theta"}:
             raise HFImportError("unsupported checkpoint: RoPE scaling on sliding-window layers")
-        if local_fields["rope_theta"] != fields["rope_theta"] or "rope_scaling" in fields:
-            fields["rope_local_theta"] = local_fields["rope_theta"]
+        fields["rope_local_theta"] = local_fields["rope_theta"]
     if gemma:
         scalar = hf.get("query_pre_attn_scalar", 256)
         fields |= dict(embedding_scale=True, query_pre_attn_scalar=0 if scalar == head_dim else int(scalar),
