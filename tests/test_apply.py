@@ -17,11 +17,11 @@ CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen3": ("Qwen3ForCaus
            "mistral": ("MistralForCausalLM", "MistralConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}
 
 
-def hf_model(architecture: str, tie: bool, head_dim: int = 8):
+def hf_model(architecture: str, tie: bool, head_dim: int = 8, **fields):
     cls, config_cls = (getattr(transformers, name) for name in CLASSES[architecture])
     config = config_cls(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
-                        tie_word_embeddings=tie)
+                        tie_word_embeddings=tie, **fields)
     torch.manual_seed(0)
     model = cls(config).eval()
     with torch.no_grad():
@@ -180,3 +180,35 @@ def test_unapply_and_fold_refuse_before_changing_anything(architecture, name):
     torch.testing.assert_close(logits(model, tokens), out)
     with pytest.raises(ApplyError, match="not a transformers model converted"):
         unapply(hf_model(architecture, tie=False))
+
+
+@pytest.mark.parametrize("architecture, name, bias, reason", [
+    ("llama", "gemma", False, "post-branch norms .* which a llama layer has no place for"),
+    ("qwen3", "hg+or+gemma", False, "which a qwen3 layer has no place for"),
+    ("llama", "unified", True, "remote-code form.*cannot hold this model .*attention_bias"),
+])
+def test_apply_strategy_refuses_what_the_model_could_not_compute_or_save(architecture, name, bias, reason):
+    """A Llama layer has no slot for post-branch norms (the strategy's norms were silently left out, and
+    save_pretrained then wrote a model with them); a Llama with attention biases has no remote-code form (its
+    save_pretrained failed after training). Both refused before anything changes."""
+    from scalevec.apply import ApplyError
+
+    model = hf_model(architecture, tie=False, attention_bias=bias)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ApplyError, match=reason):
+        apply_strategy(model, name)
+    assert not hasattr(model, "scalevec_strategy")
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+
+
+def test_fixed_scales_on_a_model_with_a_qk_norm_save_as_its_architecture(tmp_path):
+    """`none` keeps a Qwen3's QK-norm without a scale (γ = 1): save_pretrained writes the plain Qwen3 (it raised
+    KeyError looking for the scale)."""
+    model = hf_model("qwen3", tie=False)
+    apply_strategy(model, "none")
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path)
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(reloaded).__name__ == "Qwen3ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(reloaded.eval(), tokens), logits(model, tokens), atol=1e-5, rtol=1e-5)

@@ -111,6 +111,20 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     architecture = _architecture(model)
     c = model.config
     s = keeping_source_norms(source_strategy(architecture), s)  # e.g. a Qwen3's QK-norm stays
+    if s.post_norms and _norm_name(architecture, "attn_post_norm") is None:
+        raise ApplyError(f"apply_strategy: strategy {s.preset!r} has post-branch norms (strategy.post_norms), which "
+                         f"a {c.model_type} layer has no place for (Gemma 2, Gemma 3 and OLMo 2 have them); drop "
+                         "post_norms, or import the checkpoint (scalevec import --warm-start) to add them")
+    problem = _strategy_form_problem(architecture, s, c.model_type)
+    if problem:  # it will save as remote code (save_pretrained): refused now if that cannot hold the model
+        from .hf_import import model_config_from_hf
+
+        try:
+            model_config_from_hf(c.to_dict())
+        except BadInput as err:
+            raise ApplyError(f"apply_strategy: strategy {s.preset!r} saves as scalevec's remote-code form, since "
+                             f"{problem}, and that form cannot hold this model ({err}); choose a strategy its "
+                             "own architecture saves (standard, hg, dp, or, er and their compositions)") from None
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
@@ -244,12 +258,17 @@ def _plain_form_problem(model: nn.Module) -> str | None:
     s, c = getattr(model, "scalevec_strategy", None), getattr(model, "config", None)
     if s is None or c is None:
         return "it is not a transformers model converted by apply_strategy"
-    source = source_strategy(_architecture(model))
+    return _strategy_form_problem(_architecture(model), s, c.model_type)
+
+
+def _strategy_form_problem(architecture: str, s: Strategy, model_type: str) -> str | None:
+    """Why strategy `s` on a model of `architecture` has no plain form of it (None if it has one)."""
+    source = source_strategy(architecture)
     if set(s.dnp) != set(source.dnp):
-        return (f"DNP on {', '.join(sorted(set(s.dnp) - set(source.dnp)))} adds norms a {c.model_type} model does "
+        return (f"DNP on {', '.join(sorted(set(s.dnp) - set(source.dnp)))} adds norms a {model_type} model does "
                 "not have")
     if source.dnp and (s.qk_scale_shape, s.qk_norm_group) != (source.qk_scale_shape, source.qk_norm_group):
-        return f"its QK-norm scale is shaped unlike a {c.model_type} model's (strategy.qk_scale_shape)"
+        return f"its QK-norm scale is shaped unlike a {model_type} model's (strategy.qk_scale_shape)"
     return None
 
 
@@ -313,8 +332,10 @@ def unapply(model: nn.Module) -> nn.Module:
             for n, proj in projections.items():
                 weight = proj.effective_weight(without=first if shared else None)  # a shared γ goes to the norm
                 setattr(owner, f"{n}_proj", _linear(weight, proj.effective_bias()))
-                if proj.placements[0] == "dnp":  # the architecture's QK-norm
-                    setattr(attn, f"{n}_norm", norm(proj.out_scales[n](), weight))
+                if proj.placements[0] == "dnp":  # the architecture's QK-norm (γ = 1 where scales are fixed)
+                    gamma = proj.out_scales[n]() if n in proj.out_scales else \
+                        torch.ones(proj.branches[0].out_scale_size, device=weight.device)
+                    setattr(attn, f"{n}_norm", norm(gamma, weight))
             if pre:
                 setattr(layer, pre, norm(first() if shared else ones(weight), weight))
             if post:
