@@ -277,6 +277,16 @@ def test_tokenizer_sample_bytes_bounds_its_training_text(tmp_path):
     assert meta["inputs"]["tokenizer_sample_bytes"] == 100_000  # a non-default sample is in the fingerprint
 
 
+def test_a_tokenizer_sample_of_no_document_is_refused(tmp_path):
+    """A sample below every document's size drew none: the tokenizer held bytes alone (vocab 257 for 300 asked)."""
+    source = write_jsonl(tmp_path / "t.jsonl", corpus("kjv_bible")[:50])
+    data = DataConfig(dir=str(tmp_path / "out"), sources=[], inputs=[str(source)], vocab_size=300,
+                      tokenizer_sample_bytes=1)
+    with pytest.raises(DataError, match="tokenizer_sample_bytes=1 samples no training document"):
+        prepare(data, progress=False, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
 def test_progress_line_shows_bytes_rate_and_eta():
     lines = []
     bar = Progress("tokenizing", 4_000_000_000, None, log=lines.append, every=0)

@@ -333,6 +333,10 @@ class Preparation:
             share = data.tokenizer_sample_bytes / train_bytes
             train &= np.random.default_rng(data.split_seed).random(len(train)) < share
         count = int(train.sum())
+        if not count:  # an empty sample trains no merge: a tokenizer of bytes alone, whatever the vocab asked
+            raise DataError(f"data.tokenizer_sample_bytes={data.tokenizer_sample_bytes:,} samples no training "
+                            f"document (their mean size is {train_bytes // max(1, len(train) - len(self.val)):,} "
+                            "bytes); raise it, or give a --tokenizer")
         self.log(f"training a byte-level BPE tokenizer (vocab {data.vocab_size}) on {count} documents "
                  f"({int(index.bytes[train].sum()) / 1e6:.1f} MB)")
         texts = (text for number, _, text in documents_from(self.files, index, 0, len(train), data.jsonl_field,
