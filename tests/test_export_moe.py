@@ -139,7 +139,7 @@ def random_moe_checkpoint(path, family, vocab=512, **fields):
         vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2, bos_token_id=None,
         eos_token_id=None, pad_token_id=None, **{"num_local_experts" if family == "mixtral" else "num_experts": 4},
-        **own, **fields)
+        **{**own, **fields})
     torch.manual_seed(0)
     model = getattr(transformers, CLASSES[family])(config).eval()
     with torch.no_grad():
@@ -220,3 +220,18 @@ def test_apply_strategy_converts_transformers_moe_models_and_saves_what_they_com
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x).logits, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_strategy_refuses_routed_layers_without_a_pattern_before_changing_anything(tmp_path):
+    """Only layer 0 of 2 routed (mlp_only_layers = [1]; every n-th would route the last): refused up front (the
+    first layer's attention used to be converted already when its routed block was refused)."""
+    from scalevec.apply import ApplyError
+
+    model = random_moe_checkpoint(tmp_path / "hf", "qwen3_moe", decoder_sparse_step=1, mlp_only_layers=[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ApplyError, match="routed blocks of this qwen3_moe model have no scalevec MoE form .*routed "
+                                         "layers follow no pattern"):
+        apply_strategy(model, "hg+or")
+    assert not hasattr(model, "scalevec_strategy")
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)

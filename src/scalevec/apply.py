@@ -116,12 +116,15 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
                          f"a {c.model_type} layer has no place for (Gemma 2, Gemma 3 and OLMo 2 have them); drop "
                          "post_norms, or import the checkpoint (scalevec import --warm-start) to add them")
     problem = _strategy_form_problem(architecture, s, c.model_type)
-    if problem:  # it will save as remote code (save_pretrained): refused now if that cannot hold the model
+    if problem or architecture in APPLIED_MOE_FAMILIES:  # both read the model as scalevec's: checked up front
         from .hf_import import model_config_from_hf
 
         try:
             model_config_from_hf(c.to_dict())
         except BadInput as err:
+            if not problem:
+                raise ApplyError(f"apply_strategy: the routed blocks of this {c.model_type} model have no scalevec "
+                                 f"MoE form ({err})") from None
             raise ApplyError(f"apply_strategy: strategy {s.preset!r} saves as scalevec's remote-code form, since "
                              f"{problem}, and that form cannot hold this model ({err}); choose a strategy its "
                              "own architecture saves (standard, hg, dp, or, er and their compositions)") from None
