@@ -212,3 +212,18 @@ def test_fixed_scales_on_a_model_with_a_qk_norm_save_as_its_architecture(tmp_pat
     assert type(reloaded).__name__ == "Qwen3ForCausalLM"
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(logits(reloaded.eval(), tokens), logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_er_refuses_a_non_positive_gamma_anywhere_before_changing_anything():
+    """A γ ≤ 0 in the second layer: refused with the model untouched (the first layer was already converted)."""
+    from scalevec.convert import ConvertError
+
+    model = hf_model("qwen3", tie=False)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_norm.weight[2] = -0.5
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    out, names = logits(model, tokens), sorted(n for n, _ in model.named_parameters())
+    with pytest.raises(ConvertError, match=r"model.layers.1.self_attn.k_norm: ER needs every γ > 0, got min γ = -0.5"):
+        apply_strategy(model, "hg+er")
+    assert sorted(n for n, _ in model.named_parameters()) == names and not hasattr(model, "scalevec_strategy")
+    torch.testing.assert_close(logits(model, tokens), out)

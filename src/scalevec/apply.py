@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .convert import convert_decoder, convert_moe, set_gamma
+from .convert import ConvertError, convert_decoder, convert_moe, set_gamma
 from .errors import BadInput
 from .hf_keys import HF_BRANCHES, MODEL_TYPES, NORM_OFFSET, layer_keys, source_strategy
 from .model import Decoder
@@ -129,6 +129,11 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
                              f"{problem}, and that form cannot hold this model ({err}); choose a strategy its "
                              "own architecture saves (standard, hg, dp, or, er and their compositions)") from None
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
+    if s.scale == "er":  # every norm's γ becomes an ER scale, exp of a log: refused before anything changes
+        for name, norm in model.model.named_modules():
+            if isinstance(norm, type(model.model.norm)) and (norm.weight.detach() + offset <= 0).any():
+                raise ConvertError(f"model.{name}: ER needs every γ > 0, got min γ = "
+                                   f"{(norm.weight.detach() + offset).min().item():.4g}; choose strategy or, or plain")
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
 
