@@ -1,6 +1,7 @@
 """Issue "Export and import": transformers parity, exact imports, refusals, generation."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -354,3 +355,30 @@ def test_the_part_map_writes_every_parameter_and_reads_back_what_it_wrote(archit
                      if architecture == "olmo2" else []), "a parameter no checkpoint tensor sets"
     for root, part, name in parts:
         torch.testing.assert_close(read_part(root, part, shapes[name], offset), state[name], rtol=1e-6, atol=1e-6)
+
+
+def test_an_fsdp2_checkpoint_is_read_at_its_own_shapes(small_data, tmp_path, capsys):
+    """Export reads an FSDP2 run's shards (dcp/) whole, quietly, and a config.toml edited since training is named in
+    one line, as for whole-tensor checkpoints (it was a traceback from torch.distributed.checkpoint)."""
+    import warnings
+
+    from torch.distributed.checkpoint import save
+
+    from scalevec.checkpoint import load_run_model
+
+    model = make_run(tmp_path / "run", small_data, strategy("hg+or"))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process
+        save_checkpoint(tmp_path / "run" / "checkpoints", 1,
+                        lambda tmp: save({"model": model.state_dict()}, checkpoint_id=tmp / "dcp"), {}, keep=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, loaded = load_run_model(tmp_path / "run")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace("d_ff = 48", "d_ff = 64"))
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "has shape (32, 48), but its config.toml describes (32, 64)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

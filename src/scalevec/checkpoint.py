@@ -185,10 +185,19 @@ def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
     def read(path: Path, state: dict) -> dict[str, torch.Tensor]:
         if not (path / "dcp").is_dir():
             return load_file_checked(path / "model.safetensors", load_file)
-        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        full = {"model": Decoder(config.model, config.strategy, config.moe).state_dict()}
-        load(full, checkpoint_id=path / "dcp")
+        # tensors of the shapes the checkpoint holds, not the config's: load_run_model names any difference
+        try:
+            stored = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+            full = {"model": {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                              for key, meta in stored.items() if key.startswith("model.")}}
+            with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                load(full, checkpoint_id=path / "dcp")
+        except (CheckpointException, Exception) as err:  # CheckpointException is a BaseException
+            raise _unusable(path / "dcp", err) from None
         return full["model"]
 
     try:
