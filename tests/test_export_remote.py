@@ -233,3 +233,26 @@ def test_hf_trainer_of_a_converted_model_checkpoints_for_resume_and_saves_what_i
     assert type(reloaded).__name__ == "ScalevecForCausalLM" and not info["missing_keys"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x).logits, model.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_remote_model_returns_hidden_states_as_the_family_does(tmp_path, small_data):
+    """output_hidden_states: the embeddings and each layer's input as the Llama export of the same model gives them,
+    then the final norm's output (folding moves an untied head's γ into the head, so that one is the form's own)."""
+    from test_export import make_run
+
+    from scalevec.export.hf import export_run
+
+    make_run(tmp_path / "run", small_data, strategy("hg+or"), tie=False)
+    export_run(tmp_path / "run", tmp_path / "llama", log=lambda *_: None)
+    export_run(tmp_path / "run", tmp_path / "remote", log=lambda *_: None, family="remote")
+    llama, remote = load(tmp_path / "llama"), load(tmp_path / "remote")
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, ours = llama(x, output_hidden_states=True), remote(x, output_hidden_states=True)
+        assert remote(x).hidden_states is None
+        last = remote.model(x).last_hidden_state
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states[:-1], theirs.hidden_states[:-1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.hidden_states[-1], last)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=1e-4)

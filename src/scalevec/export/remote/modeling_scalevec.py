@@ -298,8 +298,10 @@ class ScalevecModel(ScalevecPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, **kwargs):
+                use_cache=None, output_hidden_states=None, **kwargs):
         config = self.config
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
         cache = cache if cache is not None else kwargs.get("past_key_values")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if config.embedding_scale:  # the factor rounded to x's dtype first, as Gemma does
@@ -319,11 +321,15 @@ class ScalevecModel(ScalevecPreTrainedModel):
         tables = {False: rope(config, position_ids, False)}
         if config.rope_local_theta:
             tables[True] = rope(config, position_ids, True)
+        hidden = () if output_hidden_states else None  # each layer's input, then the final norm's output
         for layer in self.layers:
             windowed = layer.self_attn.windowed
             cos, sin = tables[windowed and bool(config.rope_local_theta)]
+            hidden = None if hidden is None else (*hidden, x)
             x = layer(x, cos, sin, mask=masks[windowed], cache=cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)
+        x = self.norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache,
+                                       hidden_states=None if hidden is None else (*hidden, x))
 
 
 class ScalevecForCausalLM(ScalevecPreTrainedModel, GenerationMixin):
@@ -342,10 +348,11 @@ class ScalevecForCausalLM(ScalevecPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache if cache is not None else kwargs.pop("past_key_values", None),
-                             inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -356,4 +363,5 @@ class ScalevecForCausalLM(ScalevecPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states)
