@@ -195,6 +195,26 @@ def test_import_checks_every_id(tmp_path, tokenizer):
         assert not (tmp_path / "o").exists()
 
 
+def test_headerless_uint32_tokens_without_dtype_are_refused(tmp_path, tokenizer):
+    """uint32 ids below 65,536 read as uint16 (the default for a small vocabulary) passed the id check as twice the
+    tokens, every second one id 0: refused, naming --dtype; imported with --dtype uint32."""
+    from scalevec.data.import_tokens import import_tokens
+
+    nanogpt_files(tmp_path, tokenizer)
+    np.fromfile(tmp_path / "train.bin", dtype=np.uint16).astype(np.uint32).tofile(tmp_path / "wide.bin")
+    with pytest.raises(DataError, match="wide.bin: every second uint16 id is 0, as in uint32 tokens read as uint16; "
+                                        "give --dtype uint32"):
+        import_tokens([str(tmp_path / "wide.bin")], [str(tmp_path / "val.bin")], str(tokenizer), tmp_path / "o",
+                      log=quiet)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "val.bin").unlink()  # one dtype for both splits
+    np.fromfile(tmp_path / "train.bin", dtype=np.uint16)[:500].astype(np.uint32).tofile(tmp_path / "val.bin")
+    out = import_tokens([str(tmp_path / "wide.bin")], [str(tmp_path / "val.bin")], str(tokenizer), tmp_path / "o",
+                        dtype="uint32", log=quiet)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["train"]["tokens"] == (tmp_path / "train.bin").stat().st_size // 2 and meta["dtype"] == "uint32"
+
+
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 def test_npy_with_a_header_imports_at_its_offset_and_trains(tmp_path, tokenizer, dtype):
     from scalevec.data.import_tokens import import_tokens

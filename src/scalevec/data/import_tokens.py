@@ -35,6 +35,7 @@ class TokenFile:
     path: Path
     dtype: np.dtype
     offset: int  # bytes before the tokens: a .npy header, else 0
+    guessed: bool = False  # headerless, its dtype taken from the vocabulary's size (no --dtype)
 
     @property
     def tokens(self) -> int:
@@ -64,7 +65,7 @@ def _open(path: Path, dtype: str | None, vocab: int) -> TokenFile:
     if path.stat().st_size % kind.itemsize:
         raise DataError(f"{path} is {path.stat().st_size} bytes, not a whole number of {kind.name} tokens; give "
                         "the --dtype it was written with")
-    return TokenFile(path, kind, 0)
+    return TokenFile(path, kind, 0, guessed=dtype is None)
 
 
 def _expand(patterns: list[str], flag: str) -> list[Path]:
@@ -92,9 +93,10 @@ def _check(files: list[TokenFile], vocab: int, eos_id: int, lengths: np.ndarray,
     """One split's tokens, documents and bytes, every id checked against the vocabulary."""
     tokens = documents = text_bytes = 0
     for file in files:
-        array, last = file.array(), None
-        for start in range(0, len(array), CHECK_TOKENS):
+        array, last, odd_ids = file.array(), None, 0
+        for start in range(0, len(array), CHECK_TOKENS):  # (an even step: odd positions stay odd)
             chunk = np.asarray(array[start:start + CHECK_TOKENS])
+            odd_ids += int(np.count_nonzero(chunk[1::2]))
             if len(chunk) and int(chunk.max()) >= vocab:
                 where = start + int(np.argmax(chunk >= vocab))
                 raise DataError(f"{file.path}: token {where:,} is id {int(array[where])}, outside the vocabulary of "
@@ -103,6 +105,10 @@ def _check(files: list[TokenFile], vocab: int, eos_id: int, lengths: np.ndarray,
             text_bytes += int(lengths[chunk].sum())
             last = int(chunk[-1]) if len(chunk) else last
             bar.update(chunk.nbytes)
+        if file.guessed and file.dtype.itemsize == 2 and len(array) >= 16 and not odd_ids:
+            # little-endian uint32 ids below 65,536 read as uint16: each id, then its zero high half
+            raise DataError(f"{file.path}: every second uint16 id is 0, as in uint32 tokens read as uint16; give "
+                            "--dtype uint32 (or --dtype uint16 if they are uint16)")
         tokens += len(array)
         documents += last is not None and last != eos_id  # a last document without its separator
     return {"tokens": tokens, "documents": documents, "bytes": text_bytes}
