@@ -88,6 +88,8 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
         (["--resume", "--out", str(tmp / "blocked")], "checkpoints is not a directory"),
         ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.inputs=[\"/nonexistent.txt\"]"],
          "matches no file"),
+        ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.val_fraction=0"],
+         "data.val_fraction=0 prepares no validation split"),  # was refused after preparing all of it
     ]
 
 

@@ -143,6 +143,9 @@ def check_data(data: DataConfig) -> Path | None:
     except DataError:
         pass
     resolve_sources(data.sources, data.inputs)
+    if not data.val_fraction:  # refused after preparing it, all of it, otherwise
+        raise DataError("data.val_fraction=0 prepares no validation split, which training evaluates on; set "
+                        "data.val_fraction > 0 (e.g. 0.02)")
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"data.tokenizer {data.tokenizer} not found; give an existing tokenizer.json or leave it "
                         "empty")
