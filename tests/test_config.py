@@ -23,6 +23,15 @@ def test_presets_fill_fields_and_explicit_fields_override(tmp_path):
     assert config.seed == 5
 
 
+def test_a_whole_number_where_text_is_expected_is_that_text():
+    """`--set data.dir=2024` reads as TOML's integer; a folder may be named so, and the field's own check speaks."""
+    assert load_config(None, ["data.dir=2024"]).data.dir == "2024"
+    with pytest.raises(ConfigError, match="train.time_limit='10' is not a duration"):
+        load_config(None, ["train.time_limit=10"])
+    with pytest.raises(ConfigError, match="data.dir: expected str, got 1.5"):
+        load_config(None, ["data.dir=1.5"])
+
+
 def test_resolved_toml_round_trips(tmp_path):
     config = load_config(None, ["strategy.preset=unified", "model.preset=cpu-7m", "model.tie_embeddings=false"])
     path = tmp_path / "resolved.toml"

@@ -107,9 +107,11 @@ def test_stop_requests_restore_the_previous_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-@pytest.mark.parametrize("value", ["3x", "0s", "m5"])
-def test_bad_time_limit_is_one_line_exit_2(small_data, tmp_path, value, capsys):
+@pytest.mark.parametrize("value, problem", [("3x", "is not a duration"), ("0s", "must be positive"),
+                                            ("m5", "is not a duration"), ("10", "is not a duration")])
+def test_bad_time_limit_is_one_line_exit_2(small_data, tmp_path, value, problem, capsys):
     config = tmp_path / "run.toml"
     config.write_text(to_toml(tiny_config(small_data)))
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "--set", f"train.time_limit={value}"]) == 2
-    assert "train.time_limit" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert f"train.time_limit={value!r} {problem}" in err and not (tmp_path / "run").exists()

@@ -547,6 +547,8 @@ def _coerce(key: str, value, hint):
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # `--set data.dir=2024` reads as TOML's integer
+            return str(value)
     else:
         raise TypeError(f"unsupported config field type {hint} for {key}")
     raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
