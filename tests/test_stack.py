@@ -185,10 +185,14 @@ def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("some text to score, long enough for a window or two")
     (tmp_path / "a.csv").write_text("x")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
     other = prepare(DataConfig(dir=str(tmp_path / "other"), sources=["milton"], vocab_size=300), progress=False,
                     log=quiet)
     cases = [([str(tmp_path / "missing.txt")], [], "not found"), ([str(tmp_path / "a.csv")], [], "unsupported type"),
              ([str(tmp_path / "empty.txt")], [], "no text to score"), ([str(other)], [], "another tokenizer"),
+             ([str(tmp_path / "latin1.txt")], [], "latin1.txt is not valid UTF-8 (byte 3); convert it to UTF-8 first"),
+             ([str(tmp_path / "bad.jsonl")], [], "bad.jsonl:2 is not valid JSON; fix the line or remove it"),
              ([str(tmp_path / "a.txt")], ["--stride", "40", "--seq-len", "16"], "--stride 40"),
              ([str(tmp_path / "a.txt")], ["--seq-len", "33"], "max_seq_len 32"),
              ([str(tmp_path / "a.txt")], ["--batch-size", "0"], "--batch-size 0")]
@@ -197,6 +201,7 @@ def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
+        assert "on_bad_record" not in err[0], err  # a training option: eval cannot skip a bad record
     assert main(["eval", str(tmp_path), "--data", str(tmp_path / "a.txt")]) == 2
     assert "neither a run directory" in capsys.readouterr().err
     assert main(["eval", str(eval_run), "--data", str(tmp_path / "a.txt"), "--json", "--seq-len", "8"]) == 0

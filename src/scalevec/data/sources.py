@@ -59,16 +59,18 @@ def resolve_sources(sources: list[str], inputs: list[str]) -> list[SourceFile]:
 
 class BadRecords:
     """What `data.on_bad_record` does with a record that cannot be read: `error` stops with a line naming it,
-    `skip` counts it (and keeps the first few places, for meta.json) and goes on."""
+    `skip` counts it (and keeps the first few places, for meta.json) and goes on. `skippable`: the reader has that
+    option, so the error offers it (a reader without one, such as `scalevec eval`, offers only the fix)."""
 
     EXAMPLES = 10
 
-    def __init__(self, policy: str = "error"):
-        self.policy, self.count, self.examples = policy, 0, []
+    def __init__(self, policy: str = "error", skippable: bool = True):
+        self.policy, self.skippable, self.count, self.examples = policy, skippable, 0, []
 
     def bad(self, where: str, problem: str, fix: str, records: int = 1) -> None:
         if self.policy == "error":
-            raise DataError(f"{where} {problem}; {fix}, or set data.on_bad_record=skip")
+            skip = ", or set data.on_bad_record=skip" if self.skippable else ""
+            raise DataError(f"{where} {problem}; {fix}{skip}")
         self.count += records
         if len(self.examples) < self.EXAMPLES:
             self.examples.append(f"{where} {problem}")
@@ -159,5 +161,6 @@ def located_documents(source: SourceFile, field: str = "text", column: str = "te
 
 
 def read_documents(source: SourceFile, field: str = "text", column: str = "text") -> Iterator[str]:
-    """The documents of one source file (a .txt file is one document); a bad record is an error."""
-    return (text for _, text in located_documents(source, field, column))
+    """The documents of one source file (a .txt file is one document); a bad record is an error, with no
+    data.on_bad_record to skip it."""
+    return (text for _, text in located_documents(source, field, column, BadRecords(skippable=False)))
