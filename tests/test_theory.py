@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from scalevec import ModelConfig, fold_scales
 from scalevec.cli import main
-from scalevec.theory import EXPERIMENTS, describe, dual_placement, preconditioning
+from scalevec.theory import EXPERIMENTS, describe, dual_placement, fold, preconditioning
 from scalevec.theory import weight_decay as wd
 from scalevec.theory.common import regression_problem
 
@@ -213,6 +214,24 @@ def test_fold_adds_no_expressivity_except_behind_a_norm(lab):
     control = s["control"]["unified_dnp_output_scales_folded_as_rows"]
     assert control["scale_entries_moved"] > 0 and control["max_abs_logit_change"] > 0.1 * control["logit_scale"]
     assert s["holds"]
+
+
+@pytest.mark.parametrize("name, shape", [("gemma+hg", {"norm": "layer"}), ("unified", {"moe_experts": 3}),
+                                         ("dnp+er", {"tie_embeddings": True, "n_kv_heads": 1})])
+def test_fold_claim_and_control_on_other_models(name, shape):
+    # the lab's building blocks called directly (grad mode on), on shapes the lab does not use
+    config = ModelConfig(**{"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48,
+                            "max_seq_len": 16, **shape})
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    model = fold.perturbed_model(config, name)
+    with torch.no_grad():
+        before = model(tokens)
+        fold_scales(model)
+        assert (model(tokens) - before).abs().max() < 1e-5 * before.abs().max()
+    model = fold.perturbed_model(config, name)
+    assert fold.fold_behind_norm_as_rows(model) > 0
+    with torch.no_grad():
+        assert (model(tokens) - before).abs().max() > 0.1 * before.abs().max()
 
 
 def test_dual_placement_needs_u_ge_1(lab):

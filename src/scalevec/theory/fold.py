@@ -35,6 +35,7 @@ def fold_behind_norm_as_rows(model) -> int:
     return moved
 
 
+@torch.no_grad()
 def perturbed_model(config: ModelConfig, name: str):
     """The preset's model with every scale moved away from 1, so that folding has something to do."""
     model = build_model(config, strategy(name), seed=1)
