@@ -338,6 +338,10 @@ def test_schedule_values():
         assert lr_factor(before_0_2, 80, 100) == 1.0 and lr_factor(before_0_2, 99, 100) > 0.1
         if shape == "linear":
             assert lr_factor(before_0_2, 99, 100) == pytest.approx(0.1 + 0.9 / 20)
+    for fraction, total in ((0.04, 10), (0.05, 10), (0.01, 7)):  # under half a step, rounded: still one decay step
+        short = ScheduleConfig(name="wsd", warmup_steps=2, min_lr_ratio=0.1, decay_fraction=fraction)
+        assert [lr_factor(short, s, total) for s in range(total - 2, total)] == [1.0, pytest.approx(0.1)]
+    assert lr_factor(replace(wsd, decay_fraction=0.0), 99, 100) == 1.0  # no decay asked, none given
     const = ScheduleConfig(name="constant", warmup_steps=4)
     assert [lr_factor(const, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
 

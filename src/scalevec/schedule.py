@@ -19,8 +19,9 @@ def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
     if schedule.name == "cosine":
         progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = schedule.decay_start or max(schedule.warmup_steps,
-                                              total_steps - round(schedule.decay_fraction * total_steps))
+    # a positive fraction decays at least one step, so a short run still ends at the floor
+    decay_steps = max(1 if schedule.decay_fraction else 0, round(schedule.decay_fraction * total_steps))
+    decay_start = schedule.decay_start or max(schedule.warmup_steps, total_steps - decay_steps)
     if step < decay_start:
         return 1.0
     # every decay step lowers the rate and the last one (step total_steps - 1) runs at the floor
