@@ -149,6 +149,14 @@ def test_info_reports_total_and_active_parameters(capsys):
     summary = json.loads(capsys.readouterr().out)
     per_expert = 3 * 128 * 192
     assert summary["parameters"] - summary["active_parameters"] == 4 * (4 - 2) * per_expert
+    # per-expert scales belong to their expert: unified's OR input scales (α of d 128 on gate and up, no β behind
+    # DNP) and DNP output scales (α of 192 and β on each); shared across experts, every token uses them
+    for strategy_sets, scales in ((["strategy.preset=unified"], 2 * 128 + 2 * (192 + 1)),
+                                  (["strategy.preset=unified", "strategy.expert_scales=shared"], 0)):
+        assert main(["info", "cpu-moe", "--json", *(x for s in strategy_sets for x in ("--set", s))]) == 0
+        unified = json.loads(capsys.readouterr().out)
+        assert unified["parameters"] - unified["active_parameters"] == 4 * (4 - 2) * (per_expert + scales)
+        assert unified["flops_per_token"] == summary["flops_per_token"]  # the same matrices
 
 
 def imbalance_after_training(small_data, tmp_path, balance):

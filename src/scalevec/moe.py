@@ -73,6 +73,12 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = shared_expert
         self.aux_loss = None  # this forward's balancing losses, added to the objective by the trainer
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The parameters stacked one slice per routed expert: gate_up, down and per-expert scales (the router
+        and the shared scales serve every token)."""
+        scales = (*self.in_scales.values(), *self.out_scales.values())
+        return [self.gate_up, self.down, *(p for scale in scales for p in scale.parameters() if p.ndim == 2)]
+
     def _column_scale(self, scale: Scale | None) -> torch.Tensor | None:
         if scale is None:
             return None

@@ -13,20 +13,24 @@ def flops_per_token(model: Decoder, seq_len: int | None = None) -> int:
     not; routed experts only) plus attention's 12·layers·d_model·seq_len (PaLM's accounting;
     seq_len defaults to model.max_seq_len)."""
     c, infos = model.config, model.param_info()
-    matmul = active_parameters(model) - sum(p.numel() for name, p in model.named_parameters()
-                                            if infos[name].kind not in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER))
+    matrices = {id(p) for name, p in model.named_parameters() if infos[name].kind in (Kind.MATRIX, Kind.HEAD,
+                                                                                        Kind.ROUTER)}
+    matmul = sum(p.numel() for p in model.parameters() if id(p) in matrices) - _unrouted(model, matrices)
     if model.head is None:
         matmul += model.tok_emb.weight.numel()
     return 6 * matmul + 12 * c.n_layers * c.d_model * (seq_len or c.max_seq_len)
 
 
 def active_parameters(model: Decoder) -> int:
-    """Parameters one token uses: all, less the experts it is not routed to."""
-    total = sum(p.numel() for p in model.parameters())
-    for moe in model.moe_layers():
-        per_expert = (moe.gate_up.numel() + moe.down.numel()) // moe.experts
-        total -= (moe.experts - moe.top_k) * per_expert
-    return total
+    """Parameters one token uses: all, less those of the experts it is not routed to (their matrices and, with
+    per-expert scales, their scale vectors)."""
+    return sum(p.numel() for p in model.parameters()) - _unrouted(model)
+
+
+def _unrouted(model: Decoder, among: set[int] | None = None) -> int:
+    """Parameters of the routed experts one token is not sent to (only those whose id is in `among`, if given)."""
+    return sum((moe.experts - moe.top_k) * (p.numel() // moe.experts) for moe in model.moe_layers()
+               for p in moe.expert_parameters() if among is None or id(p) in among)
 
 
 def summarize(model: Decoder) -> dict:
