@@ -209,6 +209,35 @@ def test_eval_refuses_bad_input_in_one_line(eval_run, tmp_path, capsys):
     assert result["seq_len"] == 8 and result["stride"] == 8 and result["overall"]["tokens"] > 0
 
 
+def test_eval_joins_documents_with_an_export_s_eos_when_its_tokenizer_has_no_endoftext(eval_run, tmp_path, capsys):
+    # a user's own tokenizer (Llama 3's <|end_of_text|>, Mistral's </s>): the export's eos_token_id joins the
+    # documents, or --eos-id; with neither, one line naming the option
+    from scalevec.evaluate import evaluate
+
+    export, text = tmp_path / "export", tmp_path / "a.jsonl"
+    text.write_text(json.dumps({"text": "Call me Ishmael."}) + "\n" + json.dumps({"text": "Some years ago."}) + "\n")
+    assert main(["export", str(eval_run), "--to", str(export)]) == 0
+    capsys.readouterr()
+    expected = evaluate(export, [text], progress=False)["overall"]
+    tokenizer = json.loads((export / "tokenizer.json").read_text())
+    (token,) = [t for t in tokenizer["added_tokens"] if t["content"] == "<|endoftext|>"]
+    token["content"] = "</s>"
+    tokenizer["model"]["vocab"]["</s>"] = tokenizer["model"]["vocab"].pop("<|endoftext|>")
+    (export / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert evaluate(export, [text], progress=False)["overall"] == expected
+    config = json.loads((export / "config.json").read_text())
+    eos = config.pop("eos_token_id")
+    assert eos == token["id"]
+    (export / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(export), "--data", str(text)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no <|endoftext|> token" in err[0] and "--eos-id" in err[0], err
+    assert main(["eval", str(export), "--data", str(text), "--eos-id", str(eos), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] == expected
+    assert main(["eval", str(export), "--data", str(text), "--eos-id", "100000"]) == 2
+    assert "--eos-id 100000 is outside the model's vocabulary (0..511)" in capsys.readouterr().err
+
+
 def test_a_hand_edited_meta_json_is_one_line_for_eval_and_training(eval_run, small_data, tmp_path, capsys):
     from scalevec.data.loader import TokenWindows
     from scalevec.data.sources import DataError

@@ -424,7 +424,7 @@ def cmd_eval(args) -> None:
 
         _require(torch.cuda.is_available(), "--device cuda but no CUDA device is available; use --device cpu or auto")
     result = evaluate(args.source, args.data, args.seq_len, args.stride, args.batch_size, args.field, args.column,
-                      args.device)
+                      args.device, eos_id=args.eos_id)
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -604,6 +604,8 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ev.add_argument("--field", default="text", help="text field of .jsonl records")
     ev.add_argument("--column", default="text", help="text column of .parquet files")
+    ev.add_argument("--eos-id", type=int, help="id of the token that joins documents (default: the tokenizer's "
+                                               "<|endoftext|>, else an export's eos_token_id)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--json", action="store_true")
 

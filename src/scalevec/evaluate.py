@@ -12,6 +12,7 @@ loss in bits by the UTF-8 bytes of the documents, so they compare across tokeniz
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -83,7 +84,6 @@ def stream_loss(model: Decoder, tokens: np.ndarray, seq_len: int, stride: int, b
 
 
 @torch.no_grad()
-@torch.no_grad()
 def windows_loss(model: Decoder, windows: np.ndarray, batch_size: int) -> float:
     """Mean next-token loss in nats over fixed windows (n, length + 1), every target of every window, in fp32."""
     total = 0.0
@@ -94,9 +94,24 @@ def windows_loss(model: Decoder, windows: np.ndarray, batch_size: int) -> float:
     return total / windows[:, 1:].size
 
 
-def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: str, column: str
+def separator_id(source: Path, tokenizer: Tokenizer, vocab_size: int, eos_id: int | None) -> int | None:
+    """The token that joins documents: `eos_id` if given, else the tokenizer's <|endoftext|>, else the
+    `eos_token_id` an export's config.json declares (Llama 3's <|end_of_text|>, Mistral's </s>); None if none."""
+    if eos_id is None:
+        eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    if eos_id is None and not (source / "config.toml").is_file() and (source / "config.json").is_file():
+        declared = json.loads((source / "config.json").read_text()).get("eos_token_id")  # valid: load_model read it
+        declared = declared[0] if isinstance(declared, list) and declared else declared
+        eos_id = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        raise DataError(f"--eos-id {eos_id} is outside the model's vocabulary (0..{vocab_size - 1}); give the id of "
+                        "the token that separates documents")
+    return eos_id
+
+
+def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, eos: int | None, field: str, column: str
                ) -> tuple[np.ndarray, int, int]:
-    """(token stream, documents, UTF-8 bytes) of one input."""
+    """(token stream, documents, UTF-8 bytes) of one input; `eos` joins a file's documents."""
     if path.is_dir():
         if not (path / "meta.json").is_file():
             raise DataError(f"{path} is a directory without meta.json; give a prepared data directory or files")
@@ -113,9 +128,10 @@ def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: st
     if path.suffix not in USER_SUFFIXES:
         raise DataError(f"--data {path} has unsupported type {path.suffix!r}; use {', '.join(USER_SUFFIXES)} "
                         "or a prepared data directory")
-    eos = tokenizer.token_to_id(END_OF_TEXT)
     if eos is None:
-        raise DataError(f"the model's tokenizer {tokenizer_path} has no {END_OF_TEXT} token to join documents with")
+        raise DataError(f"the model's tokenizer {tokenizer_path} has no {END_OF_TEXT} token to join documents with "
+                        "(nor does an export's config.json name an eos_token_id); give the separator's id with "
+                        "--eos-id")
     documents = [text for text in read_documents(SourceFile(path, str(path)), field, column) if text]
     ids = [eos]
     for encoding in tokenizer.encode_batch_fast(documents, add_special_tokens=False):
@@ -126,9 +142,10 @@ def read_input(path: Path, tokenizer: Tokenizer, tokenizer_path: Path, field: st
 
 def evaluate(source: str | Path, data: list[str | Path], seq_len: int | None = None, stride: int | None = None,
              batch_size: int = 8, jsonl_field: str = "text", parquet_column: str = "text", device: str = "auto",
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, eos_id: int | None = None) -> dict:
     """Loss (nats per token), perplexity, bits per byte and token count of a run or export on each input
-    and over all of them, in fp32. seq_len defaults to the model's max_seq_len, stride to seq_len (no overlap)."""
+    and over all of them, in fp32. seq_len defaults to the model's max_seq_len, stride to seq_len (no overlap);
+    `eos_id` (the token that joins documents) to `separator_id`'s choice."""
     from .train.preflight import resolve_device
 
     if not data:
@@ -145,9 +162,11 @@ def evaluate(source: str | Path, data: list[str | Path], seq_len: int | None = N
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size} must be at least 1")
     tokenizer = load_tokenizer(tokenizer_path)
+    eos = separator_id(Path(source), tokenizer, model.config.vocab_size, eos_id)
     streams = []
     for item in data:
-        tokens, documents, num_bytes = read_input(Path(item), tokenizer, tokenizer_path, jsonl_field, parquet_column)
+        tokens, documents, num_bytes = read_input(Path(item), tokenizer, tokenizer_path, eos, jsonl_field,
+                                                  parquet_column)
         if len(tokens) < 2:
             raise DataError(f"--data {item} holds no text to score (fewer than 2 tokens)")
         if tokens.max() >= model.config.vocab_size:
