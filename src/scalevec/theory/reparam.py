@@ -27,8 +27,8 @@ def preconditioner(parameterization: str, d: int) -> torch.Tensor:
 
 
 def measured_rates(parameterization: str, d: int) -> dict:
-    """Rate of γ's change along the magnitude direction and orthogonal to it, per unit gradient, from one small "
-      "GD step."""
+    """Rate of γ's change along the magnitude direction and orthogonal to it, per unit gradient, from one small
+    GD step."""
     gen = torch.Generator().manual_seed(d)
     g = torch.randn(d, generator=gen, dtype=torch.float64)
     ones = torch.ones(d, dtype=torch.float64) / d**0.5
