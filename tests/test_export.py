@@ -251,6 +251,32 @@ def test_generate_cli(small_data, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Call me")
 
 
+def test_generate_stops_at_an_export_s_eos_when_its_tokenizer_has_no_endoftext(small_data, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A user's tokenizer (Llama 3's <|end_of_text|>, Mistral's </s>): generation ends at the export's
+    eos_token_id, or at --eos-id; an id outside the vocabulary is one line."""
+    import scalevec.generate
+
+    make_run(tmp_path / "run", small_data, strategy("standard"))
+    export = tmp_path / "export"
+    assert main(["export", str(tmp_path / "run"), "--to", str(export)]) == 0
+    tokenizer = json.loads((export / "tokenizer.json").read_text())
+    (token,) = [t for t in tokenizer["added_tokens"] if t["content"] == "<|endoftext|>"]
+    token["content"] = "</s>"
+    tokenizer["model"]["vocab"]["</s>"] = tokenizer["model"]["vocab"].pop("<|endoftext|>")
+    (export / "tokenizer.json").write_text(json.dumps(tokenizer))
+    stops = []
+    real = scalevec.generate.generate
+    monkeypatch.setattr(scalevec.generate, "generate", lambda *a, eos_id, **k: stops.append(eos_id) or real(*a, **k))
+    argv = ["generate", str(export), "--prompt", "Call me", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(argv) == 0 and main(argv + ["--eos-id", "7"]) == 0
+    assert stops == [json.loads((export / "config.json").read_text())["eos_token_id"], 7] and stops[0] == token["id"]
+    capsys.readouterr()
+    assert main(argv + ["--eos-id", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eos-id -1 is outside the model's vocabulary" in err[0], err
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_export_dtype_stores_the_rounded_fp32_export(small_data, tmp_path, dtype):
     from safetensors.torch import load_file

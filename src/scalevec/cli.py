@@ -390,7 +390,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from .data.prepare import load_tokenizer
-    from .evaluate import load_model
+    from .evaluate import load_model, separator_id
     from .generate import generate
 
     _require(math.isfinite(args.temperature) and args.temperature >= 0,
@@ -408,8 +408,9 @@ def cmd_generate(args) -> None:
     if room <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens, at least max_seq_len={model.config.max_seq_len}; "
                          "shorten it")
+    eos_id = separator_id(Path(args.source), tokenizer, model.config.vocab_size, args.eos_id)
     out = generate(model, torch.tensor([ids]), min(args.max_new_tokens, room), args.temperature, args.top_k,
-                   args.top_p, seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>"))
+                   args.top_p, seed=args.seed, eos_id=eos_id)
     print(tokenizer.decode(out[0].tolist()))
 
 
@@ -591,6 +592,8 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--top-k", type=int, default=50, help="0 = off")
     gen.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--eos-id", type=int, help="id of the token that ends a text (default: the tokenizer's "
+                                                "<|endoftext|>, else an export's eos_token_id)")
 
 
 def _eval_parser(sub) -> None:
