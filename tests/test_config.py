@@ -87,6 +87,7 @@ def test_bad_toml_file_is_a_config_error(tmp_path):
     (["info", "cpu-1m", "--set", "model.widht=3"], "unknown key model.widht"),
     (["info", "cpu-1m", "--set", "model.d_model=x"], "model.d_model: expected int"),
     (["info", "cpu-1m", "--set", "model.d_model=100", "--set", "model.n_heads=3"], "not divisible"),
+    (["info", "cpu-moe", "--set", "model.moe_every=99"], "model.moe_every=99 is above model.n_layers"),
     (["info", "nonsense"], "neither a config file nor a model preset"),
 ])
 def test_cli_config_errors_are_one_line_exit_2(args, message, capsys):

@@ -193,6 +193,9 @@ class ModelConfig:
                    f"model.moe_top_k={self.moe_top_k} must be in 1..model.moe_experts={self.moe_experts}")
             _check(self.moe_every > 0 and self.moe_d_expert >= 0,
                    "model.moe_every must be positive and moe_d_expert >= 0")
+            _check(self.moe_every <= self.n_layers, f"model.moe_every={self.moe_every} is above model.n_layers="
+                                                    f"{self.n_layers}, so no block routes; lower it, or set "
+                                                    "model.moe_experts=0 for a dense model")
             d_expert = self.moe_d_expert or self.d_ff
             _check(self.d_model % 8 == 0 and d_expert % 8 == 0,  # grouped GEMM rows 16-byte aligned in bf16
                    f"model.d_model={self.d_model} and the expert width {d_expert} must be multiples of 8 for MoE; "
