@@ -92,6 +92,22 @@ def test_corrupt_newest_checkpoint_falls_back(small_data, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_moe_resume_between_records_writes_the_metrics_of_an_uninterrupted_run(small_data, tmp_path):
+    """The expert load counted since the last record is part of the checkpoint: a resume from a checkpoint that is
+    not a log step (10 with log_every=3) records the same expert_imbalance at step 12 as a run never stopped."""
+    config = tiny_config(small_data, "train.steps=12", "train.log_every=3", "train.eval_every=6",
+                         "model.moe_experts=4", "model.moe_top_k=2", "moe.balance=bias")
+    Trainer(config, tmp_path / "straight", progress=False, log=quiet).run()
+    shutil.copytree(tmp_path / "straight", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000012")  # as if killed right after step 10's save
+    Trainer(config, tmp_path / "run", resume=True, progress=False, log=quiet).run()
+    expected, got = records(tmp_path / "straight"), records(tmp_path / "run")
+    assert [r["step"] for r in got] == [0, 3, 6, 9, 12] and "expert_imbalance" in got[-1]
+    assert [comparable(r) for r in got] == [comparable(r) for r in expected]
+    resumed = final_weights(tmp_path / "run")
+    assert all(torch.equal(t, resumed[k]) for k, t in final_weights(tmp_path / "straight").items())
+
+
 def test_flipped_byte_is_detected(small_data, tmp_path):
     Trainer(tiny_config(small_data, "train.steps=10"), tmp_path / "run", progress=False, log=quiet).run()
     path = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint
 from ..config import Config, to_dict
 from ..data.loader import Loader, split_global_batch
-from ..dist import World
+from ..dist import World, all_reduce
 from ..optim import Optimizers
 from ..outputs import first_line, writing
 from ..rundir import RunDirError, TrainError
@@ -115,6 +115,9 @@ class CheckpointManager:
         """A checkpoint of the current step (every rank calls it)."""
         step = self.counters.step
         trainer_state, rng_json = rng_states()
+        if self.model.moe_layers():  # the expert load counted since the last metrics record, over all ranks
+            trainer_state["expert_log_load"] = all_reduce(
+                torch.stack([moe.log_load for moe in self.model.moe_layers()]), self.world).cpu()
         if self.sharded:
             from torch.distributed.checkpoint import save
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -168,9 +171,19 @@ class CheckpointManager:
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})") from None
         set_rng_states(trainer_state, state)
+        self._restore_expert_load(trainer_state.get("expert_log_load"))
         self.loader.load_state_dict(state["loader"])
         self.counters.step, self.counters.skipped, self.counters.global_batch = \
             state["step"], state["skipped"], global_batch
+
+    def _restore_expert_load(self, saved: torch.Tensor | None) -> None:
+        """The expert load counted since the last metrics record when the checkpoint was written, on rank 0 (the
+        record sums it over ranks), so the first record after a resume is the one of an uninterrupted run; a
+        checkpoint written before scalevec saved it counts from the resume."""
+        for i, moe in enumerate(self.model.moe_layers()):
+            keep = saved is not None and self.world.main and saved.shape == (len(self.model.moe_layers()),
+                                                                              moe.log_load.numel())
+            moe.log_load.copy_(saved[i] if keep else torch.zeros_like(moe.log_load))
 
     def _load_shards(self, path: Path) -> None:
         """A torch.distributed.checkpoint (an FSDP2 run's) into this layout: DCP reshards to this world's shards,
