@@ -61,7 +61,7 @@ def two_ranks(config_path, out, *sets, resume=False):
 
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss"), r.get("expert_imbalance")) for r in rows]
 
 
 def assert_same_losses(a, b, tolerance=TOLERANCE):
@@ -87,7 +87,9 @@ def weights(run_dir):
 
 @pytest.mark.parametrize("sets", [(), ("model.moe_experts=4", "moe.balance=bias", "moe.bias_rate=0.05")])
 def test_ddp_matches_single_process(config_path, tmp_path, sets):
-    """With MoE, the expert bias moves from the load summed over both ranks, as from one process's load."""
+    """With MoE, the expert bias moves from the load summed over both ranks, as from one process's load, and the
+    expert imbalance of each record is that of one process (DDP broadcast rank 0's buffers, its routed-token counts
+    included, over the other ranks' before each forward)."""
     reference = single(config_path, tmp_path / "single", *sets)
     ddp = two_ranks(config_path, tmp_path / "ddp", "dist.mode=ddp", *sets)
     assert_same_losses(ddp, reference)

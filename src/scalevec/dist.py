@@ -90,7 +90,9 @@ def close_world() -> None:
 def wrap(model: nn.Module, mode: str, bf16: bool) -> nn.Module:
     """The module to call for training: DDP around `model`, or `model` itself sharded in place by FSDP2."""
     if mode == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
+        # no buffer broadcast: rank 0's would overwrite each rank's own counts of routed tokens (MoE step_load,
+        # log_load, summed over ranks where they are read); the other buffers are constants or move alike on all
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     if mode == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
