@@ -42,7 +42,31 @@ def sandbox(small_data, tmp_path):
     shutil.copytree(run, tmp_path / "blocked")  # a file where the checkpoints go
     shutil.rmtree(tmp_path / "blocked" / "checkpoints")
     (tmp_path / "blocked" / "checkpoints").write_text("a user's file")
+    shutil.copytree(run, tmp_path / "edited")  # a config.toml edited since its checkpoint was written
+    edited = tmp_path / "edited" / "config.toml"
+    edited.write_text(edited.read_text().replace("d_model = 32", "d_model = 48"))
+    tiny_dir(tmp_path, small_data)
     return tmp_path, config, small_data
+
+
+def tiny_data(tmp: Path, data: Path) -> list[str]:
+    """--set arguments for 201 training windows of 33 tokens (prepared by tiny_dir)."""
+    return ["--set", f"data.dir={tmp / 'tiny'}", "--set", "data.sources=[]", "--set",
+            f"data.inputs=[\"{tmp / 'texts'}\"]", "--set", f"data.tokenizer={data / 'tokenizer.json'}"]
+
+
+def tiny_dir(tmp: Path, data: Path) -> None:
+    import random
+
+    from scalevec.config import DataConfig
+    from scalevec.data.prepare import prepare
+
+    (tmp / "texts").mkdir()
+    words = random.Random(0).choices(["the", "whale", "sea", "ship", "paradise", "lost", "night", "light"], k=1800)
+    for i in range(12):
+        (tmp / "texts" / f"doc{i}.txt").write_text(" ".join(words[150 * i:150 * (i + 1)]))
+    prepare(DataConfig(dir=str(tmp / "tiny"), sources=[], inputs=[str(tmp / "texts")],
+                       tokenizer=str(data / "tokenizer.json"), vocab_size=512), progress=False, log=lambda *_: None)
 
 
 def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]:
@@ -90,6 +114,13 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
          "matches no file"),
         ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.val_fraction=0"],
          "data.val_fraction=0 prepares no validation split"),  # was refused after preparing all of it
+        # the dry run passed these four, which only the start's data loader and checkpoint loading refused
+        ([c, "--out", out, *tiny_data(tmp, data), "--set", "train.batch_size=300"], "too few for batches of 300"),
+        ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=8", "--set",
+          "model.d_model=48"], "does not fit this run's model (tensor blocks.0.attn.o.weight: shape (32, 32)"),
+        ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=8", "--set", "seed=3"],
+         "data loader had seed=0"),
+        (["--resume", "--out", str(tmp / "edited")], "does not fit this run's model (tensor"),
     ]
 
 

@@ -96,6 +96,33 @@ def read_checkpoint(path: Path, state: dict) -> dict:
     return loaded
 
 
+def model_shapes(path: Path, loaded: dict) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every model tensor of a checkpoint read by read_checkpoint() (an FSDP2 one's from its
+    torch.distributed.checkpoint metadata, without reading the shards)."""
+    if "model" in loaded:
+        return {name: tuple(tensor.shape) for name, tensor in loaded["model"].items()}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        stored = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+    except Exception as err:  # a missing or unreadable .metadata
+        raise CheckpointError(f"{path / 'dcp'}: {type(err).__name__}: {first_line(err)}") from None
+    return {key.removeprefix("model."): tuple(meta.size) for key, meta in stored.items() if key.startswith("model.")}
+
+
+def check_fits(path: Path, loaded: dict, expected: dict[str, tuple[int, ...]]) -> None:
+    """CheckpointError naming the first tensor a checkpoint's model and this run's model (`expected`: name ->
+    shape) do not share at one shape: a checkpoint of another model, or a config.toml edited since it was written.
+    The start and its preflight (the dry run) both ask this, before anything is loaded."""
+    stored = model_shapes(path, loaded)
+    for name in sorted(set(stored) | set(expected)):
+        if stored.get(name) != expected.get(name):
+            held = f"shape {stored[name]}" if name in stored else "no such tensor"
+            wanted = f"shape {expected[name]}" if name in expected else "no such tensor"
+            raise CheckpointError(f"{path} does not fit this run's model (tensor {name}: {held} in the checkpoint, "
+                                  f"{wanted} in this model)")
+
+
 def unusable(err: CheckpointError) -> RunDirError:
     """A resume that finds checkpoints but none it can use: refused, nothing changed."""
     return RunDirError(f"{err}; nothing was changed: restore a checkpoint, or start again with --overwrite")
@@ -160,6 +187,7 @@ class CheckpointManager:
         state, trainer_state = loaded["state"], loaded["trainer"]
         global_batch = recorded_global_batch(state) if own else self.counters.global_batch
         split_global_batch(global_batch, self.world.size, self.config.train.batch_size)  # refused before any change
+        check_fits(path, loaded, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
         try:
             if (path / "dcp").is_dir():
                 self._load_shards(path / "dcp")

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError, load_file_checked, newest_usable, verify_checkpoint
 from ..config import Config, ConfigError, DataConfig
-from ..data.loader import TokenWindows, check_compatible
+from ..data.loader import Loader, TokenWindows, check_compatible, split_global_batch
 from ..data.prepare import own_files, require_prepared
 from ..data.sources import DataError, resolve_sources
 from ..model import Decoder
 from ..outputs import DirectoryLock, OutputError, claim_directory, contains
 from ..rundir import RunDirError, check_run_dir, has_content, read_metrics
-from .checkpointing import read_checkpoint, unusable
+from .checkpointing import check_fits, read_checkpoint, recorded_global_batch, unusable
 from .loggers import check_loggers
 
 
@@ -106,15 +106,26 @@ def read_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def model_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of the config's model (built on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in Decoder(config.model, config.strategy, config.moe
+                                                            ).state_dict().items()}
+
+
+def branch_misfit(err: CheckpointError) -> ConfigError:
+    """train.branch_from names a checkpoint of another model (the dry run and the start say so alike)."""
+    return ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model")
+
+
 def _init_weights(config: Config) -> dict[str, torch.Tensor] | None:
     path = Path(config.train.init_from)
     if not config.train.init_from:
         return None
     state = read_weights(path, "train.init_from")
-    with torch.device("meta"):
-        expected = Decoder(config.model, config.strategy, config.moe).state_dict()
+    expected = model_shapes(config)
     for name in sorted(set(expected) | set(state)):
-        if name not in state or name not in expected or state[name].shape != expected[name].shape:
+        if name not in state or name not in expected or tuple(state[name].shape) != expected[name]:
             raise ConfigError(f"train.init_from {path} does not fit this model (tensor {name}); "
                               "use weights written for this config")
     return state
@@ -131,6 +142,10 @@ def _branch(config: Config) -> tuple[Path, dict] | None:
     if loaded["state"]["step"] >= config.train.steps:
         raise ConfigError(f"train.branch_from is at step {loaded['state']['step']}, not below train.steps="
                           f"{config.train.steps}; raise train.steps")
+    try:
+        check_fits(path, loaded, model_shapes(config))
+    except CheckpointError as err:
+        raise branch_misfit(err) from None
     return path, loaded
 
 
@@ -171,20 +186,27 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
     if contains(config.data.dir, run_dir):
         raise DataError(f"data.dir {config.data.dir} is or contains the run directory {run_dir}; "
                         "choose another data.dir")
-    resume_from = None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    found = None  # (the checkpoint a resume continues from, its files read)
     if resume and has_content(run_dir):  # what a resume reads before it changes anything
         if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
             raise RunDirError(f"{run_dir / 'checkpoints'} is not a directory, so no checkpoint can be saved there; "
                               "move it away, or start a new --out")
+        shapes = model_shapes(config)
+
+        def usable(path: Path, state: dict) -> dict:  # what the start's restore checks before it loads anything
+            loaded = read_checkpoint(path, state)
+            split_global_batch(recorded_global_batch(state), world_size, t.batch_size)
+            check_fits(path, loaded, shapes)
+            return loaded
+
         try:
             with warnings.catch_warnings():  # the start's restore says which ones it skips
                 warnings.simplefilter("ignore")
-                found = newest_usable(run_dir / "checkpoints", read_checkpoint)
+                found = newest_usable(run_dir / "checkpoints", usable)
         except CheckpointError as err:
             raise unusable(err) from None
-        resume_from = found[0] if found else None
         read_metrics(run_dir)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     windows = val_windows = None
     data_dir = check_data(config.data)  # None: `scalevec train` prepares it after this (the Trainer needs it)
     if data_dir is not None:
@@ -193,10 +215,18 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
             raise DataError(f"{data_dir} has no validation window of {t.seq_len + 1} tokens; set data.val_fraction "
                             "> 0 or use more data")
         check_compatible(windows, config.data.tokenizer, config.model.vocab_size)
+    branch = _branch(config)
+    if windows is not None:  # the data loader the start builds, at the position it would continue from
+        loader = Loader(windows, t.batch_size, config.seed, 0, world_size)
+        continued = found[1]["state"] if found else branch[1]["state"] if branch else None
+        if continued is not None:
+            loader.load_state_dict(continued["loader"])
+            global_batch = recorded_global_batch(continued) if found else t.batch_size * t.grad_accum * world_size
+            loader.batch_size = split_global_batch(global_batch, world_size, t.batch_size)[0]
     try:  # last, as the start takes the lock last; by rank 0 only, which takes it (the others may start later)
         if os.environ.get("RANK", "0") == "0":
             DirectoryLock.check_free(run_dir, "run directory")
     except OutputError as err:
         raise RunDirError(str(err)) from None
-    return Plan(config, run_dir, resume, resume_from, device, world_size, data_dir, windows, val_windows,
-                _branch(config), _init_weights(config))
+    return Plan(config, run_dir, resume, found[0] if found else None, device, world_size, data_dir, windows,
+                val_windows, branch, _init_weights(config))

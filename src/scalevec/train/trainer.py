@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data.loader import Loader, split_global_batch, validation_batches
 from ..data.prepare import require_prepared
 from ..data.references import bits_per_byte
@@ -40,7 +40,7 @@ from .checkpointing import CheckpointManager, Counters
 from .diagnostics import scale_diagnostics
 from .loggers import LOGGERS, ProgressLines
 from .preempt import StoppedEarly, StopRequests
-from .preflight import Plan, preflight
+from .preflight import Plan, branch_misfit, preflight
 from .utilization import mfu, peak_tflops
 
 
@@ -142,7 +142,7 @@ class Trainer:
             try:
                 self.checkpoints.apply(*self.branch)
             except CheckpointError as err:
-                raise ConfigError(f"train.branch_from: {err}; branch from a checkpoint of this model") from None
+                raise branch_misfit(err) from None
             self.log(f"branched from {self.branch[0]} at step {self.step}")
         self.loader.batch_size, self.grad_accum = split_global_batch(self.counters.global_batch, world.size,
                                                                      t.batch_size)
