@@ -355,7 +355,11 @@ def test_no_valid_checkpoint_refuses_and_changes_nothing(finished_run, tmp_path,
         assert snapshot(tmp_path) == before
 
 
-def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tmp_path):
+@pytest.mark.parametrize("spoil", [lambda path: _flip(path / "model.safetensors"), _pickle_payload],
+                         ids=["corrupt", "verifies-but-unusable"])
+def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tmp_path, spoil):
+    """Stale checkpoints the resume skipped never count: neither a corrupt one nor one whose forged hashes verify
+    but whose trainer.pt weights_only refuses (those pushed out the checkpoint just written, leaving none usable)."""
     config = tiny_config(small_data, "train.steps=30", "train.keep_checkpoints=2", "train.checkpoint_every=5")
     Trainer(config, tmp_path / "straight", progress=False, log=quiet).run()
     shutil.copytree(tmp_path / "straight", tmp_path / "run")
@@ -364,7 +368,7 @@ def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tm
     shutil.rmtree(root / "step_00000030")  # as if killed before the last save...
     for name in ("step_00000090", "step_00000095"):  # ...beside stale corrupt checkpoints that sort newer
         shutil.copytree(root / "step_00000025", root / name)
-        _flip(root / name / "model.safetensors")
+        spoil(root / name)
     lines = []
     with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
         Trainer(config, tmp_path / "run", resume=True, progress=False, log=lines.append).run()

@@ -59,8 +59,9 @@ def _state_digest(state: dict) -> str:
 
 
 def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], state: dict, keep: int,
-                    world: World = SINGLE_PROCESS) -> Path:
-    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep`.
+                    world: World = SINGLE_PROCESS, unusable: frozenset[Path] = frozenset()) -> Path:
+    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep` (of those not in
+    `unusable`: checkpoints a resume skipped although they verify, e.g. a trainer.pt weights_only refuses).
 
     Every rank calls this; `write_files(tmp_dir)` runs on every rank (a sharded save is collective),
     the rest on rank 0.
@@ -86,7 +87,7 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync(root)
-            prune(root, keep, final)
+            prune(root, keep, final, unusable)
     except BaseException:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -95,9 +96,10 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
     return final
 
 
-def prune(root: Path, keep: int, newest: Path) -> None:
-    """Delete valid checkpoints beyond the newest `keep` valid ones; an invalid one never counts or pushes one out."""
-    valid = [p for p in list_checkpoints(root) if p == newest or is_valid(p)]
+def prune(root: Path, keep: int, newest: Path, unusable: frozenset[Path] = frozenset()) -> None:
+    """Delete valid checkpoints beyond the newest `keep` valid ones; an invalid or `unusable` one never counts or
+    pushes one out."""
+    valid = [p for p in list_checkpoints(root) if p == newest or (p not in unusable and is_valid(p))]
     for old in valid[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..checkpoint import CheckpointError, load_file_checked, newest_usable, save_checkpoint
+from ..checkpoint import CheckpointError, list_checkpoints, load_file_checked, newest_usable, save_checkpoint
 from ..config import Config, to_dict
 from ..data.loader import Loader, split_global_batch
 from ..dist import World, all_reduce
@@ -137,6 +137,7 @@ class CheckpointManager:
         self.root, self.config, self.world = run_dir / "checkpoints", config, world
         self.model, self.optimizers, self.loader, self.counters, self.sharded = model, optimizers, loader, counters, \
             sharded
+        self.skipped: frozenset[Path] = frozenset()  # checkpoints restore() passed over: pruning never keeps them
 
     def save(self) -> None:
         """A checkpoint of the current step (every rank calls it)."""
@@ -168,7 +169,8 @@ class CheckpointManager:
 
         with writing(f"the checkpoint of step {step}", "resume with --resume",
                      kept="earlier checkpoints are intact", error=TrainError):
-            save_checkpoint(self.root, step, write_files, state, self.config.train.keep_checkpoints, self.world)
+            save_checkpoint(self.root, step, write_files, state, self.config.train.keep_checkpoints, self.world,
+                            self.skipped)
 
     def restore(self) -> Path | None:
         """Apply the newest usable checkpoint (falling back past any that does not verify, read or fit); None when
@@ -178,6 +180,8 @@ class CheckpointManager:
                                                                             own=True))
         except CheckpointError as err:
             raise unusable(err) from None
+        if found:  # those newer than the one continued from verify or not, but could not be used
+            self.skipped = frozenset(p for p in list_checkpoints(self.root) if p > found[0])
         return found[0] if found else None
 
     def apply(self, path: Path, loaded: dict, own: bool = False) -> None:
