@@ -260,3 +260,19 @@ def test_wsd_decay_launched_from_a_stable_checkpoint(small_data, tmp_path):
     with pytest.raises(ConfigError, match="branch_from"):
         Trainer(tiny_config(small_data, *sets, f"train.branch_from={tmp_path}"), tmp_path / "bad", progress=False,
                 log=quiet)
+
+
+def test_a_branch_trains_with_its_own_optimizer_settings_and_the_checkpoints_state(small_data, tmp_path):
+    """A branch's config sets the learning rate and betas (its records say so); the checkpoint gives the moments.
+    It took the checkpoint's base_lr and betas while its metrics reported its own lr."""
+    Trainer(tiny_config(small_data, "train.steps=10"), tmp_path / "main", progress=False, log=quiet).run()
+    source = tmp_path / "main" / "checkpoints" / "step_00000010"
+    config = tiny_config(small_data, "train.steps=12", "optim.lr=0.02", "optim.beta2=0.9",
+                         f"train.branch_from={source}")
+    trainer = Trainer(config, tmp_path / "branch", progress=False, log=quiet)
+    with trainer._run_directory():
+        groups = trainer.optimizers.param_groups
+        assert all(g["base_lr"] == pytest.approx(0.02 * g["lr_mult"]) and g["betas"] == (0.9, 0.9) for g in groups)
+        saved = torch.load(source / "trainer.pt", weights_only=True)["optimizers"]["state"]
+        assert all(torch.equal(trainer.optimizers.state[p]["exp_avg"], saved[i]["exp_avg"])
+                   for i, p in enumerate(p for g in groups for p in g["params"]))

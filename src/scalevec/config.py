@@ -412,8 +412,9 @@ class TrainConfig:
     init_from: str = ""
     """Safetensors weights to start from instead of a random init (e.g. written by `scalevec import`)."""
     branch_from: str = ""
-    """Another run's checkpoint directory to continue from in this new run (weights, optimizer, data position,
-    step): e.g. a WSD decay launched from a stable-phase checkpoint."""
+    """Another run's checkpoint directory to continue from in this new run (weights, optimizer state, data position,
+    step; the optimizer's settings, such as its learning rate, are this config's): e.g. a WSD decay launched from a
+    stable-phase checkpoint."""
     loggers: list[LoggerName] = field(default_factory=list)
     """Also log metrics to: `tensorboard`, `csv` (RUN_DIR/metrics.csv), `wandb` (extras `scalevec[tensorboard]`,
     `scalevec[wandb]`); metrics.jsonl is always written."""

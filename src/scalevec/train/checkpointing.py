@@ -192,6 +192,9 @@ class CheckpointManager:
         global_batch = recorded_global_batch(state) if own else self.counters.global_batch
         split_global_batch(global_batch, self.world.size, self.config.train.batch_size)  # refused before any change
         check_fits(path, loaded, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
+        # torch's load_state_dict also takes the saved groups' settings (base_lr, betas, weight decay...): this
+        # run's config sets them (a branch may change them), the checkpoint gives the state (moments, step counts)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizers.param_groups]
         try:
             if (path / "dcp").is_dir():
                 self._load_shards(path / "dcp")
@@ -202,6 +205,8 @@ class CheckpointManager:
                 self.optimizers.load_state_dict(trainer_state["optimizers"])
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise CheckpointError(f"{path} does not fit this run's model or optimizer ({first_line(err)})") from None
+        for group, own in zip(self.optimizers.param_groups, settings, strict=True):
+            group.update(own)
         set_rng_states(trainer_state, state)
         self._restore_expert_load(trainer_state.get("expert_log_load"))
         self.loader.load_state_dict(state["loader"])
