@@ -114,13 +114,16 @@ def refusals(tmp: Path, config: Path, data: Path) -> list[tuple[list[str], str]]
          "matches no file"),
         ([c, "--out", out, "--set", f"data.dir={tmp / 'nodata'}", "--set", "data.val_fraction=0"],
          "data.val_fraction=0 prepares no validation split"),  # was refused after preparing all of it
-        # the dry run passed these four, which only the start's data loader and checkpoint loading refused
+        # the dry run passed these four, which only the start's data loader and checkpoint loading refused (and the
+        # fifth, OR scales read as ER, neither refused)
         ([c, "--out", out, *tiny_data(tmp, data), "--set", "train.batch_size=300"], "too few for batches of 300"),
         ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=8", "--set",
           "model.d_model=48"], "does not fit this run's model (tensor blocks.0.attn.o.weight: shape (32, 32)"),
         ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=8", "--set", "seed=3"],
          "data loader had seed=0"),
         (["--resume", "--out", str(tmp / "edited")], "does not fit this run's model (tensor"),
+        ([c, "--out", out, "--set", f"train.branch_from={checkpoint}", "--set", "train.steps=8", "--set",
+          "strategy.scale=er"], "holds strategy.scale=or scales"),  # the same tensors: it loaded them silently
     ]
 
 

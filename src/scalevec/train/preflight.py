@@ -146,6 +146,11 @@ def _branch(config: Config) -> tuple[Path, dict] | None:
         check_fits(path, loaded, model_shapes(config))
     except CheckpointError as err:
         raise branch_misfit(err) from None
+    theirs = (loaded["state"].get("config") or {}).get("strategy", {}).get("scale", config.strategy.scale)
+    if theirs != config.strategy.scale:  # OR and ER scales are tensors of one shape: direction vs log-direction
+        raise ConfigError(f"train.branch_from {path} holds strategy.scale={theirs} scales, which this run would read "
+                          f"as {config.strategy.scale} (another function of the same tensors); branch with "
+                          f"strategy.scale={theirs}")
     return path, loaded
 
 
