@@ -223,6 +223,37 @@ def test_simulated_full_disk_at_each_trainer_write_site(small_data, tmp_path, mo
     assert not (tmp_path / "fresh").exists()
 
 
+def test_a_full_disk_under_a_logger_is_the_one_line_of_metrics_jsonl(small_data, tmp_path, monkeypatch, capsys):
+    """metrics.csv's append failing says which file and to resume (it said 'writing failed' and to run the command
+    again, which the existing run directory refuses); resuming ends as a straight run does, the CSV complete."""
+    config = tiny_config(small_data, "train.steps=20", 'train.loggers=["csv"]')
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(config))
+    Trainer(config, tmp_path / "straight", progress=False, log=quiet).run()
+    real_open, calls = Path.open, {"n": 0}
+
+    def failing_open(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.csv" and mode == "a":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(self, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", failing_open)
+        assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 1
+    message = one_line_error(capsys)
+    assert f"writing {tmp_path / 'run' / 'metrics.csv'} failed (No space left on device)" in message, message
+    assert "resume with --resume" in message
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    expected, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "run")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    def csv_steps(run):
+        return [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()]
+    assert csv_steps(tmp_path / "run") == csv_steps(tmp_path / "straight") == ["step", "0", "5", "10", "15", "20"]
+
+
 @pytest.mark.parametrize("error, reason, remedy", [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device", "free space"),
     (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "quota", "free space"),

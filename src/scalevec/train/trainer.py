@@ -263,11 +263,15 @@ class Trainer:
     def _write(self, record: dict) -> None:
         if not self.world.main:
             return
-        with writing(f"{self.metrics_path}", "resume with --resume", kept="the last checkpoint is intact",
-                     error=TrainError):
+
+        def failed_write(path: Path):  # metrics.jsonl's and the loggers' (metrics.csv...): one line, resumable
+            return writing(f"{path}", "resume with --resume", kept="the last checkpoint is intact", error=TrainError)
+
+        with failed_write(self.metrics_path):
             append_line(self.metrics_path, json.dumps(record))
         for logger in self.loggers:
-            logger.log(record)
+            with failed_write(getattr(logger, "path", self.run_dir)):
+                logger.log(record)
 
     def _eval_record(self) -> dict:
         """Validation metrics, scale diagnostics, and the device the run computes on (a record made elsewhere, e.g.
