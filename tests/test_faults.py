@@ -410,6 +410,30 @@ def test_pruning_never_drops_a_valid_checkpoint_for_a_corrupt_one(small_data, tm
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_process_killed_while_pruning_leaves_no_half_deleted_checkpoint(small_data, tmp_path, monkeypatch):
+    """Pruning renames a checkpoint before removing it, and the next save removes what a killed one left: a
+    half-deleted checkpoint (state.json gone) counted as corrupt, so pruning never removed it (seen after SIGKILLs)."""
+    config = tiny_config(small_data, "train.steps=40", "train.keep_checkpoints=2")
+
+    class Killed(BaseException):
+        pass
+
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        if Path(path).parent.name == "checkpoints" and (Path(path) / "state.json").exists():
+            (Path(path) / "state.json").unlink()  # the first file gone, then the process dies
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(checkpoint_module.shutil, "rmtree", dying_rmtree)
+        Trainer(config, tmp_path / "run", progress=False, log=quiet).run()
+    Trainer(config, tmp_path / "run", resume=True, progress=False, log=quiet).run()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000030", "step_00000040"]
+
+
 def test_branch_and_init_weights_are_checked_before_the_run_is_written(finished_run, small_data, tmp_path, capsys):
     source = copy_run(finished_run, tmp_path)
     _pickle_payload(source / "checkpoints" / "step_00000010")

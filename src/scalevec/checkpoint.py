@@ -10,7 +10,8 @@ A checkpoint is written to a temporary directory, every file fsync'ed, then rena
 so a crash or a full disk leaves the previous checkpoints as they were. `state.json` is written
 last and records every other file's SHA-256 and its own (over the rest of its content), so a
 truncated, corrupted or edited checkpoint is recognised and skipped. Pruning counts only checkpoints
-that verify: a corrupt one never pushes a valid one out.
+that verify: a corrupt one never pushes a valid one out. A pruned checkpoint is renamed to .del-NAME
+before it is removed, and the next save removes what a killed process left (.del-, .tmp-).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
     tmp = root / f".tmp-{final.name}"
     if world.main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:  # of a process killed while writing or deleting
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier(world)
     try:
@@ -84,7 +86,7 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
             for path in [*files, tmp / "state.json"]:
                 _fsync(path)
             if final.exists():
-                shutil.rmtree(final)
+                _delete(final)
             tmp.rename(final)
             _fsync(root)
             prune(root, keep, final, unusable)
@@ -101,7 +103,15 @@ def prune(root: Path, keep: int, newest: Path, unusable: frozenset[Path] = froze
     pushes one out."""
     valid = [p for p in list_checkpoints(root) if p == newest or (p not in unusable and is_valid(p))]
     for old in valid[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+
+
+def _delete(checkpoint: Path) -> None:
+    """Rename, then remove: a process killed midway leaves a .del- directory that the next save removes, never a
+    half-deleted checkpoint, which would look corrupt and so stay (pruning removes only valid ones)."""
+    trash = checkpoint.with_name(f".del-{checkpoint.name}")
+    checkpoint.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
