@@ -243,7 +243,7 @@ def test_npy_with_a_header_imports_at_its_offset_and_trains(tmp_path, tokenizer,
 
     from scalevec.evaluate import read_input  # `scalevec eval --data` reads the same tokens
 
-    evaluated, _, _ = read_input(out, Tokenizer.from_file(str(tokenizer)), tokenizer, "text", "text")
+    evaluated, _, _ = read_input(out, Tokenizer.from_file(str(tokenizer)), tokenizer, meta["eos_id"], "text", "text")
     assert np.array_equal(evaluated, arrays["val"])
     train_briefly(out, tokenizer, tmp_path / "run")
 
