@@ -1,6 +1,7 @@
 """Issue "Fits the user's own stack": logs where users look, version and environment, dry runs."""
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -61,6 +62,35 @@ def test_wandb_logger_is_offline_by_default_and_one_run_per_directory(small_data
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000010")
     Trainer(config, tmp_path / "run", resume=True, progress=False, log=quiet).run()
     assert calls[0][1]["id"] == first_id and calls[0][1]["resume"] == "allow"
+
+
+def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(small_data, tmp_path, monkeypatch):
+    writers = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step, self.steps = log_dir, purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, key, value, step):
+            self.steps.append(step)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "tensorboard" else
+                        find_spec(name, *a))
+    config = tiny_config(small_data, "train.steps=10", "train.checkpoint_every=5", "train.log_every=3",
+                         "train.loggers=tensorboard")
+    Trainer(config, tmp_path / "run", progress=False, log=quiet).run()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000010")
+    Trainer(config, tmp_path / "run", resume=True, progress=False, log=quiet).run()
+    first, resumed = writers
+    assert first.purge_step is None and first.log_dir == str(tmp_path / "run" / "tensorboard")
+    assert sorted(set(first.steps)) == [0, 3, 6, 9, 10]  # a record every 3 steps, and the last step
+    assert resumed.purge_step == 4 and min(resumed.steps) == 6  # step 6's record, and later, are written again
 
 
 def test_missing_logger_package_is_refused_before_anything_is_written(small_data, tmp_path, monkeypatch):

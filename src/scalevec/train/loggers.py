@@ -4,7 +4,9 @@ resuming truncates to the checkpoint): TensorBoard, a CSV file and Weights & Bia
 cluster job), where a progress bar would print nothing until the end.
 
 Every logger gets the same scalar records. The CSV file is rewritten from metrics.jsonl when a run
-starts or resumes, so it never holds steps that resuming discarded.
+starts or resumes, and TensorBoard purges the steps after the last record kept, so neither holds steps
+that resuming discarded. W&B continues its run (`resume="allow"`), which ignores steps it has already
+seen: after a resume, the steps between the checkpoint and the interruption keep their first values there.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class TensorBoard:
     def __init__(self, run_dir: Path, config: Config, resume: bool):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        # a resume discards the event files' steps after the checkpoint, as it truncated metrics.jsonl
+        kept = read_metrics(run_dir) if resume else []
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=kept[-1]["step"] + 1 if kept else None)
 
     def log(self, record: dict) -> None:
         for key, value in _scalars(record).items():
