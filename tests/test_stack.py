@@ -33,6 +33,13 @@ def test_csv_logger_mirrors_metrics_and_follows_a_resume(small_data, tmp_path):
     assert [int(r["step"]) for r in rows] == [r["step"] for r in records(tmp_path / "run")] == [0, 5, 10, 15, 20]
 
 
+def _pretend_installed(monkeypatch, package: str) -> None:
+    """check_loggers finds `package`; every other lookup (torch's own imports among them) stays real."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == package else
+                        find_spec(name, *a))
+
+
 def test_wandb_logger_is_offline_by_default_and_one_run_per_directory(small_data, tmp_path, monkeypatch):
     calls = []
 
@@ -48,7 +55,7 @@ def test_wandb_logger_is_offline_by_default_and_one_run_per_directory(small_data
         return FakeRun()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    _pretend_installed(monkeypatch, "wandb")
     config = tiny_config(small_data, "train.steps=10", "train.checkpoint_every=5", "train.loggers=wandb",
                          "train.wandb_project=p")
     Trainer(config, tmp_path / "run", progress=False, log=quiet).run()
@@ -79,9 +86,7 @@ def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(small_data, tm
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "tensorboard" else
-                        find_spec(name, *a))
+    _pretend_installed(monkeypatch, "tensorboard")
     config = tiny_config(small_data, "train.steps=10", "train.checkpoint_every=5", "train.log_every=3",
                          "train.loggers=tensorboard")
     Trainer(config, tmp_path / "run", progress=False, log=quiet).run()
