@@ -189,6 +189,19 @@ def _unusable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: {type(err).__name__}: {first_line(err)}")
 
 
+def sharded_model_tensors(dcp: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the model tensors a torch.distributed.checkpoint (an FSDP2 run's) holds, from its
+    metadata alone; CheckpointError if that cannot be read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        stored = FileSystemReader(str(dcp)).read_metadata().state_dict_metadata
+    except Exception as err:  # a missing or unreadable .metadata
+        raise _unusable(dcp, err) from None
+    return {key.removeprefix("model."): (tuple(meta.size), meta.properties.dtype) for key, meta in stored.items()
+            if key.startswith("model.")}
+
+
 # -- reading a run's weights (export, generate, evaluation) ------------------------------------------------------
 
 def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
@@ -197,14 +210,13 @@ def run_weights(run_dir: Path, config: Config) -> dict[str, torch.Tensor]:
     def read(path: Path, state: dict) -> dict[str, torch.Tensor]:
         if not (path / "dcp").is_dir():
             return load_file_checked(path / "model.safetensors", load_file)
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.api import CheckpointException
 
         # tensors of the shapes the checkpoint holds, not the config's: load_run_model names any difference
+        full = {"model": {name: torch.empty(shape, dtype=dtype)
+                          for name, (shape, dtype) in sharded_model_tensors(path / "dcp").items()}}
         try:
-            stored = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-            full = {"model": {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-                              for key, meta in stored.items() if key.startswith("model.")}}
             with warnings.catch_warnings():  # one process: DCP warns that it assumes so
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
                 load(full, checkpoint_id=path / "dcp")

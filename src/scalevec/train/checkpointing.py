@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..checkpoint import CheckpointError, list_checkpoints, load_file_checked, newest_usable, save_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_file_checked,
+    newest_usable,
+    save_checkpoint,
+    sharded_model_tensors,
+)
 from ..config import Config, to_dict
 from ..data.loader import Loader, split_global_batch
 from ..dist import World, all_reduce
@@ -96,25 +103,19 @@ def read_checkpoint(path: Path, state: dict) -> dict:
     return loaded
 
 
-def model_shapes(path: Path, loaded: dict) -> dict[str, tuple[int, ...]]:
+def stored_shapes(path: Path, loaded: dict) -> dict[str, tuple[int, ...]]:
     """Name and shape of every model tensor of a checkpoint read by read_checkpoint() (an FSDP2 one's from its
-    torch.distributed.checkpoint metadata, without reading the shards)."""
+    metadata, without reading the shards)."""
     if "model" in loaded:
         return {name: tuple(tensor.shape) for name, tensor in loaded["model"].items()}
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        stored = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-    except Exception as err:  # a missing or unreadable .metadata
-        raise CheckpointError(f"{path / 'dcp'}: {type(err).__name__}: {first_line(err)}") from None
-    return {key.removeprefix("model."): tuple(meta.size) for key, meta in stored.items() if key.startswith("model.")}
+    return {name: shape for name, (shape, _) in sharded_model_tensors(path / "dcp").items()}
 
 
 def check_fits(path: Path, loaded: dict, expected: dict[str, tuple[int, ...]]) -> None:
     """CheckpointError naming the first tensor a checkpoint's model and this run's model (`expected`: name ->
     shape) do not share at one shape: a checkpoint of another model, or a config.toml edited since it was written.
     The start and its preflight (the dry run) both ask this, before anything is loaded."""
-    stored = model_shapes(path, loaded)
+    stored = stored_shapes(path, loaded)
     for name in sorted(set(stored) | set(expected)):
         if stored.get(name) != expected.get(name):
             held = f"shape {stored[name]}" if name in stored else "no such tensor"
