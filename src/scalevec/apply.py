@@ -29,7 +29,7 @@ from .hf_keys import HF_BRANCHES, MODEL_TYPES, NORM_OFFSET, layer_keys, source_s
 from .model import Decoder
 from .moe import MoEFeedForward
 from .projection import Branch, Projection, normalize
-from .scales import Kind, ParamInfo, Role, Scale, make_scale
+from .scales import Kind, ParamInfo, Role, Scale, er_gamma_problem, make_scale
 from .strategy import Strategy, keeping_source_norms
 from .strategy import strategy as make_strategy
 
@@ -131,9 +131,10 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
     if s.scale == "er":  # every norm's γ becomes an ER scale, exp of a log: refused before anything changes
         for name, norm in model.model.named_modules():
-            if isinstance(norm, type(model.model.norm)) and (norm.weight.detach() + offset <= 0).any():
-                raise ConvertError(f"model.{name}: ER needs every γ > 0, got min γ = "
-                                   f"{(norm.weight.detach() + offset).min().item():.4g}; choose strategy or, or plain")
+            problem = er_gamma_problem(norm.weight.detach() + offset) if isinstance(norm, type(model.model.norm)) \
+                else None
+            if problem:
+                raise ConvertError(f"model.{name}: {problem}; choose strategy or, or plain")
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds
 

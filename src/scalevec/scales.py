@@ -56,6 +56,11 @@ class ParamInfo:
     residual_output: bool = False
 
 
+def er_gamma_problem(gamma: torch.Tensor) -> str | None:
+    """Why ER (which stores log γ) cannot hold `gamma`, or None: every entry must be positive."""
+    return f"ER needs every γ > 0, got min γ = {gamma.min().item():.4g}" if (gamma <= 0).any() else None
+
+
 class Scale(nn.Module):
     """A scale vector of `size` entries in one parameterization; `size=(n, d)` stacks n vectors
     (one per MoE expert), each with its own magnitude.
@@ -118,8 +123,9 @@ class Scale(nn.Module):
             if self.magnitude is not None:
                 self.magnitude.copy_(gamma.pow(2).mean(-1, keepdim=True).sqrt())
         else:
-            if (gamma <= 0).any():
-                raise ValueError(f"ER needs every γ > 0, got min γ = {gamma.min().item():.4g}")
+            problem = er_gamma_problem(gamma)
+            if problem:
+                raise ValueError(problem)
             self.direction.copy_(gamma.log())
             if self.magnitude is not None:
                 self.magnitude.copy_(gamma.log().mean(-1, keepdim=True))
