@@ -10,11 +10,11 @@ from scalevec.experiments.report import write_report
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STUDIES = sorted(p.name for p in RESULTS.glob("study-*-cpu"))
 COMPLETE = {"study-pilot-cpu", "study-improvements-cpu", "study-weight-decay-cpu", "study-optimizers-cpu",
-            "study-ladder-cpu", "study-iwd-cpu", "study-tokens-cpu"}  # the others still run: their reports say so
+            "study-ladder-cpu", "study-iwd-cpu", "study-tokens-cpu", "study-scale-cpu"}  # a study still running: left out
 
 
 def test_the_study_is_committed():
-    assert COMPLETE | {"study-scale-cpu"} <= set(STUDIES)
+    assert COMPLETE <= set(STUDIES)
 
 
 @pytest.mark.parametrize("name", ["study-scale-cpu", "study-tokens-cpu"])
