@@ -60,6 +60,23 @@ def test_every_compiled_arm_stays_compiled(monkeypatch):
     assert limits and min(limits) >= arms and torch._dynamo.config.recompile_limit == before
 
 
+@pytest.mark.parametrize("profile_steps", [0, 1])
+def test_a_compiled_profile_names_inductors_kernels_and_a_timing_alone_is_compiled_as_ever(profile_steps, monkeypatch):
+    """Compiled on CPU, a profile's rows include Inductor's own kernels: the graphs are compiled with a profiler
+    record per kernel while the bench steps them (both arms alike), and only then; the setting is restored after."""
+    import torch._inductor.config as inductor
+
+    seen = []
+
+    def compile(objective, **_):
+        return lambda *args: (seen.append(inductor.cpp.enable_kernel_profile), objective(*args))[1]
+
+    monkeypatch.setattr(torch, "compile", compile)
+    before = inductor.cpp.enable_kernel_profile
+    run_bench(load_config(TINY), ["standard", "hg"], repeats=1, warmup=0, compile=True, profile_steps=profile_steps)
+    assert seen and set(seen) == {bool(profile_steps)} and inductor.cpp.enable_kernel_profile == before
+
+
 def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:
     """Matmul FLOPs of one forward and backward, counted by torch's FlopCounterMode (independent of summary.py)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -151,6 +168,24 @@ def test_profile_tables_each_arm_and_what_it_adds():
     text = format_profile(report)
     assert "standard: self time per step by operator (CPU op)" in text and "| aten::mm |" in text
     assert "unified over standard:" in text
+
+
+def test_what_an_arm_adds_lists_the_kernels_it_replaces_beside_its_new_ones():
+    """Inductor names a fused kernel by the ops it fuses, so an arm's extra norm inside the first arm's RoPE
+    kernel is a new kernel while the first arm's is gone: both are listed, each with its Δ, and the total is
+    the difference of the profiled steps."""
+    from scalevec.bench import format_profile
+
+    def row(ops: dict[str, float]) -> dict:
+        total = sum(ops.values())
+        return {"profile": [{"name": n, "calls": 8, "self_ms": ms, "share": ms / total} for n, ms in ops.items()]}
+
+    report = {"device": "cpu", "results": {"standard": row({"aten::mm": 300.0, "cpp_fused_rope_5": 6.0}),
+                                           "unified": row({"aten::mm": 301.0, "cpp_fused_norm_rope_5": 15.0})}}
+    added = format_profile(report).split("unified over standard: ")[1].splitlines()
+    assert added[0].startswith("+10.00 ms per step (+3.3% of standard's profiled step)")
+    assert added[3:] == ["| cpp_fused_norm_rope_5 | +15.00 | new |", "| aten::mm | +1.00 |  |",
+                         "| cpp_fused_rope_5 | -6.00 | gone |"]
 
 
 def test_gpu_script_fits_one_device_call():
