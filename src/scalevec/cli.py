@@ -551,8 +551,8 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
     bench.add_argument("--peak-tflops", type=float, help="GPU bf16 peak for MFU (default: looked up by GPU name)")
     bench.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                       help="also profile STEPS steps per arm: a table of operators (CPU) or kernels (CUDA) by self "
-                            "time, and what each arm adds over the first")
+                       help="also profile STEPS steps per arm: a table of operators and, compiled, Inductor's kernels "
+                            "(CPU) or of kernels (CUDA) by self time, and what each arm adds over the first")
     bench.add_argument("--json", action="store_true")
     _add_set(bench)
 
