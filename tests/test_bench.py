@@ -33,6 +33,25 @@ def test_bench_reports_medians_and_ratios_to_first_arm(monkeypatch):
     assert unified["mfu"] is None  # no peak known on CPU
 
 
+def test_a_step_ratio_comes_with_the_interval_its_repeats_allow(monkeypatch):
+    """The ratio's 95% interval is a paired bootstrap over repeats: it holds the ratio, lies within the repeats'
+    own ratios, narrows with more repeats of the same spread, and is absent for the first arm and for one repeat."""
+    def bench_with(unified_times: list[float]) -> dict:
+        times = {"standard": iter([1.0] * len(unified_times)), "unified": iter(unified_times)}
+        monkeypatch.setattr(bench, "_step", lambda arm, *args: next(times[arm.name]))
+        config = load_config(TINY, ["train.fused_kernels=false"])
+        return run_bench(config, ["standard", "unified"], repeats=len(unified_times), warmup=0)["results"]
+
+    few, many = bench_with([1.02, 1.08, 1.04, 1.10, 1.06]), bench_with([1.02, 1.08, 1.04, 1.10, 1.06] * 8)
+    for results in (few, many):
+        low, high = results["unified"]["step_ratio_ci95"]
+        assert results["unified"]["step_ratio"] == pytest.approx(1.06) and 1.02 <= low < 1.06 < high <= 1.10
+        assert results["standard"]["step_ratio_ci95"] is None
+    assert many["unified"]["step_ratio_ci95"][1] - many["unified"]["step_ratio_ci95"][0] < (
+        few["unified"]["step_ratio_ci95"][1] - few["unified"]["step_ratio_ci95"][0])
+    assert bench_with([1.06])["unified"]["step_ratio_ci95"] is None
+
+
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler builds the fused kernels")
 def test_an_arm_with_fused_kernels_is_timed_beside_its_torch_ops_form(monkeypatch):
     monkeypatch.setattr(bench, "_step", lambda *args: 0.5)

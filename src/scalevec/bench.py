@@ -2,7 +2,9 @@
 
 Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) are timed in
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
-of them alike; medians and ratios to the first strategy are reported. An arm whose FFNs use the fused
+of them alike; medians and ratios to the first strategy are reported, each step ratio with a 95% interval
+from a paired bootstrap over the repeats (on 2 shared cores two runs of 12 repeats have differed by 0.04, so
+the interval says which digits a ratio can carry). An arm whose FFNs use the fused
 CPU kernel (train.fused_kernels, kernels.py) is timed beside its torch-ops form, `name (torch ops)`.
 
 MFU (CUDA only; train/utilization.py): model FLOPs per token (`flops_per_token`, PaLM's accounting, the
@@ -191,9 +193,11 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
             results[arm.name] = {"step_s": median, "tokens_per_s": tokens_per_step / median, "memory_bytes": memory,
                                  "parameters": sum(p.numel() for p in arm.model.parameters()),
                                  "mfu": mfu(flops, tokens_per_step / median, peak) if peak else None}
-        base = results[strategies[0]]
-        for row in results.values():
+        first = strategies[0]
+        base = results[first]
+        for name, row in results.items():
             row["step_ratio"] = row["step_s"] / base["step_s"]
+            row["step_ratio_ci95"] = None if name == first else _ratio_interval(times[name], times[first])
             row["memory_ratio"] = row["memory_bytes"] / base["memory_bytes"]
         if profile_steps:
             for arm in arms:
@@ -204,17 +208,34 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
             "batch_size": t.batch_size, "seq_len": t.seq_len, "repeats": repeats, "results": results}
 
 
+def _ratio_interval(times: list[float], base: list[float]) -> list[float] | None:
+    """95% interval of median(times) / median(base): a paired bootstrap over the timed repeats (arms alternate, so
+    repeat i of each arm ran side by side, under the same machine load); None below 2 repeats."""
+    if len(times) < 2:
+        return None
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def ratio(arm, first, axis=-1):
+        return np.median(arm, axis=axis) / np.median(first, axis=axis)
+
+    result = bootstrap((np.array(times), np.array(base)), ratio, paired=True, vectorized=True, n_resamples=2000,
+                       method="percentile", rng=np.random.default_rng(0))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def format_bench(report: dict) -> str:
     lines = [f"{report['model']} on {report['device']} ({report['threads']} threads), batch {report['batch_size']}x"
              f"{report['seq_len']}, {'compiled' if report['compile'] else 'eager'}"
              f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of "
              f"{report['repeats']}",
-             "| arm | step ms | tokens/s | step ratio | memory MB | memory ratio | MFU |",
-             "|---|---|---|---|---|---|---|"]
+             "| arm | step ms | tokens/s | step ratio | its 95% interval | memory MB | memory ratio | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in report["results"].items():
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        interval = "-" if row["step_ratio_ci95"] is None else "[{:.3f}, {:.3f}]".format(*row["step_ratio_ci95"])
         lines.append(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {row['step_ratio']:.3f} | "
-                     f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} | {mfu} |")
+                     f"{interval} | {row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio']:.3f} | {mfu} |")
     return "\n".join(lines)
 
 
