@@ -35,21 +35,31 @@ def test_bench_reports_medians_and_ratios_to_first_arm(monkeypatch):
 
 def test_a_step_ratio_comes_with_the_interval_its_repeats_allow(monkeypatch):
     """The ratio's 95% interval is a paired bootstrap over repeats: it holds the ratio, lies within the repeats'
-    own ratios, narrows with more repeats of the same spread, and is absent for the first arm and for one repeat."""
-    def bench_with(unified_times: list[float]) -> dict:
-        times = {"standard": iter([1.0] * len(unified_times)), "unified": iter(unified_times)}
+    own ratios, narrows with more repeats of the same spread, stays tight where both arms drift together (the
+    repeats are paired), and is absent for the first arm and below INTERVAL_REPEATS repeats."""
+    def bench_with(unified_times: list[float], standard_times: list[float] | None = None) -> dict:
+        times = {"standard": iter(standard_times or [1.0] * len(unified_times)), "unified": iter(unified_times)}
         monkeypatch.setattr(bench, "_step", lambda arm, *args: next(times[arm.name]))
         config = load_config(TINY, ["train.fused_kernels=false"])
-        return run_bench(config, ["standard", "unified"], repeats=len(unified_times), warmup=0)["results"]
+        return run_bench(config, ["standard", "unified"], repeats=len(unified_times), warmup=0)
 
-    few, many = bench_with([1.02, 1.08, 1.04, 1.10, 1.06]), bench_with([1.02, 1.08, 1.04, 1.10, 1.06] * 8)
+    spread = [1.02, 1.08, 1.04, 1.10, 1.06, 1.06]
+    few, many = bench_with(spread)["results"], bench_with(spread * 8)["results"]
     for results in (few, many):
         low, high = results["unified"]["step_ratio_ci95"]
-        assert results["unified"]["step_ratio"] == pytest.approx(1.06) and 1.02 <= low < 1.06 < high <= 1.10
+        assert results["unified"]["step_ratio"] == pytest.approx(1.06) and 1.02 <= low <= 1.06 <= high <= 1.10
         assert results["standard"]["step_ratio_ci95"] is None
+    assert few["unified"]["step_ratio_ci95"][0] < few["unified"]["step_ratio_ci95"][1]
     assert many["unified"]["step_ratio_ci95"][1] - many["unified"]["step_ratio_ci95"][0] < (
         few["unified"]["step_ratio_ci95"][1] - few["unified"]["step_ratio_ci95"][0])
-    assert bench_with([1.06])["unified"]["step_ratio_ci95"] is None
+    drifting = [1.0, 2.0, 1.2, 1.8, 1.4, 1.6] * 4  # the machine's speed moves; unified is 1.05x in every repeat
+    low, high = bench_with([1.05 * s for s in drifting], drifting)["results"]["unified"]["step_ratio_ci95"]
+    assert 1.04 < low <= 1.05 <= high < 1.06
+    report = bench_with(spread)
+    assert "| standard | 1000.0 | 64 | 1.000 | - |" in format_bench(report)
+    interval = "[{:.3f}, {:.3f}]".format(*report["results"]["unified"]["step_ratio_ci95"])
+    assert f"| unified | 1060.0 | 60 | 1.060 | {interval} |" in format_bench(report)
+    assert bench_with(spread[:bench.INTERVAL_REPEATS - 1])["results"]["unified"]["step_ratio_ci95"] is None
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler builds the fused kernels")
@@ -79,10 +89,12 @@ def test_every_compiled_arm_stays_compiled(monkeypatch):
     assert limits and min(limits) >= arms and torch._dynamo.config.recompile_limit == before
 
 
-@pytest.mark.parametrize("profile_steps", [0, 1])
-def test_a_compiled_profile_names_inductors_kernels_and_a_timing_alone_is_compiled_as_ever(profile_steps, monkeypatch):
+@pytest.mark.parametrize("profile_steps,users_setting", [(1, False), (0, False), (0, True)])
+def test_a_compiled_profile_names_inductors_kernels_and_a_timing_alone_is_compiled_as_ever(
+        profile_steps, users_setting, monkeypatch):
     """Compiled on CPU, a profile's rows include Inductor's own kernels: the graphs are compiled with a profiler
-    record per kernel while the bench steps them (both arms alike), and only then; the setting is restored after."""
+    record per kernel while the bench steps them (both arms alike). Without a profile the user's setting is left
+    as it is, and after either it is what it was; the report's header says when the records were on."""
     import torch._inductor.config as inductor
 
     seen = []
@@ -91,9 +103,13 @@ def test_a_compiled_profile_names_inductors_kernels_and_a_timing_alone_is_compil
         return lambda *args: (seen.append(inductor.cpp.enable_kernel_profile), objective(*args))[1]
 
     monkeypatch.setattr(torch, "compile", compile)
-    before = inductor.cpp.enable_kernel_profile
-    run_bench(load_config(TINY), ["standard", "hg"], repeats=1, warmup=0, compile=True, profile_steps=profile_steps)
-    assert seen and set(seen) == {bool(profile_steps)} and inductor.cpp.enable_kernel_profile == before
+    with inductor.patch({"cpp.enable_kernel_profile": users_setting}):
+        report = run_bench(load_config(TINY), ["standard", "hg"], repeats=1, warmup=0, compile=True,
+                           profile_steps=profile_steps)
+        assert inductor.cpp.enable_kernel_profile == users_setting
+    assert seen and set(seen) == {bool(profile_steps) or users_setting}
+    assert report["kernel_records"] == bool(profile_steps)
+    assert ("(Inductor kernels with profiler records)" in format_bench(report)) == bool(profile_steps)
 
 
 def counted_matmul_flops(forward, vocab: int, batch: int, seq: int) -> int:

@@ -3,8 +3,8 @@
 Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) are timed in
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
 of them alike; medians and ratios to the first strategy are reported, each step ratio with a 95% interval
-from a paired bootstrap over the repeats (on 2 shared cores two runs of 12 repeats have differed by 0.04, so
-the interval says which digits a ratio can carry). An arm whose FFNs use the fused
+from a paired bootstrap over the repeats (from 6 repeats). The interval covers the noise within one run only:
+on 2 shared cores two runs of 12 repeats have differed by 0.04, so compare runs too. An arm whose FFNs use the fused
 CPU kernel (train.fused_kernels, kernels.py) is timed beside its torch-ops form, `name (torch ops)`.
 
 MFU (CUDA only; train/utilization.py): model FLOPs per token (`flops_per_token`, PaLM's accounting, the
@@ -22,6 +22,7 @@ run, which the one row of a whole compiled graph would hide.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
@@ -40,6 +41,7 @@ from .train.trainer import lm_objective
 from .train.utilization import mfu, peak_tflops
 
 COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph \w+ ##")
+INTERVAL_REPEATS = 6  # the fewest timed repeats a step ratio's interval is computed from
 
 
 @dataclass
@@ -168,10 +170,14 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
     # every arm's objective is one code object to dynamo, so each arm's graph counts as a recompile of it: past
     # dynamo's limit (8) the later arms would silently run eager. A profile names Inductor's CPU kernels: they are
     # compiled with a profiler record each, an idle check when no profiler runs, so every arm's timing carries it
-    from torch._inductor import config as inductor
+    kernel_records = bool(profile_steps and compile and device.type == "cpu")
+    if kernel_records:
+        from torch._inductor import config as inductor
 
-    kernel_records = {"cpp.enable_kernel_profile": bool(profile_steps and compile)}
-    with torch._dynamo.config.patch(recompile_limit=8 + 2 * len(arms)), inductor.patch(kernel_records):
+        kernel_names = inductor.patch({"cpp.enable_kernel_profile": True})
+    else:
+        kernel_names = contextlib.nullcontext()
+    with torch._dynamo.config.patch(recompile_limit=8 + 2 * len(arms)), kernel_names:
         for _ in range(warmup):
             for arm in arms:
                 _step(arm, tokens, device, autocast)
@@ -205,13 +211,15 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "peak_tflops": peak, "flops_per_token": flops, "threads": torch.get_num_threads(), "compile": compile,
             "activation_checkpointing": activation_checkpointing, "model": config.model.preset,
-            "batch_size": t.batch_size, "seq_len": t.seq_len, "repeats": repeats, "results": results}
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "repeats": repeats, "kernel_records": kernel_records,
+            "results": results}
 
 
 def _ratio_interval(times: list[float], base: list[float]) -> list[float] | None:
     """95% interval of median(times) / median(base): a paired bootstrap over the timed repeats (arms alternate, so
-    repeat i of each arm ran side by side, under the same machine load); None below 2 repeats."""
-    if len(times) < 2:
+    repeat i of each arm ran side by side, under the same machine load); None below INTERVAL_REPEATS repeats, where
+    a median's resamples take too few values to mean anything."""
+    if len(times) < INTERVAL_REPEATS:
         return None
     import numpy as np
     from scipy.stats import bootstrap
@@ -228,7 +236,7 @@ def format_bench(report: dict) -> str:
     lines = [f"{report['model']} on {report['device']} ({report['threads']} threads), batch {report['batch_size']}x"
              f"{report['seq_len']}, {'compiled' if report['compile'] else 'eager'}"
              f"{', activation checkpointing' if report['activation_checkpointing'] else ''}, median of "
-             f"{report['repeats']}",
+             f"{report['repeats']}{' (Inductor kernels with profiler records)' if report['kernel_records'] else ''}",
              "| arm | step ms | tokens/s | step ratio | its 95% interval | memory MB | memory ratio | MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in report["results"].items():
@@ -241,7 +249,7 @@ def format_bench(report: dict) -> str:
 
 def format_profile(report: dict, top: int = 15) -> str:
     """Per arm, its `top` operators by self time per step; then, per arm, the operators whose time per step
-    grew most over the first arm's (what that arm adds)."""
+    grew most over the first arm's (what that arm adds) and those that shrank most or are gone (what it replaces)."""
     results = report["results"]
     first = next(iter(results))
     lines = []
