@@ -130,10 +130,9 @@ def _apply_to_hf(model: nn.Module, s: Strategy) -> nn.Module:
                              "own architecture saves (standard, hg, dp, or, er and their compositions)") from None
     offset = NORM_OFFSET.get(architecture, 0.0)  # Gemma stores γ - 1
     if s.scale == "er":  # every norm's γ becomes an ER scale, exp of a log: refused before anything changes
-        for name, norm in model.model.named_modules():
-            problem = er_gamma_problem(norm.weight.detach() + offset) if isinstance(norm, type(model.model.norm)) \
-                else None
-            if problem:
+        norms = ((name, m) for name, m in model.model.named_modules() if isinstance(m, type(model.model.norm)))
+        for name, norm in norms:
+            if problem := er_gamma_problem(norm.weight.detach() + offset):
                 raise ConvertError(f"model.{name}: {problem}; choose strategy or, or plain")
     eps, hd = c.rms_norm_eps, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     model.scalevec_norm_class = type(model.model.norm)  # what unapply() rebuilds

@@ -123,8 +123,7 @@ class Scale(nn.Module):
             if self.magnitude is not None:
                 self.magnitude.copy_(gamma.pow(2).mean(-1, keepdim=True).sqrt())
         else:
-            problem = er_gamma_problem(gamma)
-            if problem:
+            if problem := er_gamma_problem(gamma):
                 raise ValueError(problem)
             self.direction.copy_(gamma.log())
             if self.magnitude is not None:

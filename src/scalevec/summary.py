@@ -13,9 +13,8 @@ def flops_per_token(model: Decoder, seq_len: int | None = None) -> int:
     not; routed experts only) plus attention's 12·layers·d_model·seq_len (PaLM's accounting;
     seq_len defaults to model.max_seq_len)."""
     c, infos = model.config, model.param_info()
-    matrices = {id(p) for name, p in model.named_parameters() if infos[name].kind in (Kind.MATRIX, Kind.HEAD,
-                                                                                        Kind.ROUTER)}
-    matmul = sum(p.numel() for p in model.parameters() if id(p) in matrices) - _unrouted(model, matrices)
+    matrices = [p for name, p in model.named_parameters() if infos[name].kind in (Kind.MATRIX, Kind.HEAD, Kind.ROUTER)]
+    matmul = sum(p.numel() for p in matrices) - _unrouted(model, {id(p) for p in matrices})
     if model.head is None:
         matmul += model.tok_emb.weight.numel()
     return 6 * matmul + 12 * c.n_layers * c.d_model * (seq_len or c.max_seq_len)

@@ -144,9 +144,9 @@ class CheckpointManager:
         """A checkpoint of the current step (every rank calls it)."""
         step = self.counters.step
         trainer_state, rng_json = rng_states()
-        if self.model.moe_layers():  # the expert load counted since the last metrics record, over all ranks
-            trainer_state["expert_log_load"] = all_reduce(
-                torch.stack([moe.log_load for moe in self.model.moe_layers()]), self.world).cpu()
+        if moe_layers := self.model.moe_layers():  # the expert load counted since the last metrics record, all ranks
+            trainer_state["expert_log_load"] = all_reduce(torch.stack([moe.log_load for moe in moe_layers]),
+                                                          self.world).cpu()
         if self.sharded:
             from torch.distributed.checkpoint import save
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -218,9 +218,9 @@ class CheckpointManager:
         """The expert load counted since the last metrics record when the checkpoint was written, on rank 0 (the
         record sums it over ranks), so the first record after a resume is the one of an uninterrupted run; a
         checkpoint written before scalevec saved it counts from the resume."""
-        for i, moe in enumerate(self.model.moe_layers()):
-            keep = saved is not None and self.world.main and saved.shape == (len(self.model.moe_layers()),
-                                                                              moe.log_load.numel())
+        moe_layers = self.model.moe_layers()
+        for i, moe in enumerate(moe_layers):
+            keep = saved is not None and self.world.main and saved.shape == (len(moe_layers), moe.log_load.numel())
             moe.log_load.copy_(saved[i] if keep else torch.zeros_like(moe.log_load))
 
     def _load_shards(self, path: Path) -> None:

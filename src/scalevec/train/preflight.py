@@ -221,7 +221,7 @@ def preflight(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> P
                             "> 0 or use more data")
         check_compatible(windows, config.data.tokenizer, config.model.vocab_size)
     branch = _branch(config)
-    if windows is not None:  # the data loader the start builds, at the position it would continue from
+    if windows is not None:  # built and dropped: the loader position and batch split the start would refuse
         loader = Loader(windows, t.batch_size, config.seed, 0, world_size)
         continued = found[1]["state"] if found else branch[1]["state"] if branch else None
         if continued is not None:
