@@ -85,7 +85,7 @@ def test_every_compiled_arm_stays_compiled(monkeypatch):
     strategies = ["standard", "hg", "or", "dnp", "dnp-ffn", "unified", "none", "qknorm"]
     report = run_bench(load_config(TINY), strategies, repeats=1, warmup=0, compile=True)
     arms = len(report["results"])
-    assert arms == len(strategies) + 3 > before  # dnp, dnp-ffn and unified beside their torch-ops forms
+    assert arms == len(strategies) + 4 > before  # dnp, dnp-ffn, unified and qknorm beside their torch-ops forms
     assert limits and min(limits) >= arms and torch._dynamo.config.recompile_limit == before
 
 
@@ -203,6 +203,16 @@ def test_profile_tables_each_arm_and_what_it_adds():
     text = format_profile(report)
     assert "standard: self time per step by operator (CPU op)" in text and "| aten::mm |" in text
     assert "unified over standard:" in text
+
+
+def test_a_profile_row_is_named_alike_in_every_arm():
+    from scalevec.bench import operator_name
+
+    assert operator_name("graph_1_cpp_fused_add_mul_3") == operator_name("graph_0_cpp_fused_add_mul_3") == \
+        "cpp_fused_add_mul_3"
+    assert operator_name("## Call CompiledFxGraph fx3kq2 ##") == "## Call CompiledFxGraph ##"
+    assert operator_name("Torch-Compiled Region: 0/3") == "Torch-Compiled Region"
+    assert operator_name("aten::mm") == "aten::mm" and operator_name("graph_2_other") == "graph_2_other"
 
 
 def test_what_an_arm_adds_lists_the_kernels_it_replaces_beside_its_new_ones():

@@ -1,5 +1,5 @@
-"""Issue 29: the fused DNP-SwiGLU kernel equals the torch ops it replaces, forward and backward, in and out of
-torch.compile, and falls back to them where it cannot run."""
+"""Issue 29: the fused kernels (DNP-SwiGLU; q's and k's norm, scale and RoPE) equal the torch ops they replace,
+forward and backward, in and out of torch.compile, and fall back to them where they cannot run."""
 
 from dataclasses import replace
 
@@ -11,6 +11,7 @@ from scalevec import kernels
 from scalevec.config import ModelConfig, MoEConfig
 from scalevec.model import build_model
 from scalevec.projection import normalize
+from scalevec.rope import apply_rope, rope_tables
 from scalevec.strategy import strategy
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler builds the fused kernels")
@@ -89,6 +90,84 @@ def test_thread_count_changes_only_the_rounding():
         assert relative_error(two.double(), one.double()) < 1e-6
 
 
+def qk_reference(y, q_scale, k_scale, cos, sin, heads, kv_heads, eps=EPS):
+    """The torch ops the model runs without the kernel (Projection.branch_outputs, then RoPE in Attention)."""
+    batch, seq, width = y.shape
+    head_dim = width // (heads + 2 * kv_heads)
+    q, k, v = y.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = (normalize(t, head_dim, "rms", eps, scale) for t, scale in ((q, q_scale), (k, k_scale)))
+    q, k, v = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def qk_case(batch, seq, heads, kv_heads, head_dim, scales="both", seed=0):
+    """y, both scales (None where `scales` leaves one out), RoPE's tables and a gradient for each output, float64."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, generator=generator, dtype=torch.float64) * 3
+    q_scale = torch.rand(head_dim, generator=generator, dtype=torch.float64) + 0.5 if scales != "none" else None
+    k_scale = torch.randn(head_dim, generator=generator, dtype=torch.float64) if scales == "both" else None
+    config = ModelConfig(d_model=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads, max_seq_len=seq + 3)
+    cos, sin = (table[3:].double() for table in rope_tables(config))  # positions 3.. as in a cached decode
+    grads = [torch.randn(batch, h, seq, head_dim, generator=generator, dtype=torch.float64)
+             for h in (heads, kv_heads, kv_heads)]
+    return y, q_scale, k_scale, cos, sin, grads
+
+
+def qk_outputs_and_grads(function, y, q_scale, k_scale, cos, sin, grads, heads, kv_heads, dtype):
+    leaves = [None if t is None else t.to(dtype).detach().requires_grad_() for t in (y, q_scale, k_scale)]
+    outputs = function(*leaves, cos.to(dtype), sin.to(dtype), heads, kv_heads, EPS)
+    torch.autograd.backward(outputs, [grad.to(dtype) for grad in grads])
+    return [t.double() for t in outputs] + [leaf.grad.double() for leaf in leaves if leaf is not None]
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 8, 4, 32), (3, 5, 2, 2, 6), (2, 33, 6, 2, 18), (1, 1, 1, 1, 2)])
+@pytest.mark.parametrize("scales", ["both", "none", "q"])
+def test_fused_qk_equals_the_reference_forward_and_backward(shape, scales):
+    """Against the float64 reference, within 1e-6 relative: GQA and not, head sizes that fill no vector register,
+    one token, absent scales (1); v passes through, its gradient too."""
+    *_, heads, kv_heads, _ = shape
+    y, q_scale, k_scale, cos, sin, grads = qk_case(*shape, scales=scales, seed=sum(shape))
+    exact = qk_outputs_and_grads(qk_reference, y, q_scale, k_scale, cos, sin, grads, heads, kv_heads, torch.float64)
+    fused = qk_outputs_and_grads(kernels.qk_norm_rope, y, q_scale, k_scale, cos, sin, grads, heads, kv_heads,
+                                 torch.float32)
+    assert len(fused) == len(exact) == 4 + (scales != "none") + (scales == "both")
+    for name, got, want in zip(["q", "k", "v", "dy", "d q scale", "d k scale"], fused, exact):
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 1e-6, name
+
+
+def test_the_qk_backward_reads_its_gradients_through_their_strides():
+    """Attention's backward hands over gradients laid out (batch, seq, heads, head_dim), viewed transposed, or with
+    no unit stride along head_dim: each gives the result of the contiguous gradients, bit for bit."""
+    y, q_scale, k_scale, cos, sin, grads = qk_case(2, 7, 4, 2, 8, seed=5)
+    y, q_scale, k_scale, cos, sin = (t.float() for t in (y, q_scale, k_scale, cos, sin))
+    grads = [grad.float() for grad in grads]
+    want = kernels._qk_backward(*grads, y, q_scale, k_scale, cos, sin, EPS)
+    seq_major = [grad.transpose(1, 2).contiguous().transpose(1, 2) for grad in grads]
+    feature_major = [grad.transpose(-1, -2).contiguous().transpose(-1, -2) for grad in grads]
+    for layout in (seq_major, feature_major):
+        assert [g.is_contiguous() for g in layout] == [False] * 3
+        got = kernels._qk_backward(*layout, y, q_scale, k_scale, cos, sin, EPS)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_the_qk_kernel_is_deterministic_and_its_thread_count_changes_only_the_rounding():
+    y, q_scale, k_scale, cos, sin, grads = qk_case(3, 57, 4, 2, 16, seed=7)
+    y, q_scale, k_scale, cos, sin = (t.float() for t in (y, q_scale, k_scale, cos, sin))
+    grads = [grad.float() for grad in grads]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            results.append(kernels._qk_backward(*grads, y, q_scale, k_scale, cos, sin, EPS))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
+    for one, two in zip(results[0], results[1]):
+        assert relative_error(two.double(), one.double()) < 1e-6
+
+
 def model_loss_and_grads(model, tokens, compiled=False):
     def loss_of(inputs):
         return F.cross_entropy(model(inputs[:, :-1]).flatten(0, 1), inputs[:, 1:].flatten())
@@ -100,34 +179,66 @@ def model_loss_and_grads(model, tokens, compiled=False):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("preset", ["unified", "dnp-ffn"])
-def test_a_model_with_fused_ffns_trains_as_with_torch_ops(preset):
+@pytest.mark.parametrize("preset, fused_per_layer, scale", [("unified", 2, "gate"), ("dnp-ffn", 1, "gate"),
+                                                            ("qknorm", 1, "q"), ("dnp+none", 2, None)])
+def test_a_model_with_fused_kernels_trains_as_with_torch_ops(preset, fused_per_layer, scale):
     """Same loss and every gradient (the scales' included) as the reference path, eager and compiled as one graph
-    (fullgraph: the custom op causes no graph break)."""
+    (fullgraph: the custom ops cause no graph break)."""
     torch.manual_seed(0)
     tokens = torch.randint(0, TINY.vocab_size, (3, TINY.max_seq_len + 1))
     reference_model = build_model(TINY, strategy(preset), seed=3)
     fused_model = build_model(TINY, strategy(preset), seed=3)
     assert reference_model.use_fused_kernels(False) == 0
-    assert fused_model.use_fused_kernels() == TINY.n_layers
+    assert fused_model.use_fused_kernels() == fused_per_layer * TINY.n_layers
     want_loss, want = model_loss_and_grads(reference_model, tokens)
     for compiled in (False, True):
         loss, grads = model_loss_and_grads(fused_model, tokens, compiled)
         assert abs(loss.item() - want_loss.item()) < 1e-6
         assert grads.keys() == want.keys()
-        assert any(".out_scales.gate" in name or ".out_scales.up" in name for name in grads)
+        assert (scale is None) == (not any(f".out_scales.{scale}" in name for name in grads))
         for name in want:
             assert torch.allclose(grads[name], want[name], rtol=1e-4, atol=1e-7), name
 
 
-def test_which_ffns_fuse():
-    """Only FFNs whose gate and up are both DNP with RMSNorm and SwiGLU; an MoE block's shared expert is one."""
-    assert build_model(TINY, strategy("standard")).use_fused_kernels() == 0
-    assert build_model(TINY, strategy("qknorm")).use_fused_kernels() == 0
-    assert build_model(replace(TINY, activation="gelu_tanh"), strategy("unified")).use_fused_kernels() == 0
-    assert build_model(replace(TINY, norm="layer"), strategy("unified")).use_fused_kernels() == 0
+def fused_kinds(model):
+    from scalevec.model import Attention, FeedForward
+
+    model.use_fused_kernels()
+    return sorted(type(m).__name__ for m in model.modules() if isinstance(m, Attention | FeedForward) and m.fused)
+
+
+def test_which_modules_fuse():
+    """FFNs whose gate and up are both DNP with RMSNorm and SwiGLU (an MoE block's shared expert is one), and
+    attentions whose q and k are DNP per head with RMSNorm and head-shaped scales, v not."""
+    layers = TINY.n_layers
+    assert fused_kinds(build_model(TINY, strategy("standard"))) == []
+    assert fused_kinds(build_model(TINY, strategy("qknorm"))) == ["Attention"] * layers
+    assert fused_kinds(build_model(TINY, strategy("dnp-ffn"))) == ["FeedForward"] * layers
+    geglu = replace(TINY, activation="gelu_tanh")
+    assert fused_kinds(build_model(geglu, strategy("unified"))) == ["Attention"] * layers
+    assert fused_kinds(build_model(replace(TINY, norm="layer"), strategy("unified"))) == []
+    for unfusable_qk in (dict(qk_scale_shape="full"), dict(qk_scale_shape="full", qk_norm_group="full"),
+                         dict(dnp=["q", "k", "v", "gate", "up"]), dict(dnp=["q", "gate", "up"])):
+        assert fused_kinds(build_model(TINY, strategy("unified", **unfusable_qk))) == ["FeedForward"] * layers
     moe = replace(TINY, moe_experts=4, moe_top_k=2, moe_d_expert=16, moe_shared_expert=True)
-    assert build_model(moe, strategy("unified"), moe=MoEConfig()).use_fused_kernels() == TINY.n_layers
+    moe_model = build_model(moe, strategy("unified"), moe=MoEConfig())
+    assert fused_kinds(moe_model) == ["Attention"] * layers + ["FeedForward"] * layers
+
+
+def test_a_fused_model_decodes_with_its_cache_as_the_reference():
+    """Generation feeds the fused path one position at a time (RoPE's tables from the cache's length on)."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    logits = []
+    for fused in (False, True):
+        model = build_model(TINY, strategy("unified"), seed=4)
+        assert model.use_fused_kernels(fused) == 2 * TINY.n_layers * fused
+        with torch.no_grad():
+            cache = model.new_cache()
+            steps = [model(tokens[:, :5], cache)[:, -1]]
+            steps += [model(tokens[:, i:i + 1], cache)[:, -1] for i in range(5, 9)]
+        logits.append(torch.stack(steps))
+    assert torch.allclose(logits[1], logits[0], rtol=1e-5, atol=1e-6)
 
 
 def test_without_a_compiler_the_torch_ops_run(monkeypatch, tmp_path):
@@ -160,15 +271,15 @@ def test_a_build_is_cached_per_machine_and_written_whole(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_train_fused_kernels_reaches_every_ffn(small_data, tmp_path, on):
+def test_train_fused_kernels_reaches_every_module(small_data, tmp_path, on):
     from test_train import quiet, tiny_config
 
-    from scalevec.model import FeedForward
+    from scalevec.model import Attention, FeedForward
     from scalevec.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(small_data, f"train.fused_kernels={str(on).lower()}"), tmp_path / "run",
                       progress=False, log=quiet)
-    assert [m.fused for m in trainer.model.modules() if isinstance(m, FeedForward)] == [on, on]
+    assert [m.fused for m in trainer.model.modules() if isinstance(m, Attention | FeedForward)] == [on] * 4
 
 
 def test_a_damaged_build_in_the_cache_falls_back_with_its_name(monkeypatch, tmp_path):

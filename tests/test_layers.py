@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "scalevec"
 # export/__init__ holds ExportError only, so the package itself sits on the bottom floor
 FLOORS = {
     "_version": 0, "errors": 0, "outputs": 0, "config": 0, "strategy": 0, "hf_keys": 0, "export": 0,
-    "scales": 1, "kernels": 1,
+    "scales": 1, "rope": 1, "kernels": 1,
     "projection": 2, "model": 2, "moe": 2, "summary": 2,
     "optim": 3, "schedule": 3, "data": 3, "dist": 3,
     "rundir": 4, "checkpoint": 4,

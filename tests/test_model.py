@@ -184,7 +184,7 @@ def test_every_parameter_has_exactly_one_role_and_kind(preset, strat):
 
 
 def test_llama3_rope_scaling_matches_the_bands_of_llama_3_1():
-    from scalevec.model import rope_frequencies
+    from scalevec.rope import rope_frequencies
 
     m = replace(TINY, d_model=32, n_heads=4, rope_theta=10000.0, rope_scaling="llama3", rope_factor=8.0,
                 rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_seq_len=64)

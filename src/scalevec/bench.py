@@ -4,8 +4,8 @@ Strategies (and optionally `transformers`' LlamaForCausalLM at the same shape) a
 alternation within one process (A B A B ...) after a warm-up, so drifts in machine speed hit all
 of them alike; medians and ratios to the first strategy are reported, each step ratio with a 95% interval
 from a paired bootstrap over the repeats (from 6 repeats). The interval covers the noise within one run only:
-on 2 shared cores two runs of 12 repeats have differed by 0.04, so compare runs too. An arm whose FFNs use the fused
-CPU kernel (train.fused_kernels, kernels.py) is timed beside its torch-ops form, `name (torch ops)`.
+on 2 shared cores two runs of 12 repeats have differed by 0.04, so compare runs too. An arm that uses the fused CPU
+kernels (train.fused_kernels, kernels.py) is timed beside its torch-ops form, `name (torch ops)`.
 
 MFU (CUDA only; train/utilization.py): model FLOPs per token (`flops_per_token`, PaLM's accounting, the
 same for every strategy: scale vectors add no matmul) x tokens/s over the GPU's dense bf16 peak.
@@ -41,6 +41,8 @@ from .train.trainer import lm_objective
 from .train.utilization import mfu, peak_tflops
 
 COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph \w+ ##")
+COMPILED_REGION = re.compile(r"Torch-Compiled Region: \d+/\d+")
+KERNEL_GRAPH = re.compile(r"^graph_\d+_(?=cpp_)")
 INTERVAL_REPEATS = 6  # the fewest timed repeats a step ratio's interval is computed from
 
 
@@ -108,6 +110,13 @@ def _hf_arm(config: Config, device) -> TimedArm:
     return TimedArm("transformers-llama", hf, partial(lm_objective, lambda inputs: hf(inputs).logits), optimizer)
 
 
+def operator_name(key: str) -> str:
+    """A profiler row's name, the same in every arm: Inductor names its graphs by a hash, and its CPU kernels and
+    dynamo its regions by their number in the process (which depends on what was compiled before): all dropped."""
+    key = COMPILED_REGION.sub("Torch-Compiled Region", COMPILED_GRAPH.sub("## Call CompiledFxGraph ##", key))
+    return KERNEL_GRAPH.sub("", key)
+
+
 def _profile(arm: TimedArm, tokens: torch.Tensor, device: torch.device, autocast, steps: int) -> list[dict]:
     """Every operator (CPU) or kernel (CUDA) of `steps` steps: calls and self milliseconds per step, share."""
     from torch.profiler import ProfilerActivity, profile
@@ -120,8 +129,8 @@ def _profile(arm: TimedArm, tokens: torch.Tensor, device: torch.device, autocast
     merged: dict[str, list[float]] = {}
     for event in prof.key_averages():
         micros = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if micros > 0:  # inductor's graphs are named by a hash that differs between arms: one row for them all
-            row = merged.setdefault(COMPILED_GRAPH.sub("## Call CompiledFxGraph ##", event.key), [0, 0.0])
+        if micros > 0:
+            row = merged.setdefault(operator_name(event.key), [0, 0.0])
             row[0], row[1] = row[0] + event.count, row[1] + micros
     rows = [{"name": name, "calls": calls / steps, "self_ms": micros / 1e3 / steps}
             for name, (calls, micros) in merged.items()]
@@ -147,16 +156,16 @@ def run_bench(config: Config, strategies: list[str], repeats: int = 10, warmup: 
         strat = make_strategy(name)
         model = build_model(config.model, strat, config.seed, config.moe).to(device)
         model.checkpoint_blocks = activation_checkpointing
-        fused_ffns = model.use_fused_kernels(fused)
+        fused_modules = model.use_fused_kernels(fused)
         label = f"{name} (torch ops)" if fused != config.train.fused_kernels else name
         optimizer = Optimizers(model, config.optim, strat.scale_decay)
-        return TimedArm(label, model, partial(lm_objective, model), optimizer), fused_ffns
+        return TimedArm(label, model, partial(lm_objective, model), optimizer), fused_modules
 
     arms = []
     for name in strategies:
-        timed, fused_ffns = arm(name, config.train.fused_kernels)
+        timed, fused_modules = arm(name, config.train.fused_kernels)
         arms.append(timed)
-        if fused_ffns:  # the fused kernel's effect, side by side
+        if fused_modules:  # the fused kernels' effect, side by side
             arms.append(arm(name, False)[0])
     if hf:
         arms.append(_hf_arm(config, device))

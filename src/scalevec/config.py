@@ -402,9 +402,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, about one more forward of compute)."""
     fused_kernels: bool = True
-    """On CPU (fp32), compute each FFN that DNP normalizes before SwiGLU (gate and up both DNP, RMSNorm, silu) with
-    one fused kernel forward and one backward (kernels.py), equal to the torch ops within fp32 rounding; false: the
-    torch ops. Elsewhere, or where no C compiler builds the kernel (one warning), the torch ops run."""
+    """On CPU (fp32), compute DNP's norms with fused kernels (kernels.py), equal to the torch ops within fp32
+    rounding: each FFN that DNP normalizes before SwiGLU (gate and up both DNP, RMSNorm, silu) in one pass forward
+    and one backward, and the backward of q's and k's per-head norms, scales and RoPE (q and k DNP, RMSNorm,
+    head-shaped scales) in one pass; false: the torch ops. Elsewhere, or where no C compiler builds the kernels
+    (one warning), the torch ops run."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""
     threads: int = 0

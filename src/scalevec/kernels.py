@@ -1,22 +1,22 @@
-"""Fused CPU kernel for DNP's FFN: both norms, both output scales and SwiGLU in one pass over gate and up.
+"""Fused CPU kernels for DNP: its norms, their scales and what follows them, in fewer passes over the data.
 
-    h = silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up))        (gate, up: the halves of one fused matmul's rows)
+    FFN:     h = silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up))    (gate, up: the halves of one fused matmul's rows)
+    q and k: q = RoPE(γq ⊙ RMSNorm(q_head)) for each head, k alike  (v passes through)
 
-Composed from torch ops, Inductor makes several passes over the d_ff-wide activations, and the scales'
-gradients, sums over every token, become separate column reductions that re-read them (the profile in
-benchmarks/README.md). Here one forward pass reads each row once and writes h, and one backward pass
-writes the input gradient while each thread accumulates the scales' gradients in its own buffer, summed
-in a fixed order afterwards (so a result depends on the thread count, never on scheduling).
+Composed from torch ops, Inductor makes several passes over these activations, and the scales' gradients, sums
+over every token, become separate column reductions that re-read them (the profile in benchmarks/README.md).
+`dnp_swiglu` is one C pass forward and one backward. `qk_norm_rope` keeps its forward in torch ops, which Inductor
+fuses well (no slower than standard's RoPE), and runs its backward as one C pass: per head, RoPE's transpose,
+the scale's gradient, the norm's backward, written straight into the gradient of the q/k/v matmul's output
+(v's copied beside them, as Inductor's concatenation would). In each backward pass every thread accumulates the
+scales' gradients in its own buffer, summed in a fixed order afterwards (so a result depends on the thread count,
+never on scheduling).
 
-No maintained library fuses this on CPU (Liger-Kernel's and quack's kernels are Triton, for GPUs, and
-fuse the norm before a matmul, not after it), so the kernel is ours: plain C with OpenMP, compiled once
-per machine with the C compiler torch.compile uses on CPU, and registered as a torch.library custom op
-with its autograd formula, so compiled graphs keep it as one node. Where no compiler is found, or the
-tensors are not fp32 on CPU, the caller keeps the reference path (torch ops), which the tests compare
-against, forward and backward.
-
-The same treatment of q's and k's per-head norms with RoPE was built and dropped: faster kernels, but no
-faster step and 5% more memory (benchmarks/README.md).
+No maintained library fuses these on CPU (Liger-Kernel's and quack's kernels are Triton, for GPUs, and fuse the
+norm before a matmul, not after it), so the kernels are ours: plain C with OpenMP, compiled once per machine
+with the C compiler torch.compile uses on CPU, and registered as torch.library custom ops with their autograd
+formulas, so compiled graphs keep them as nodes. Where no compiler is found, or the tensors are not fp32 on CPU,
+the caller keeps the reference path (torch ops), which the tests compare against, forward and backward.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope
 
 SOURCE = r"""
 #include <math.h>
@@ -154,6 +157,93 @@ void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_sca
         d_up_scale[j] = (float)sum_up;
     }
 }
+
+/* One head's backward through RoPE (rotate-half layout), the scale and RMSNorm. x: the head's values before the
+   norm; grad: the gradient of its rotated output; cos, sin: its position's tables. Writes dx; adds the scale's
+   gradient to acc. */
+static inline void norm_rope_head_backward(const float *restrict x, const float *restrict grad,
+                                           const float *restrict gamma, const float *restrict cos,
+                                           const float *restrict sin, float *restrict dx, float *restrict acc,
+                                           int64_t hd, float eps) {
+    int64_t half = hd / 2;
+    float r = rsqrt_mean_square(x, hd, eps);
+    float dot = 0.0f;
+    #pragma omp simd reduction(+:dot)
+    for (int64_t j = 0; j < half; j++) {
+        /* out = z cos + rotate_half(z) sin, rotate_half(z) = [-z_hi, z_lo]: the transpose maps grad back to z */
+        float g_lo = grad[j] * cos[j] + grad[j + half] * sin[j + half];
+        float g_hi = grad[j + half] * cos[j + half] - grad[j] * sin[j];
+        float n_lo = x[j] * r, n_hi = x[j + half] * r;
+        acc[j] += g_lo * n_lo;
+        acc[j + half] += g_hi * n_hi;
+        float d_lo = g_lo * gamma[j], d_hi = g_hi * gamma[j + half];
+        dot += d_lo * n_lo + d_hi * n_hi;
+        dx[j] = d_lo;
+        dx[j + half] = d_hi;
+    }
+    float mean = dot / (float)hd;
+    #pragma omp simd
+    for (int64_t j = 0; j < hd; j++) dx[j] = r * (dx[j] - x[j] * r * mean);
+}
+
+/* y: batch x seq rows of [q heads | k heads | v heads], hd each, y_width wide. grad_q, grad_k, grad_v: (batch,
+   heads, seq, hd) with the strides stride_q... of their first three dimensions and unit stride along hd.
+   cos, sin: seq x hd. Writes dy (rows x y_width) and the two scales' gradients (hd each); threads sum them as
+   dnp_swiglu_backward does. */
+void qk_norm_rope_backward(const float *restrict y, const float *restrict gamma_q, const float *restrict gamma_k,
+                           const float *restrict cos, const float *restrict sin,
+                           const float *restrict grad_q, const int64_t *stride_q,
+                           const float *restrict grad_k, const int64_t *stride_k,
+                           const float *restrict grad_v, const int64_t *stride_v,
+                           float *restrict dy, float *restrict d_gamma_q, float *restrict d_gamma_k,
+                           double *restrict partial, int64_t batch, int64_t seq, int64_t q_heads, int64_t kv_heads,
+                           int64_t hd, int64_t y_width, float eps, int threads) {
+    int64_t rows = batch * seq;
+    memset(partial, 0, sizeof(double) * (size_t)threads * 2 * (size_t)hd);
+    #pragma omp parallel num_threads(threads)
+    {
+        int id = 0, count = 1;
+        #ifdef _OPENMP
+        id = omp_get_thread_num();
+        count = omp_get_num_threads();
+        #endif
+        double *total = partial + (int64_t)id * 2 * hd;
+        float *acc_q = malloc(sizeof(float) * 2 * (size_t)hd), *acc_k = acc_q + hd;
+        int64_t begin = rows * id / count, end = rows * (id + 1) / count;
+        for (int64_t block = begin; block < end; block += BLOCK_ROWS) {
+            memset(acc_q, 0, sizeof(float) * 2 * (size_t)hd);
+            int64_t stop = block + BLOCK_ROWS < end ? block + BLOCK_ROWS : end;
+            for (int64_t row = block; row < stop; row++) {
+                int64_t b = row / seq, t = row % seq;
+                const float *x = y + row * y_width, *c = cos + t * hd, *s = sin + t * hd;
+                float *d = dy + row * y_width;
+                for (int64_t h = 0; h < q_heads; h++)
+                    norm_rope_head_backward(x + h * hd, grad_q + b * stride_q[0] + h * stride_q[1] + t * stride_q[2],
+                                            gamma_q, c, s, d + h * hd, acc_q, hd, eps);
+                x += q_heads * hd;
+                d += q_heads * hd;
+                for (int64_t h = 0; h < kv_heads; h++)
+                    norm_rope_head_backward(x + h * hd, grad_k + b * stride_k[0] + h * stride_k[1] + t * stride_k[2],
+                                            gamma_k, c, s, d + h * hd, acc_k, hd, eps);
+                d += kv_heads * hd;
+                for (int64_t h = 0; h < kv_heads; h++)
+                    memcpy(d + h * hd, grad_v + b * stride_v[0] + h * stride_v[1] + t * stride_v[2],
+                           sizeof(float) * (size_t)hd);
+            }
+            for (int64_t j = 0; j < 2 * hd; j++) total[j] += acc_q[j];
+        }
+        free(acc_q);
+    }
+    for (int64_t j = 0; j < hd; j++) {
+        double sum_q = 0.0, sum_k = 0.0;
+        for (int i = 0; i < threads; i++) {
+            sum_q += partial[(int64_t)i * 2 * hd + j];
+            sum_k += partial[(int64_t)i * 2 * hd + hd + j];
+        }
+        d_gamma_q[j] = (float)sum_q;
+        d_gamma_k[j] = (float)sum_k;
+    }
+}
 """
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
@@ -188,12 +278,12 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return _unavailable("no C compiler (cc, gcc or clang) on PATH")
     key = hashlib.sha256("\n".join([SOURCE, compiler, *FLAGS, _machine()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"dnp_swiglu_{key}.so"
+    path = _cache_dir() / f"kernels_{key}.so"
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                source = Path(tmp) / "dnp_swiglu.c"
+                source = Path(tmp) / "kernels.c"
                 source.write_text(SOURCE)
                 built = Path(tmp) / path.name
                 subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
@@ -210,6 +300,7 @@ def library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.dnp_swiglu_forward.argtypes = [pointer] * 5 + [size, size, ctypes.c_float, ctypes.c_int]
     lib.dnp_swiglu_backward.argtypes = [pointer] * 9 + [size, size, ctypes.c_int]
+    lib.qk_norm_rope_backward.argtypes = [pointer] * 15 + [size] * 6 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -219,7 +310,7 @@ def _unavailable(reason: str) -> None:
 
 
 def computes(y: torch.Tensor) -> bool:
-    """Whether the fused kernel computes on `y` (fp32 on CPU); `library()` must have been built before."""
+    """Whether the fused kernels compute on `y` (fp32 on CPU); `library()` must have been built before."""
     return y.device.type == "cpu" and y.dtype == torch.float32
 
 
@@ -284,3 +375,61 @@ def dnp_swiglu(y: torch.Tensor, gate_scale: torch.Tensor | None, up_scale: torch
         ones = y.new_ones(y.shape[-1] // 2)
         gate_scale, up_scale = (ones if scale is None else scale for scale in (gate_scale, up_scale))
     return _forward(y, gate_scale, up_scale, eps)[0]
+
+
+@torch.library.custom_op("scalevec::qk_norm_rope_backward", mutates_args=())
+def _qk_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, y: torch.Tensor,
+                 q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = [grad if grad.stride(-1) == 1 else grad.contiguous() for grad in (grad_q, grad_k, grad_v)]
+    y, q_scale, k_scale, cos, sin = (t.contiguous() for t in (y, q_scale, k_scale, cos, sin))
+    batch, q_heads, seq, head_dim = grads[0].shape
+    threads = torch.get_num_threads()
+    dy = torch.empty_like(y)
+    d_q_scale, d_k_scale = torch.empty_like(q_scale), torch.empty_like(k_scale)
+    partial = y.new_empty(threads * 2 * head_dim, dtype=torch.float64)
+    strides = [(ctypes.c_int64 * 3)(*grad.stride()[:3]) for grad in grads]
+    library().qk_norm_rope_backward(
+        y.data_ptr(), q_scale.data_ptr(), k_scale.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        grads[0].data_ptr(), strides[0], grads[1].data_ptr(), strides[1], grads[2].data_ptr(), strides[2],
+        dy.data_ptr(), d_q_scale.data_ptr(), d_k_scale.data_ptr(), partial.data_ptr(),
+        batch, seq, q_heads, grads[1].shape[1], head_dim, y.shape[-1], eps, threads)
+    return dy, d_q_scale, d_k_scale
+
+
+@_qk_backward.register_fake
+def _(grad_q, grad_k, grad_v, y, q_scale, k_scale, cos, sin, eps):
+    return torch.empty_like(y), torch.empty_like(q_scale), torch.empty_like(k_scale)
+
+
+class _QKNormRope(torch.autograd.Function):
+    """Forward: the model's torch ops (Inductor fuses them); backward: `_qk_backward`, from the saved matmul output."""
+
+    @staticmethod
+    def forward(ctx, y, q_scale, k_scale, cos, sin, heads: int, kv_heads: int, eps: float):
+        ctx.save_for_backward(y, q_scale, k_scale, cos, sin)
+        ctx.eps = eps
+        head_dim = q_scale.shape[0]
+        q, k, v = y.unflatten(-1, (heads + 2 * kv_heads, head_dim)).split([heads, kv_heads, kv_heads], dim=-2)
+        q = F.rms_norm(q, (head_dim,), q_scale, eps).transpose(1, 2)
+        k = F.rms_norm(k, (head_dim,), k_scale, eps).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.transpose(1, 2)  # v: a view of y, as unfused
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        y, q_scale, k_scale, cos, sin = ctx.saved_tensors
+        dy, d_q_scale, d_k_scale = _qk_backward(grad_q, grad_k, grad_v, y, q_scale, k_scale, cos, sin, ctx.eps)
+        return dy, d_q_scale, d_k_scale, None, None, None, None, None
+
+
+def qk_norm_rope(y: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor, heads: int, kv_heads: int, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v (batch, heads, seq, head_dim) from the q/k/v matmul's output y (batch, seq, (heads + 2 kv_heads)
+    head_dim): q = RoPE(γq ⊙ RMSNorm(q)) per head, k alike, v as it is; its backward fused (`computes(y)` and a
+    built `library()`). A None scale is 1 (no scale vector)."""
+    head_dim = y.shape[-1] // (heads + 2 * kv_heads)
+    if q_scale is None or k_scale is None:  # only then: this runs in every training step
+        # one tensor each: dynamo cannot trace an autograd.Function given the same tensor twice
+        q_scale, k_scale = (y.new_ones(head_dim) if scale is None else scale for scale in (q_scale, k_scale))
+    return _QKNormRope.apply(y, q_scale, k_scale, cos, sin, heads, kv_heads, eps)

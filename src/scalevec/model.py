@@ -25,40 +25,9 @@ from . import kernels
 from .config import ModelConfig, MoEConfig
 from .moe import MoEFeedForward
 from .projection import ACTIVATIONS, Branch, Projection, normalize
+from .rope import apply_rope, rope_tables
 from .scales import Kind, ParamInfo, Role, make_scale, scale_param_info
 from .strategy import Strategy
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_frequencies(m: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse wavelengths of the rotary pairs: of windowed blocks under rope_local_theta (`local`), else with
-    rope_scaling (llama3: Llama 3.1's; linear: all divided by rope_factor)."""
-    head = m.head_size
-    theta = m.rope_local_theta if local else m.rope_theta
-    inv_freq = 1.0 / theta ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
-    if m.rope_scaling == "none" or local:
-        return inv_freq
-    if m.rope_scaling == "linear":
-        return inv_freq / m.rope_factor
-    wavelength = 2 * math.pi / inv_freq
-    ratio = m.rope_original_max_seq_len / wavelength  # context over wavelength: low for low frequencies
-    smooth = ((ratio - m.rope_low_freq_factor) / (m.rope_high_freq_factor - m.rope_low_freq_factor)).clamp(0, 1)
-    return (1 - smooth) * inv_freq / m.rope_factor + smooth * inv_freq
-
-
-def rope_tables(m: ModelConfig, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_seq_len, head size), HF Llama's rotate-half layout."""
-    angles = torch.outer(torch.arange(m.max_seq_len, dtype=torch.float64), rope_frequencies(m, local))
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def is_windowed(m: ModelConfig, layer: int) -> bool:
@@ -100,15 +69,24 @@ class Attention(nn.Module):
                               eps=m.norm_eps, bias=m.qkv_bias)
         self.o = Projection(d_in=q_out, branches=[Branch.whole("o", m.d_model)], strategy=s, reads_norm=False,
                             norm=m.norm, eps=m.norm_eps, residual_output=True)
+        # DNP on q and k per head with RMSNorm and head-shaped scales, none on v: what kernels.qk_norm_rope computes
+        self.fusable = (self.qkv.placements[:2] == ["dnp", "dnp"] and self.qkv.placements[2] != "dnp"
+                        and m.norm == "rms" and all(b.norm_group == b.out_scale_size == hd for b in branches[:2]))
+        self.fused = False  # Decoder.use_fused_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         """`kv`: this layer's cache [keys, values] (empty before the prompt), extended in place."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.qkv.linear(x)
+        if self.fused and kernels.computes(y):
+            q, k, v = kernels.qk_norm_rope(y, self.qkv.dnp_scale("q"), self.qkv.dnp_scale("k"), cos, sin,
+                                           self.n_heads, self.n_kv_heads, self.qkv.eps)
+        else:
+            q, k, v = self.qkv.branch_outputs(y)
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             if kv:
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
@@ -261,14 +239,15 @@ class Decoder(nn.Module):
         return logits
 
     def use_fused_kernels(self, on: bool = True) -> int:
-        """Compute each FFN that DNP normalizes before SwiGLU with the fused CPU kernel (kernels.py), or with torch
-        ops (`on=False`, the reference). Returns how many FFNs use it: 0 off CPU or where it cannot be built."""
-        ffns = [m for m in self.modules() if isinstance(m, FeedForward) and m.fusable]
+        """Compute DNP's norms with the fused CPU kernels (kernels.py): in each FFN that DNP normalizes before
+        SwiGLU, and in each attention whose q and k DNP normalizes per head; or with torch ops (`on=False`, the
+        reference). Returns how many modules use them: 0 off CPU or where they cannot be built."""
+        fusable = [m for m in self.modules() if isinstance(m, FeedForward | Attention) and m.fusable]
         on_cpu = self.tok_emb.weight.device.type == "cpu"
-        usable = on and bool(ffns) and on_cpu and kernels.library() is not None
-        for ffn in ffns:
-            ffn.fused = usable
-        return len(ffns) if usable else 0
+        usable = on and bool(fusable) and on_cpu and kernels.library() is not None
+        for module in fusable:
+            module.fused = usable
+        return len(fusable) if usable else 0
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
