@@ -137,8 +137,9 @@ def test_fused_qk_equals_the_reference_forward_and_backward(shape, scales):
 
 
 def test_the_qk_backward_reads_its_gradients_through_their_strides():
-    """Attention's backward hands over gradients laid out (batch, seq, heads, head_dim), viewed transposed, or with
-    no unit stride along head_dim: each gives the result of the contiguous gradients, bit for bit."""
+    """Attention's backward hands over gradients laid out (batch, seq, heads, head_dim), viewed transposed, with no
+    unit stride along head_dim, or broadcast (stride 0, a gradient of `.expand`): each gives the result of the
+    contiguous gradients, bit for bit."""
     y, q_scale, k_scale, cos, sin, grads = qk_case(2, 7, 4, 2, 8, seed=5)
     y, q_scale, k_scale, cos, sin = (t.float() for t in (y, q_scale, k_scale, cos, sin))
     grads = [grad.float() for grad in grads]
@@ -149,6 +150,10 @@ def test_the_qk_backward_reads_its_gradients_through_their_strides():
         assert [g.is_contiguous() for g in layout] == [False] * 3
         got = kernels._qk_backward(*layout, y, q_scale, k_scale, cos, sin, EPS)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+    broadcast = [grad[:1, :, :1].expand_as(grad) for grad in grads]
+    want = kernels._qk_backward(*(grad.contiguous() for grad in broadcast), y, q_scale, k_scale, cos, sin, EPS)
+    got = kernels._qk_backward(*broadcast, y, q_scale, k_scale, cos, sin, EPS)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_the_qk_kernel_is_deterministic_and_its_thread_count_changes_only_the_rounding():
@@ -200,6 +205,26 @@ def test_a_model_with_fused_kernels_trains_as_with_torch_ops(preset, fused_per_l
             assert torch.allclose(grads[name], want[name], rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.parametrize("changes", [dict(qkv_bias=True, head_dim=12), dict(n_kv_heads=1), dict(n_kv_heads=4),
+                                     dict(sliding_window=6, rope_local_theta=100.0, full_attention_every=2,
+                                          attn_softcap=20.0, query_pre_attn_scalar=16)])
+def test_fused_attention_trains_as_with_torch_ops_in_other_shapes(changes):
+    """q/k/v biases, a head size set apart from d_model, MQA and MHA, Gemma 3's windows with their own RoPE base:
+    the same loss and gradients as the torch ops (eager; the compiled graph is checked above)."""
+    config = replace(TINY, **changes)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, config.vocab_size, (2, config.max_seq_len + 1), generator=generator)
+    results = []
+    for fused in (False, True):
+        model = build_model(config, strategy("qknorm+dp", dual_placement=["v"]), seed=5)
+        assert model.use_fused_kernels(fused) == config.n_layers * fused
+        results.append(model_loss_and_grads(model, tokens))
+    (want_loss, want), (loss, grads) = results
+    assert abs(loss.item() - want_loss.item()) < 1e-6 and grads.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(grads[name], want[name], rtol=1e-4, atol=1e-7), name
+
+
 def fused_kinds(model):
     from scalevec.model import Attention, FeedForward
 
@@ -209,7 +234,8 @@ def fused_kinds(model):
 
 def test_which_modules_fuse():
     """FFNs whose gate and up are both DNP with RMSNorm and SwiGLU (an MoE block's shared expert is one), and
-    attentions whose q and k are DNP per head with RMSNorm and head-shaped scales, v not."""
+    attentions whose q and k are DNP per head with RMSNorm and head-shaped scales, v not (DP on v folds into the
+    matmul, so it fuses)."""
     layers = TINY.n_layers
     assert fused_kinds(build_model(TINY, strategy("standard"))) == []
     assert fused_kinds(build_model(TINY, strategy("qknorm"))) == ["Attention"] * layers
@@ -220,6 +246,8 @@ def test_which_modules_fuse():
     for unfusable_qk in (dict(qk_scale_shape="full"), dict(qk_scale_shape="full", qk_norm_group="full"),
                          dict(dnp=["q", "k", "v", "gate", "up"]), dict(dnp=["q", "gate", "up"])):
         assert fused_kinds(build_model(TINY, strategy("unified", **unfusable_qk))) == ["FeedForward"] * layers
+    dual_v = strategy("unified", dual_placement=["v"])
+    assert fused_kinds(build_model(TINY, dual_v)) == ["Attention"] * layers + ["FeedForward"] * layers
     moe = replace(TINY, moe_experts=4, moe_top_k=2, moe_d_expert=16, moe_shared_expert=True)
     moe_model = build_model(moe, strategy("unified"), moe=MoEConfig())
     assert fused_kinds(moe_model) == ["Attention"] * layers + ["FeedForward"] * layers

@@ -404,8 +404,8 @@ class TrainConfig:
     fused_kernels: bool = True
     """On CPU (fp32), compute DNP's norms with fused kernels (kernels.py), equal to the torch ops within fp32
     rounding: each FFN that DNP normalizes before SwiGLU (gate and up both DNP, RMSNorm, silu) in one pass forward
-    and one backward, and the backward of q's and k's per-head norms, scales and RoPE (q and k DNP, RMSNorm,
-    head-shaped scales) in one pass; false: the torch ops. Elsewhere, or where no C compiler builds the kernels
+    and one backward, and the backward of q's and k's per-head norms, scales and RoPE (q and k DNP, v not,
+    RMSNorm, head-shaped scales) in one pass; false: the torch ops. Elsewhere, or where no C compiler builds the kernels
     (one warning), the torch ops run."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`; bf16 autocast on cuda, fp32 on cpu."""

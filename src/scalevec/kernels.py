@@ -91,10 +91,46 @@ void dnp_swiglu_forward(const float *restrict y, const float *restrict gate_scal
     }
 }
 
-/* dh: rows x width. Writes dy (rows x 2 width) and the scales' gradients (width each). Each thread takes a
-   contiguous share of the rows and sums the gradients in float over blocks of BLOCK_ROWS rows, then in double into
-   its own block of `partial` (threads x 2 width); the blocks are added in thread order. */
+/* The backward passes give each thread a contiguous share of the rows. A thread sums the two scales' gradients
+   (n entries each, side by side) in float over blocks of BLOCK_ROWS rows, then in double into its own block of
+   `partial` (threads x 2n); the blocks are added in thread order, so a result depends on the thread count, never
+   on scheduling. */
 #define BLOCK_ROWS 64
+
+/* This thread's rows [begin, end); returns its block of `partial`. */
+static double *thread_share(double *partial, int64_t n, int64_t rows, int64_t *begin, int64_t *end) {
+    int id = 0, count = 1;
+    #ifdef _OPENMP
+    id = omp_get_thread_num();
+    count = omp_get_num_threads();
+    #endif
+    *begin = rows * id / count;
+    *end = rows * (id + 1) / count;
+    return partial + (int64_t)id * 2 * n;
+}
+
+/* total += acc, then acc = 0: one block's float sums into the thread's double ones. */
+static void add_block(double *restrict total, float *restrict acc, int64_t length) {
+    for (int64_t j = 0; j < length; j++) {
+        total[j] += acc[j];
+        acc[j] = 0.0f;
+    }
+}
+
+static void sum_partials(const double *restrict partial, int threads, int64_t n, float *restrict first,
+                         float *restrict second) {
+    for (int64_t j = 0; j < n; j++) {
+        double sum_first = 0.0, sum_second = 0.0;
+        for (int i = 0; i < threads; i++) {
+            sum_first += partial[(int64_t)i * 2 * n + j];
+            sum_second += partial[(int64_t)i * 2 * n + n + j];
+        }
+        first[j] = (float)sum_first;
+        second[j] = (float)sum_second;
+    }
+}
+
+/* dh: rows x width. Writes dy (rows x 2 width) and the scales' gradients (width each). */
 void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_scale, const float *restrict up_scale,
                          const float *restrict rstd, const float *restrict dh, float *restrict dy,
                          float *restrict d_gate_scale, float *restrict d_up_scale, double *restrict partial,
@@ -102,16 +138,10 @@ void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_sca
     memset(partial, 0, sizeof(double) * (size_t)threads * 2 * (size_t)width);
     #pragma omp parallel num_threads(threads)
     {
-        int id = 0, count = 1;
-        #ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-        #endif
-        double *total_gate = partial + (int64_t)id * 2 * width, *total_up = total_gate + width;
-        float *acc_gate = malloc(sizeof(float) * 2 * (size_t)width), *acc_up = acc_gate + width;
-        int64_t begin = rows * id / count, end = rows * (id + 1) / count;
+        int64_t begin, end;
+        double *total = thread_share(partial, width, rows, &begin, &end);
+        float *acc_gate = calloc(2 * (size_t)width, sizeof(float)), *acc_up = acc_gate + width;
         for (int64_t block = begin; block < end; block += BLOCK_ROWS) {
-            memset(acc_gate, 0, sizeof(float) * 2 * (size_t)width);
             int64_t stop = block + BLOCK_ROWS < end ? block + BLOCK_ROWS : end;
             for (int64_t t = block; t < stop; t++) {
                 const float *gate = y + t * 2 * width, *up = gate + width, *grad = dh + t * width;
@@ -140,22 +170,11 @@ void dnp_swiglu_backward(const float *restrict y, const float *restrict gate_sca
                     d_up[j] = ru * (d_up[j] - up[j] * ru * mu);
                 }
             }
-            for (int64_t j = 0; j < width; j++) {
-                total_gate[j] += acc_gate[j];
-                total_up[j] += acc_up[j];
-            }
+            add_block(total, acc_gate, 2 * width);
         }
         free(acc_gate);
     }
-    for (int64_t j = 0; j < width; j++) {
-        double sum_gate = 0.0, sum_up = 0.0;
-        for (int i = 0; i < threads; i++) {
-            sum_gate += partial[(int64_t)i * 2 * width + j];
-            sum_up += partial[(int64_t)i * 2 * width + width + j];
-        }
-        d_gate_scale[j] = (float)sum_gate;
-        d_up_scale[j] = (float)sum_up;
-    }
+    sum_partials(partial, threads, width, d_gate_scale, d_up_scale);
 }
 
 /* One head's backward through RoPE (rotate-half layout), the scale and RMSNorm. x: the head's values before the
@@ -188,8 +207,7 @@ static inline void norm_rope_head_backward(const float *restrict x, const float 
 
 /* y: batch x seq rows of [q heads | k heads | v heads], hd each, y_width wide. grad_q, grad_k, grad_v: (batch,
    heads, seq, hd) with the strides stride_q... of their first three dimensions and unit stride along hd.
-   cos, sin: seq x hd. Writes dy (rows x y_width) and the two scales' gradients (hd each); threads sum them as
-   dnp_swiglu_backward does. */
+   cos, sin: seq x hd. Writes dy (rows x y_width) and the two scales' gradients (hd each). */
 void qk_norm_rope_backward(const float *restrict y, const float *restrict gamma_q, const float *restrict gamma_k,
                            const float *restrict cos, const float *restrict sin,
                            const float *restrict grad_q, const int64_t *stride_q,
@@ -202,16 +220,10 @@ void qk_norm_rope_backward(const float *restrict y, const float *restrict gamma_
     memset(partial, 0, sizeof(double) * (size_t)threads * 2 * (size_t)hd);
     #pragma omp parallel num_threads(threads)
     {
-        int id = 0, count = 1;
-        #ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-        #endif
-        double *total = partial + (int64_t)id * 2 * hd;
-        float *acc_q = malloc(sizeof(float) * 2 * (size_t)hd), *acc_k = acc_q + hd;
-        int64_t begin = rows * id / count, end = rows * (id + 1) / count;
+        int64_t begin, end;
+        double *total = thread_share(partial, hd, rows, &begin, &end);
+        float *acc_q = calloc(2 * (size_t)hd, sizeof(float)), *acc_k = acc_q + hd;
         for (int64_t block = begin; block < end; block += BLOCK_ROWS) {
-            memset(acc_q, 0, sizeof(float) * 2 * (size_t)hd);
             int64_t stop = block + BLOCK_ROWS < end ? block + BLOCK_ROWS : end;
             for (int64_t row = block; row < stop; row++) {
                 int64_t b = row / seq, t = row % seq;
@@ -230,19 +242,11 @@ void qk_norm_rope_backward(const float *restrict y, const float *restrict gamma_
                     memcpy(d + h * hd, grad_v + b * stride_v[0] + h * stride_v[1] + t * stride_v[2],
                            sizeof(float) * (size_t)hd);
             }
-            for (int64_t j = 0; j < 2 * hd; j++) total[j] += acc_q[j];
+            add_block(total, acc_q, 2 * hd);
         }
         free(acc_q);
     }
-    for (int64_t j = 0; j < hd; j++) {
-        double sum_q = 0.0, sum_k = 0.0;
-        for (int i = 0; i < threads; i++) {
-            sum_q += partial[(int64_t)i * 2 * hd + j];
-            sum_k += partial[(int64_t)i * 2 * hd + hd + j];
-        }
-        d_gamma_q[j] = (float)sum_q;
-        d_gamma_k[j] = (float)sum_k;
-    }
+    sum_partials(partial, threads, hd, d_gamma_q, d_gamma_k);
 }
 """
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
