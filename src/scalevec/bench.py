@@ -16,7 +16,7 @@ of parameters, gradients and optimizer state plus the activations saved for back
 
 Profile (`profile_steps`): each arm's steps under torch.profiler, every operator (CPU) or kernel (CUDA)
 with its calls and self time per step and its share of the step; then what each arm adds over the first.
-Compiled on CPU, Inductor's own kernels are rows too (`graph_0_cpp_fused_...`): where unified's extra norms
+Compiled on CPU, Inductor's own kernels are rows too (`cpp_fused_...`): where unified's extra norms
 run, which the one row of a whole compiled graph would hide.
 """
 

@@ -318,6 +318,12 @@ def computes(y: torch.Tensor) -> bool:
     return y.device.type == "cpu" and y.dtype == torch.float32
 
 
+def _ones_where_missing(y: torch.Tensor, size: int, *scales: torch.Tensor | None) -> list[torch.Tensor]:
+    """The scales, a None one (no scale vector) as 1s of `size`: one tensor each, since dynamo cannot trace an
+    autograd.Function given the same tensor twice."""
+    return [y.new_ones(size) if scale is None else scale for scale in scales]
+
+
 @torch.library.custom_op("scalevec::dnp_swiglu", mutates_args=())
 def _forward(y: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor, eps: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,10 +381,7 @@ def dnp_swiglu(y: torch.Tensor, gate_scale: torch.Tensor | None, up_scale: torch
                ) -> torch.Tensor:
     """silu(γg ⊙ RMSNorm(gate)) ⊙ (γu ⊙ RMSNorm(up)) for y = [gate | up] along the last dimension, fused
     (`computes(y)` and a built `library()`). A None scale is 1 (no scale vector)."""
-    if gate_scale is None or up_scale is None:  # only then: this runs in every training step
-        ones = y.new_ones(y.shape[-1] // 2)
-        gate_scale, up_scale = (ones if scale is None else scale for scale in (gate_scale, up_scale))
-    return _forward(y, gate_scale, up_scale, eps)[0]
+    return _forward(y, *_ones_where_missing(y, y.shape[-1] // 2, gate_scale, up_scale), eps)[0]
 
 
 @torch.library.custom_op("scalevec::qk_norm_rope_backward", mutates_args=())
@@ -432,8 +435,5 @@ def qk_norm_rope(y: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch.T
     """q, k and v (batch, heads, seq, head_dim) from the q/k/v matmul's output y (batch, seq, (heads + 2 kv_heads)
     head_dim): q = RoPE(γq ⊙ RMSNorm(q)) per head, k alike, v as it is; its backward fused (`computes(y)` and a
     built `library()`). A None scale is 1 (no scale vector)."""
-    head_dim = y.shape[-1] // (heads + 2 * kv_heads)
-    if q_scale is None or k_scale is None:  # only then: this runs in every training step
-        # one tensor each: dynamo cannot trace an autograd.Function given the same tensor twice
-        q_scale, k_scale = (y.new_ones(head_dim) if scale is None else scale for scale in (q_scale, k_scale))
+    q_scale, k_scale = _ones_where_missing(y, y.shape[-1] // (heads + 2 * kv_heads), q_scale, k_scale)
     return _QKNormRope.apply(y, q_scale, k_scale, cos, sin, heads, kv_heads, eps)
